@@ -1,0 +1,45 @@
+"""lowmem_compile: a `torch.compile` backend for fine-tuning large language models in little memory.
+
+    import lowmem_compile
+    model = torch.compile(model, backend="lowmem", options={"memory_budget": "20GB"})
+
+Importing registers the backend "lowmem" (an installed package also registers it through the
+`torch_dynamo_backends` entry point, so `backend="lowmem"` works even without the import).
+"""
+
+from __future__ import annotations
+
+from .options import Options
+from .report import Report, last_report
+
+__all__ = ["Options", "Report", "last_report", "reset", "BACKEND_NAME"]
+__version__ = "0.1.0"
+
+BACKEND_NAME = "lowmem"
+
+
+def reset() -> None:
+    """Forget compiled graphs (Dynamo's caches too) and start a new report."""
+    import torch
+
+    from .report import STORE
+
+    torch._dynamo.reset()
+    STORE.clear()
+
+
+def _register_backend() -> None:
+    """Register with Dynamo unless the installed entry point will (registering twice is an error)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if any(ep.name == BACKEND_NAME for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    if BACKEND_NAME not in registry._COMPILER_FNS:
+        from .backend import lowmem_backend
+
+        registry.register_backend(compiler_fn=lowmem_backend, name=BACKEND_NAME)
+
+
+_register_backend()

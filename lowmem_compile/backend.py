@@ -1,0 +1,69 @@
+"""The `lowmem` backend: Dynamo graph -> our pre-autograd passes -> AOTAutograd with our partition
+function -> Inductor (or plain FX execution with `inner="eager"`).
+
+Inductor's own AOTAutograd setup, decompositions and caches stay intact: we hand the rewritten
+graph to `compile_fx` with our partitioner scoped to this one compile through `config_patches`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .options import Options
+from .passes import CompileContext, GraphPass
+from .passes.attention import AttentionPass
+from .passes.fused_loss import FusedLossPass
+from .passes.linear_nf4 import LinearNF4Pass
+from .passes.remat import RematPartitioner
+from .report import STORE
+
+#: The pre-autograd passes, in the order they run on the Dynamo graph.
+PRE_AUTOGRAD_PASSES: tuple[GraphPass, ...] = (AttentionPass(), LinearNF4Pass(), FusedLossPass())
+
+
+def lowmem_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | Options | None = None,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph. `options` comes from `torch.compile(..., options={...})`."""
+    opts = Options.from_user(options)
+    graph_report = STORE.new_graph(nodes=len(gm.graph.nodes))
+    ctx = CompileContext(options=opts, example_inputs=example_inputs, report=graph_report)
+    for graph_pass in PRE_AUTOGRAD_PASSES:
+        if graph_pass.enabled(opts):
+            graph_report.add(graph_pass.section, graph_pass(gm, ctx))
+    gm.graph.lint()
+    gm.recompile()
+
+    partitioner = RematPartitioner(opts, graph_report)
+    if opts.inner == "eager":
+        compiled = _compile_eager(gm, example_inputs, partitioner)
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+    if opts.report:
+        from .report import last_report
+
+        print(last_report(), flush=True)
+    return compiled
+
+
+def _compile_eager(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], partitioner: RematPartitioner
+) -> Callable[..., Any]:
+    """AOTAutograd with Inductor's decompositions and our partitioner, graphs run as FX code."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.decomposition import select_decomp_table
+
+    return aot_autograd(
+        fw_compiler=boxed_nop,
+        bw_compiler=boxed_nop,
+        partition_fn=partitioner,
+        decompositions=select_decomp_table(),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)

@@ -1,0 +1,6 @@
+"""`lowmem::` custom ops: schema, fake impl, autograd, reference and CUDA implementations.
+
+Importing this package registers every op (each module registers its own once).
+"""
+
+from . import nf4  # noqa: F401

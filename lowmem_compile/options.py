@@ -1,0 +1,142 @@
+"""The backend's options: one frozen dataclass, validated once, with errors that name the option.
+
+`torch.compile(model, backend="lowmem", options={...})` hands the dict to the backend, which turns it
+into :class:`Options` with :meth:`Options.from_user`. Every pass can be switched off on its own so
+that A/B runs isolate it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_BYTE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Options:
+    inner: str = "inductor"
+    """What compiles the graphs after our passes: "inductor", or "eager" (run as FX; tests, debugging)."""
+
+    attention: str = "kv4"
+    """Attention pass and the bits K/V keep for the backward: "kv4", "kv8", "kv16" (exact), "off"."""
+
+    nf4: str = "auto"
+    """"auto" lowers weights already in NF4; "quantize" also quantizes frozen 16-bit linears; "off"."""
+
+    remat: str = "auto"
+    """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""
+
+    memory_budget: int | float | None = None
+    """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device memory."""
+
+    fused_loss: str = "on"
+    """Fuse the LM head with cross-entropy: "on" or "off"."""
+
+    logits: str = "keep"
+    """When the model computes its loss: "keep" returns logits (model dtype), "drop" returns none."""
+
+    report: bool = False
+    """Print the report after each compiled graph."""
+
+    @classmethod
+    def from_user(cls, options: Mapping[str, Any] | Options | None) -> Options:
+        """Build validated options from what the user passed to `torch.compile(..., options=...)`."""
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"lowmem options must be a dict or lowmem_compile.Options, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown lowmem option(s) {unknown}; allowed: {sorted(known)}")
+        values = dict(options)
+        if "memory_budget" in values:
+            values["memory_budget"] = parse_memory_budget(values["memory_budget"])
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"lowmem option {name}={value!r} is not allowed; choose one of {list(allowed)}")
+        if not isinstance(self.report, bool):
+            raise ValueError(f"lowmem option report={self.report!r} must be True or False")
+        budget = self.memory_budget
+        if budget is not None and not isinstance(budget, (int, float)) or isinstance(budget, bool):
+            raise ValueError(f"lowmem option memory_budget={budget!r}: use Options.from_user or parse_memory_budget")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ValueError(f"lowmem option memory_budget={budget!r}: a fraction must lie in (0, 1]")
+        if isinstance(budget, int) and budget <= 0:
+            raise ValueError(f"lowmem option memory_budget={budget!r}: a byte count must be positive")
+
+    @property
+    def kv_bits(self) -> int | None:
+        """Bits per K/V element kept for the backward, or None when the attention pass is off."""
+        return None if self.attention == "off" else int(self.attention[2:])
+
+    def budget_bytes(self, device_total_bytes: int | None) -> int | None:
+        """The budget in bytes; a fraction is resolved against the device's total memory."""
+        if self.memory_budget is None:
+            return None
+        if isinstance(self.memory_budget, float):
+            if device_total_bytes is None:
+                raise ValueError("lowmem option memory_budget is a fraction of device memory, but there is no device")
+            return int(self.memory_budget * device_total_bytes)
+        return self.memory_budget
+
+    def cache_key(self) -> str:
+        """A stable string of every option, for compile caches keyed on what changes the output."""
+        return repr(dataclasses.astuple(self))
+
+
+_CHOICES = {
+    "inner": ("inductor", "eager"),
+    "attention": ("kv4", "kv8", "kv16", "off"),
+    "nf4": ("auto", "quantize", "off"),
+    "remat": ("auto", "none", "full"),
+    "fused_loss": ("on", "off"),
+    "logits": ("keep", "drop"),
+}
+
+
+def parse_memory_budget(value: Any) -> int | float | None:
+    """`None`, a byte count, a size string ("20GB", "18GiB", "512 MB") or a fraction in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"lowmem option memory_budget={value!r} is not a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer() and value > 1:
+            return int(value)
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _BYTE_UNITS and unit != "":
+            raise ValueError(
+                f"lowmem option memory_budget={value!r} is not a size; "
+                f"write e.g. '20GB', '18GiB', '512MB', a byte count, or a fraction like 0.5"
+            )
+        number = float(match.group(1))
+        if unit == "":
+            return parse_memory_budget(number if "." in match.group(1) else int(number))
+        return int(number * _BYTE_UNITS[unit])
+    raise ValueError(f"lowmem option memory_budget={value!r} has type {type(value).__name__}; use bytes, '20GB' or a fraction")

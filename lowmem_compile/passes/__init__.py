@@ -1,0 +1,44 @@
+"""Graph passes. Each file holds one pass: an object with a `name`, the report `section` it fills,
+`enabled(options)`, `uuid()` for compile caches, and `__call__(gm, ctx) -> stats`.
+
+The pre-autograd passes run, in the order of `backend.PRE_AUTOGRAD_PASSES`, on the FX graph that
+Dynamo captures (torch IR, before AOTAutograd); `remat.py` is the partition function that runs
+inside AOTAutograd on the joint forward/backward graph.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from ..options import Options
+from ..report import GraphReport
+from ..sources import source_hash
+
+
+@dataclasses.dataclass
+class CompileContext:
+    """What a pass may read besides the graph: the options, Dynamo's example inputs, the report."""
+
+    options: Options
+    example_inputs: Sequence[Any]
+    report: GraphReport
+
+
+class GraphPass(abc.ABC):
+    """A pre-autograd rewrite of the Dynamo graph; match state lives on the instance, never globally."""
+
+    name: str
+    section: str
+
+    @abc.abstractmethod
+    def enabled(self, options: Options) -> bool: ...
+
+    @abc.abstractmethod
+    def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> Any: ...
+
+    def uuid(self) -> str:
+        return source_hash(type(self))

@@ -1,0 +1,175 @@
+"""What each pass did, per compiled graph, as data (`to_dict`, a public contract) and as a table.
+
+Every pass returns one stats dataclass; the backend files it under the pass's report key. A
+:class:`Report` covers the graphs compiled since the last :func:`lowmem_compile.reset` (a model with
+graph breaks compiles several), and sums them: counts and bytes add, peaks take the maximum, lists
+concatenate. :func:`last_report` returns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_SUM, _MAX, _CONCAT, _LAST = "sum", "max", "concat", "last"
+
+
+def _merged(a: Any, b: Any) -> Any:
+    """Fold stats `b` into `a` (same dataclass type) by each field's declared rule."""
+    updates = {}
+    for f in dataclasses.fields(a):
+        rule = f.metadata.get("merge", _SUM)
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if rule == _SUM:
+            updates[f.name] = x + y
+        elif rule == _MAX:
+            updates[f.name] = y if x is None else x if y is None else max(x, y)
+        elif rule == _CONCAT:
+            updates[f.name] = list(x) + list(y)
+        else:
+            updates[f.name] = y if y is not None else x
+    return dataclasses.replace(a, **updates)
+
+
+def _rule(rule: str, default: Any = 0) -> Any:
+    if rule == _CONCAT:
+        return field(default_factory=list, metadata={"merge": rule})
+    return field(default=default, metadata={"merge": rule})
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    replaced: int = _rule(_SUM)
+    skipped: list[str] = _rule(_CONCAT)
+
+
+@dataclass(frozen=True)
+class NF4Stats:
+    lowered: int = _rule(_SUM)
+    bytes_before: int = _rule(_SUM)
+    bytes_after: int = _rule(_SUM)
+    skipped: list[str] = _rule(_CONCAT)
+
+
+@dataclass(frozen=True)
+class LossStats:
+    fused: int = _rule(_SUM)
+    chunk_tokens: int = _rule(_MAX)
+    skipped: list[str] = _rule(_CONCAT)
+
+
+@dataclass(frozen=True)
+class RematStats:
+    policy: str = _rule(_LAST, "none")
+    saved_bytes: int = _rule(_SUM)
+    predicted_peak_bytes: int | None = _rule(_MAX, None)
+    recomputed: int = _rule(_SUM)
+    added_flops: int = _rule(_SUM)
+    budget_bytes: int | None = _rule(_LAST, None)
+    longest_fitting_seq: int | None = _rule(_LAST, None)
+    notes: list[str] = _rule(_CONCAT)
+
+
+#: The report's keys (a public contract) and the stats each holds.
+SECTIONS: dict[str, type] = {
+    "attention": AttentionStats,
+    "nf4": NF4Stats,
+    "remat": RematStats,
+    "loss": LossStats,
+}
+
+
+@dataclass
+class GraphReport:
+    """The stats of one compiled graph, keyed like :data:`SECTIONS`."""
+
+    index: int
+    nodes: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, section: str, stats: Any) -> None:
+        if section not in SECTIONS or not isinstance(stats, SECTIONS[section]):
+            raise TypeError(f"report section {section!r} takes {SECTIONS.get(section)}, got {type(stats).__name__}")
+        self.stats[section] = _merged(self.stats[section], stats) if section in self.stats else stats
+
+
+@dataclass
+class Report:
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    def total(self, section: str) -> Any:
+        """The section summed over every graph."""
+        result = SECTIONS[section]()
+        for graph in self.graphs:
+            if section in graph.stats:
+                result = _merged(result, graph.stats[section])
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"graphs": len(self.graphs)}
+        for section in SECTIONS:
+            out[section] = dataclasses.asdict(self.total(section))
+        return out
+
+    def __str__(self) -> str:
+        d = self.to_dict()
+        att, nf4, remat, loss = d["attention"], d["nf4"], d["remat"], d["loss"]
+        peak = remat["predicted_peak_bytes"]
+        rows = [
+            ("graphs compiled", str(d["graphs"])),
+            ("attention sites replaced", str(att["replaced"])),
+            ("linear layers in NF4", f"{nf4['lowered']} ({_gib(nf4['bytes_before'])} -> {_gib(nf4['bytes_after'])})"),
+            ("LM head + loss fused", f"{loss['fused']} (chunk {loss['chunk_tokens']} tokens)"),
+            ("remat policy", remat["policy"]),
+            ("saved for backward", _gib(remat["saved_bytes"])),
+            ("values recomputed", str(remat["recomputed"])),
+            ("predicted peak", "n/a" if peak is None else _gib(peak)),
+        ]
+        if remat["budget_bytes"] is not None:
+            rows.append(("memory budget", _gib(remat["budget_bytes"])))
+        if remat["longest_fitting_seq"] is not None:
+            rows.append(("longest sequence in budget", str(remat["longest_fitting_seq"])))
+        width = max(len(k) for k, _ in rows)
+        lines = ["lowmem report", "-" * (width + 30)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        fallbacks = [("attention", s) for s in att["skipped"]] + [("nf4", s) for s in nf4["skipped"]]
+        fallbacks += [("loss", s) for s in loss["skipped"]] + [("remat", s) for s in remat["notes"]]
+        for section, reason in fallbacks:
+            lines.append(f"  [{section}] {reason}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+class _ReportStore:
+    """The graphs compiled since the last reset; guarded because Dynamo may compile from threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._report = Report()
+
+    def new_graph(self, nodes: int) -> GraphReport:
+        with self._lock:
+            graph = GraphReport(index=len(self._report.graphs), nodes=nodes)
+            self._report.graphs.append(graph)
+            return graph
+
+    def snapshot(self) -> Report:
+        with self._lock:
+            return Report(graphs=[dataclasses.replace(g, stats=dict(g.stats)) for g in self._report.graphs])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._report = Report()
+
+
+STORE = _ReportStore()
+
+
+def last_report() -> Report:
+    """The report of the graphs compiled with `backend="lowmem"` since the last `lowmem_compile.reset()`."""
+    return STORE.snapshot()
