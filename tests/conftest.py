@@ -1,0 +1,30 @@
+"""Test setup: Triton's interpreter on machines without CUDA (set before anything imports Triton),
+deterministic seeds, and the `gpu` marker's skip."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lowmem_compile  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_state():
+    """Each test starts with empty Dynamo caches, an empty report and a fixed seed."""
+    lowmem_compile.reset()
+    torch.manual_seed(0)
+    yield
