@@ -1,0 +1,53 @@
+"""Options: parsing, validation and the errors a user sees."""
+
+import pytest
+import torch
+
+import lowmem_compile
+from lowmem_compile import Options
+from lowmem_compile.options import parse_memory_budget
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("20GB", 20 * 10**9), ("18GiB", 18 * 2**30), ("512 MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096)],
+)
+def test_budget_strings(text, expected):
+    assert parse_memory_budget(text) == expected
+
+
+def test_budget_fraction_and_bytes():
+    assert Options.from_user({"memory_budget": 0.5}).budget_bytes(1000) == 500
+    assert Options.from_user({"memory_budget": 123}).budget_bytes(None) == 123
+    with pytest.raises(ValueError, match="fraction of device memory"):
+        Options.from_user({"memory_budget": 0.5}).budget_bytes(None)
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"atention": "kv4"}, "unknown lowmem option"),
+        ({"attention": "kv3"}, "attention='kv3'"),
+        ({"inner": "tvm"}, "inner='tvm'"),
+        ({"memory_budget": "lots"}, "memory_budget='lots'"),
+        ({"memory_budget": -1}, "must be positive"),
+        ({"memory_budget": 1.5}, "fraction"),
+        ({"report": "yes"}, "report='yes'"),
+    ],
+)
+def test_bad_options_name_the_problem(options, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        Options.from_user(options)
+
+
+def test_bad_option_through_torch_compile():
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="lowmem", options={"remat": "sometimes"})
+    with pytest.raises(Exception, match="remat='sometimes'"):
+        compiled(torch.randn(2, 4))
+
+
+def test_kv_bits():
+    assert Options(attention="kv4").kv_bits == 4
+    assert Options(attention="kv16").kv_bits == 16
+    assert Options(attention="off").kv_bits is None
+    assert lowmem_compile.Options is Options
