@@ -1,0 +1,243 @@
+"""`lowmem::attention`: softmax(Q Kᵀ · scale + mask) V whose backward keeps K and V in 4/8 bits.
+
+    attention(q, k, v, mask=None, *, causal, scale, kv_bits) -> (out, lse, k_q, k_scale, v_q, v_scale)
+    attention_backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, *, causal, scale,
+                       kv_bits) -> (dq, dk, dv)
+
+q is [B, Hq, Sq, D]; k and v are [B, Hkv, Sk, D] with Hq a multiple of Hkv (GQA): they are read and
+kept at Hkv heads, never repeated. `mask` is None, boolean (True = attend) or additive float,
+broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq == Sk. A row with no key to attend gives 0
+(as SDPA does), with lse = +inf.
+
+Why the quantized K/V are *outputs*: the autograd formula saves exactly what the backward reads, and
+AOTAutograd's partitioner sees them as the only K/V-sized values the backward needs, so k and v
+themselves die after the forward. At kv_bits=16 these four outputs are empty and k, v are saved.
+
+The forward runs on the *dequantized* K/V, the same values the backward recomputes P from, so lse
+and P are consistent and the gradients are the exact gradients of the function the forward computed
+(docs/attention.md measures the alternative, exact forward + quantized backward, which is worse for
+dK). lse is then that of the smoothed keys' scores; it is an internal of the pair of ops.
+
+The reference below is the specification: fp32 math, chunked over query rows so it never holds more
+than a [chunk, Sk] block of scores per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import kv4
+from .library import define_op
+
+#: Bytes of fp32 scores a reference chunk may hold (all heads together).
+_CHUNK_BYTES = 2**28
+
+
+def _check(q, k, v, mask, causal, kv_bits) -> None:
+    kv4.check_bits(kv_bits)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, hq, sq, d = q.shape
+    torch._check(k.shape == v.shape, lambda: f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(k.shape[0] == b and k.shape[3] == d, lambda: f"attention: k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
+    torch._check(hq % k.shape[1] == 0, lambda: f"attention: {hq} query heads are no multiple of {k.shape[1]} KV heads")
+    if kv_bits != 16:
+        kv4.group_size(d)
+    if causal:
+        torch._check(sq == k.shape[2], lambda: f"attention: causal needs Sq == Sk, got {sq} and {k.shape[2]}")
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"attention: mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+        if mask.dim() > 4:
+            raise ValueError(f"attention: mask has {mask.dim()} dims; it must broadcast to [B, Hq, Sq, Sk]")
+
+
+def _mask_rows(mask, b, hq, rows, sk, hkv):
+    """The mask's rows `rows` expanded to [B, Hkv, G, len(rows), Sk] (a copy of one chunk at most)."""
+    full = mask.expand(b, hq, mask.shape[-2] if mask.dim() >= 2 else 1, sk)
+    if full.shape[2] != 1:
+        full = full[:, :, rows]
+    return full.expand(b, hq, rows.stop - rows.start, sk).reshape(b, hkv, hq // hkv, -1, sk)
+
+
+def _scores(qc, k, mask, causal, scale, rows, hq):
+    """fp32 scores of a chunk of query rows: [B, Hkv, G, C, Sk], masked entries -inf."""
+    b, hkv, _, sk, _ = k.shape
+    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        m = _mask_rows(mask, b, hq, rows, sk, hkv)
+        s = torch.where(m, s, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    if causal:
+        i = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(-1)
+        s = s.masked_fill(torch.arange(sk, device=s.device) > i, float("-inf"))
+    return s
+
+
+def _grouped(q, k, v):
+    """fp32 views for GQA without a repeated copy: q [B, Hkv, G, S, D], k/v [B, Hkv, 1, S, D]."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    return q.float().reshape(b, hkv, hq // hkv, sq, d), k.float().unsqueeze(2), v.float().unsqueeze(2)
+
+
+def _chunk(q, sk):
+    b, hq = q.shape[:2]
+    return max(1, min(q.shape[2], _CHUNK_BYTES // (4 * b * hq * max(sk, 1))))
+
+
+def attend(q, k, v, mask, causal, scale):
+    """Exact attention in fp32 (any K/V values): (out in q's dtype, lse fp32 [B, Hq, Sq])."""
+    b, hq, sq, d = q.shape
+    qg, kg, vg = _grouped(q, k, v)
+    out, lse = torch.empty_like(q), q.new_empty(b, hq, sq, dtype=torch.float32)
+    step = _chunk(q, k.shape[2])
+    for start in range(0, sq, step):
+        rows = slice(start, min(start + step, sq))
+        s = _scores(qg[:, :, :, rows], kg, mask, causal, scale, rows, hq)
+        l = torch.logsumexp(s, dim=-1, keepdim=True)
+        l = torch.where(torch.isneginf(l), float("inf"), l)
+        o = torch.matmul(torch.exp(s - l), vg)
+        out[:, :, rows] = o.reshape(b, hq, -1, d).to(q.dtype)
+        lse[:, :, rows] = l.reshape(b, hq, -1)
+    return out, lse
+
+
+def attend_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
+    """Gradients of :func:`attend` from its saved (out, lse), recomputing P chunk by chunk, in fp32."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    qg, kg, vg = _grouped(q, k, v)
+    dog = grad_out.float().reshape(b, hkv, hq // hkv, sq, d)
+    delta = (dog * out.float().reshape(dog.shape)).sum(-1, keepdim=True)
+    lseg = lse.reshape(b, hkv, hq // hkv, sq, 1)
+    dq = torch.empty_like(qg)
+    dk, dv = torch.zeros_like(kg.squeeze(2)), torch.zeros_like(vg.squeeze(2))
+    step = _chunk(q, k.shape[2])
+    for start in range(0, sq, step):
+        rows = slice(start, min(start + step, sq))
+        p = torch.exp(_scores(qg[:, :, :, rows], kg, mask, causal, scale, rows, hq) - lseg[:, :, :, rows])
+        do = dog[:, :, :, rows]
+        ds = p * (torch.matmul(do, vg.transpose(-1, -2)) - delta[:, :, :, rows])
+        dq[:, :, :, rows] = torch.matmul(ds, kg) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, rows]).sum(2) * scale
+        dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def quantize_kv(k, v, kv_bits):
+    """(k_q, k_scale, v_q, v_scale): K smoothed then quantized, V quantized (empty at 16 bits)."""
+    if kv_bits == 16:
+        empty = k.new_empty(0)
+        return empty, empty, empty.clone(), empty.clone()
+    sdt = kv4.scale_dtype(k.dtype)
+    return (*kv4.quantize(kv4.smooth(k), kv_bits, sdt), *kv4.quantize(v, kv_bits, sdt))
+
+
+def _saved_kv(k_q, k_scale, v_q, v_scale, kv_bits, dtype):
+    if kv_bits == 16:
+        return k_q, v_q
+    return kv4.dequantize(k_q, k_scale, kv_bits, dtype), kv4.dequantize(v_q, v_scale, kv_bits, dtype)
+
+
+def _reference(q, k, v, mask=None, *, causal, scale, kv_bits):
+    _check(q, k, v, mask, causal, kv_bits)
+    packed = quantize_kv(k, v, kv_bits)
+    kd, vd = (k, v) if kv_bits == 16 else _saved_kv(*packed, kv_bits, torch.float32)
+    out, lse = attend(q, kd, vd, mask, causal, scale)
+    return (out, lse, *packed)
+
+
+def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
+    _check(q, k, v, mask, causal, kv_bits)
+    b, hq, sq, d = q.shape
+    out, lse = q.new_empty(q.shape), q.new_empty(b, hq, sq, dtype=torch.float32)
+    if kv_bits == 16:
+        empty = k.new_empty(0)
+        return out, lse, empty, empty.clone(), empty.clone(), empty.clone()
+    hkv, sk = k.shape[1], k.shape[2]
+    codes = (b, hkv, sk, kv4.code_cols(d, kv_bits))
+    scales = (b, hkv, sk, d // kv4.group_size(d), 2)
+    sdt = kv4.scale_dtype(k.dtype)
+    return (
+        out,
+        lse,
+        k.new_empty(codes, dtype=torch.uint8),
+        k.new_empty(scales, dtype=sdt),
+        k.new_empty(codes, dtype=torch.uint8),
+        k.new_empty(scales, dtype=sdt),
+    )
+
+
+def _cuda(q, k, v, mask=None, *, causal, scale, kv_bits):
+    from ..codegen import attention_kv4
+
+    if not attention_kv4.supports(q.shape[-1]):
+        return _reference(q, k, v, mask, causal=causal, scale=scale, kv_bits=kv_bits)
+    _check(q, k, v, mask, causal, kv_bits)
+    return attention_kv4.forward(q, k, v, mask, causal, scale, kv_bits)
+
+
+def _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+    kd, vd = _saved_kv(k_q, k_scale, v_q, v_scale, kv_bits, torch.float32)
+    dq, dk, dv = attend_backward(grad_out, q, kd, vd, out, lse, mask, causal, scale)
+    return dq, dk.to(q.dtype), dv.to(q.dtype)
+
+
+def _bwd_fake(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+    b, _, _, d = q.shape
+    kv_shape = (b, k_q.shape[1], k_q.shape[2], d)
+    return q.new_empty(q.shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+
+
+def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+    from ..codegen import attention_kv4
+
+    if not attention_kv4.supports(q.shape[-1]):
+        return _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal=causal, scale=scale, kv_bits=kv_bits)
+    return attention_kv4.backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal, scale, kv_bits)
+
+
+attention_backward = define_op(
+    "attention_backward",
+    "(Tensor grad_out, Tensor q, Tensor k_q, Tensor k_scale, Tensor v_q, Tensor v_scale, Tensor out, Tensor lse,"
+    " Tensor? mask=None, *, bool causal, float scale, int kv_bits) -> (Tensor, Tensor, Tensor)",
+    reference=_bwd_reference,
+    fake=_bwd_fake,
+    cuda=_bwd_cuda,
+)
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    """Save what the backward reads: the packed K/V (or k, v themselves at 16 bits), never both."""
+    q, k, v, mask = inputs
+    out, lse, k_q, k_scale, v_q, v_scale = output
+    ctx.causal = keyword_only_inputs["causal"]
+    ctx.scale = keyword_only_inputs["scale"]
+    ctx.kv_bits = keyword_only_inputs["kv_bits"]
+    ctx.mark_non_differentiable(lse, k_q, k_scale, v_q, v_scale)
+    if ctx.kv_bits == 16:
+        k_q, v_q = k, v
+    ctx.save_for_backward(q, k_q, k_scale, v_q, v_scale, out, lse, mask)
+
+
+def _backward(ctx, grad_out, *_):
+    q, k_q, k_scale, v_q, v_scale, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward(
+        grad_out.contiguous(), q, k_q, k_scale, v_q, v_scale, out, lse, mask,
+        causal=ctx.causal, scale=ctx.scale, kv_bits=ctx.kv_bits,
+    )  # fmt: skip
+    return dq, dk, dv, None
+
+
+attention = define_op(
+    "attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, bool causal, float scale, int kv_bits)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    reference=_reference,
+    fake=_fake,
+    cuda=_cuda,
+    backward=_backward,
+    setup_context=_setup_context,
+)
