@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers, one kernel family a file; imported lazily by the ops."""
