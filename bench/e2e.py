@@ -1,0 +1,670 @@
+"""Side-by-side LoRA/QLoRA fine-tuning benchmark: the same model shape, data and seed under each
+configuration, each in its own process, so one's allocator state, compile caches or monkey patches
+never leak into another's figures.
+
+    python bench/e2e.py --seqs 2048,8192 --gpus 4                     # llama3-8b, all eight configs
+    python bench/e2e.py --device cpu --model small --configs eager,lowmem --seqs 64 --steps 2
+
+Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds or changes one):
+
+    eager               bf16 frozen base + peft LoRA (r=16, alpha 16, every projection)
+    eager_gc            + Hugging Face gradient checkpointing (non-reentrant)
+    inductor            torch.compile, default Inductor
+    inductor_budget     + torch._functorch.config.activation_memory_budget (--budget)
+    bnb_qlora_gc        bitsandbytes NF4 + double quant + LoRA + gradient checkpointing (QLoRA)
+    bnb_qlora_gc_liger  + Liger Kernel's Llama patch (RMSNorm, RoPE, SwiGLU, fused linear CE)
+    unsloth             Unsloth FastLanguageModel, 4-bit, use_gradient_checkpointing="unsloth"
+    lowmem              torch.compile(backend="lowmem", options=--lowmem-options)
+    lowmem_base         lowmem with every pass off (the pipeline's own overhead)
+
+Every step: bf16 autocast, loss from the model's labels, backward, AdamW on the trainable parameters.
+bnb and Unsloth load a saved folder of the same random model (written once per run to a temp dir).
+The parent runs up to `--gpus` workers at once, one per GPU, and collects one JSON line from each; a
+worker that fails (import error, OOM, crash, timeout) becomes a row with its error.
+Output in `--out`: e2e.jsonl, e2e.md (table), e2e_peak_memory.png (bar plot), e2e.log (worker logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the package and tests.models import
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import default_out_dir, environment, markdown_table, write_jsonl  # noqa: E402
+
+RESULT_MARKER = "E2E_RESULT "
+GIB = 2**30
+
+#: Llama shapes built from a config with random weights (no download).
+MODELS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a configuration loads, wraps and compiles the model."""
+
+    loader: str = "hf"  # "hf" (built in memory), "bnb" (4-bit from the saved folder), "unsloth"
+    checkpointing: bool = False  # Hugging Face gradient checkpointing, non-reentrant
+    compiler: str | None = None  # None, "inductor" or "lowmem"
+    budget: bool = False  # stock activation_memory_budget around the compile
+    liger: bool = False  # Liger Kernel's Llama patch, applied before the model is built
+
+    @property
+    def needs_folder(self) -> bool:
+        return self.loader in ("bnb", "unsloth")
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.loader != "hf"
+
+
+RECIPES: dict[str, Recipe] = {
+    "eager": Recipe(),
+    "eager_gc": Recipe(checkpointing=True),
+    "inductor": Recipe(compiler="inductor"),
+    "inductor_budget": Recipe(compiler="inductor", budget=True),
+    "bnb_qlora_gc": Recipe(loader="bnb", checkpointing=True),
+    "bnb_qlora_gc_liger": Recipe(loader="bnb", checkpointing=True, liger=True),
+    "unsloth": Recipe(loader="unsloth"),
+}
+LOWMEM_RECIPE = Recipe(compiler="lowmem")
+#: Built-in lowmem variants: the defaults, and every pass off (what the pipeline costs by itself).
+LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
+    "lowmem": {},
+    "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
+}
+DEFAULT_CONFIGS = (*RECIPES, "lowmem")
+
+
+def recipe_for(name: str) -> Recipe:
+    if name in RECIPES:
+        return RECIPES[name]
+    if name.startswith("lowmem"):
+        return LOWMEM_RECIPE
+    raise ValueError(f"unknown configuration {name!r}; choose from {sorted(RECIPES)} or a lowmem* variant")
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+def llama_config(model: str, layers: int | None, seq: int):
+    import transformers
+
+    shape = dict(MODELS[model])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], seq)
+    return transformers.LlamaConfig(
+        **shape,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_model(config, device: str, seed: int):
+    """The random bf16 model, allocated and initialised on `device` (seeded: every config gets the same weights)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model
+
+
+def save_model_folder(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Write the random model with a minimal tokenizer (Unsloth loads one) for the folder-loading peers."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    start = time.perf_counter()
+    config = llama_config(args.model, args.layers, max(args.seq_list))
+    build_model(config, args.device, args.seed).save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 64)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    return {"saved": str(folder), "save_s": round(time.perf_counter() - start, 2)}
+
+
+def add_lora(model, gradient_checkpointing: bool):
+    import peft
+
+    from tests.models import LORA_TARGETS
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(model, lora)
+
+
+def load_bnb(args: argparse.Namespace, recipe: Recipe):
+    """The standard QLoRA recipe, with the non-quantized weights left in bf16 (no fp32 upcast)."""
+    import torch
+
+    if recipe.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+    import transformers
+
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa"
+    )
+    return add_lora(model, recipe.checkpointing)
+
+
+def load_unsloth(args: argparse.Namespace, seq: int):
+    from unsloth import FastLanguageModel  # before transformers: Unsloth patches it on import
+    import torch
+
+    from tests.models import LORA_TARGETS
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=args.model_dir, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=args.seed,
+    )
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
+    """The trainable (and, for compiled configs, compiled) model of one configuration."""
+    if recipe.loader == "unsloth":
+        model = load_unsloth(args, seq)
+    elif recipe.loader == "bnb":
+        model = load_bnb(args, recipe)
+    else:
+        model = add_lora(build_model(llama_config(args.model, args.layers, seq), args.device, args.seed), recipe.checkpointing)
+    model.train()
+    import torch
+
+    if recipe.compiler == "inductor":
+        return model, torch.compile(model)
+    if recipe.compiler == "lowmem":
+        import lowmem_compile  # noqa: F401  (registers the backend)
+
+        return model, torch.compile(model, backend="lowmem", options=json.loads(args.lowmem_options or "{}"))
+    return model, model
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train `--warmup` + `--steps` steps of one configuration at one length; never raises."""
+    seq = args.seq_list[0]
+    recipe = recipe_for(args.config)
+    row: dict[str, Any] = {"config": args.config, "seq": seq, "batch": args.batch, "model": args.model}
+    row["layers"] = args.layers or MODELS[args.model]["num_hidden_layers"]
+    row["device"] = args.device
+    if recipe.compiler == "lowmem":
+        row["lowmem_options"] = json.loads(args.lowmem_options or "{}")
+    if recipe.budget:
+        row["activation_memory_budget"] = args.budget
+    cuda = args.device == "cuda"
+    try:
+        if recipe.needs_cuda and not cuda:
+            raise RuntimeError(f"{args.config} needs CUDA (its libraries have no CPU training path)")
+        if recipe.loader == "unsloth":
+            import unsloth  # noqa: F401  (first, before transformers)
+        import torch
+
+        if cuda:
+            if not torch.cuda.is_available():
+                raise RuntimeError("--device cuda but torch sees no CUDA device")
+            row["gpu"] = torch.cuda.get_device_name()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model, step_fn = prepare(args, recipe, seq)
+        row["load_s"] = round(time.perf_counter() - start, 2)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        row["trainable_params"] = sum(p.numel() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(args.seed)
+        input_ids = torch.randint(0, vocab, (args.batch, seq), generator=gen).to(args.device)
+        if cuda:
+            row["resident_bytes"] = torch.cuda.memory_allocated()
+        _train(args, recipe, step_fn, optimizer, input_ids, row)
+        if recipe.compiler == "lowmem":
+            import lowmem_compile
+
+            row["lowmem_report"] = lowmem_compile.last_report().to_dict()
+    except BaseException as exc:  # an error row, whatever happened (OOM included)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        row["error"] = f"{type(exc).__name__}: {first_line}"[:400]
+        row["oom"] = "OutOfMemoryError" in type(exc).__name__ or "out of memory" in str(exc)
+        traceback.print_exc()
+    if cuda and "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            row["peak_run_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, Any]) -> None:
+    import contextlib
+
+    import torch
+
+    cuda = args.device == "cuda"
+    budget = (
+        torch._functorch.config.patch(activation_memory_budget=args.budget)
+        if recipe.budget
+        else contextlib.nullcontext()
+    )
+    losses, times = [], []
+    with budget:
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup and cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.autocast(args.device, dtype=torch.bfloat16):
+                loss = step_fn(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float().item())  # also waits for the step to finish
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if i == 0:
+                row["first_step_s"] = round(times[0], 3)
+    timed = times[args.warmup :]
+    row["losses"] = [round(x, 5) for x in losses]
+    row["first_loss"], row["last_loss"] = losses[0], losses[-1]
+    row["step_s_median"] = statistics.median(timed)
+    row["tokens_per_s"] = round(input_ids.numel() / row["step_s_median"], 1)
+    if cuda:
+        row["peak_steps_bytes"] = torch.cuda.max_memory_allocated()
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+
+@dataclass
+class Job:
+    config: str
+    seq: int
+    lowmem_options: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.config} seq={self.seq}"
+
+
+def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | None) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model, "--device", args.device]
+    cmd += ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--lr", str(args.lr), "--seed", str(args.seed), "--budget", str(args.budget)]
+    cmd += ["--seqs", ",".join(map(str, args.seq_list if job is None else [job.seq]))]
+    if args.layers is not None:
+        cmd += ["--layers", str(args.layers)]
+    if model_dir is not None:
+        cmd += ["--model-dir", model_dir]
+    if job is None:
+        return cmd + ["--save-model"]
+    cmd += ["--config", job.config]
+    if job.lowmem_options is not None:
+        cmd += ["--lowmem-options", json.dumps(job.lowmem_options)]
+    return cmd
+
+
+def worker_env(args: argparse.Namespace, gpu: int, config: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"  # built from configs; nothing to download
+    if config == "unsloth":
+        env["UNSLOTH_DISABLE_STATISTICS"] = "1"
+    if args.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def spawn(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+    """Run a worker in its own process group (so Inductor's compile workers die with it on timeout)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def parse_result(rc: int | None, out: str, err: str, timeout: float) -> dict[str, Any]:
+    """The worker's JSON line, or an error row saying how the process ended."""
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = " | ".join(err.strip().splitlines()[-3:])[-400:]
+    reason = f"timed out after {timeout:.0f} s" if rc is None else f"worker exited with code {rc}"
+    return {"error": f"{reason} without a result: {tail}"}
+
+
+class Runner:
+    """Runs jobs on `--gpus` slots; jobs that need the saved model folder wait until it is written."""
+
+    def __init__(self, args: argparse.Namespace, jobs: list[Job], log: list[str]):
+        self.args, self.log, self.rows = args, log, []
+        self.lock = threading.Lock()
+        self.todo: queue.Queue[Job] = queue.Queue()
+        for job in sorted(jobs, key=lambda j: recipe_for(j.config).needs_folder):
+            self.todo.put(job)
+        self.total = len(jobs)
+        self.folder_ready = threading.Event()
+        self.folder_error: str | None = None
+        self.model_dir = args.model_dir
+        # On the CPU the folder's users fail before loading it (they need CUDA), so it is not written.
+        self.needs_save = (
+            args.device == "cuda" and args.model_dir is None and any(recipe_for(j.config).needs_folder for j in jobs)
+        )
+        if not self.needs_save:
+            self.folder_ready.set()
+
+    def run(self) -> list[dict[str, Any]]:
+        slots = max(1, min(self.args.gpus, self.total))
+        threads = [threading.Thread(target=self._slot, args=(gpu,)) for gpu in range(slots)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return self.rows
+
+    def _execute(self, cmd: list[str], gpu: int, config: str | None, name: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        rc, out, err = spawn(cmd, worker_env(self.args, gpu, config), self.args.timeout)
+        result = parse_result(rc, out, err, self.args.timeout)
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        with self.lock:
+            self.log.append(f"### {name} (slot {gpu}, rc={rc})\n$ {' '.join(cmd)}\n" + "\n".join(err.splitlines()[-80:]))
+        return result
+
+    def _slot(self, gpu: int) -> None:
+        if gpu == 0 and self.needs_save:
+            self.model_dir = tempfile.mkdtemp(prefix="e2e_model_")
+            result = self._execute(worker_command(self.args, None, self.model_dir), gpu, None, "save model folder")
+            self.folder_error = result.get("error")
+            _progress(f"model folder {self.model_dir}: " + (self.folder_error or f"saved in {result.get('save_s')} s"))
+            self.folder_ready.set()
+        while True:
+            try:
+                job = self.todo.get_nowait()
+            except queue.Empty:
+                return
+            if recipe_for(job.config).needs_folder:
+                self.folder_ready.wait()
+            if recipe_for(job.config).needs_folder and self.folder_error:
+                row = {"config": job.config, "seq": job.seq, "error": f"model folder not written: {self.folder_error}"}
+            else:
+                row = self._execute(worker_command(self.args, job, self.model_dir), gpu, job.config, job.name)
+                row.setdefault("config", job.config)
+                row.setdefault("seq", job.seq)
+            with self.lock:
+                self.rows.append(row)
+                _progress(f"[{len(self.rows)}/{self.total}] {job.name}: {_summary(row)}")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _gib(value: int | None) -> str | None:
+    return None if value is None else f"{value / GIB:.2f}"
+
+
+def _summary(row: dict[str, Any]) -> str:
+    if row.get("error"):
+        return "ERROR " + row["error"]
+    peak = _gib(row.get("peak_steps_bytes"))
+    memory = f"peak {peak} GiB, " if peak else ""
+    return f"{memory}{row['tokens_per_s']} tok/s, loss {row['last_loss']:.4f}, first step {row['first_step_s']} s"
+
+
+def _ratio(value: float | None, base: float | None) -> str | None:
+    return None if value is None or not base else f"{value / base:.2f}x"
+
+
+def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
+    base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
+    header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "tokens/s", "vs eager", "first step s", "last loss", "error"]
+    body = []
+    for r in rows:
+        b = base.get(r["seq"], {})
+        body.append(
+            [
+                r["config"],
+                r["seq"],
+                _gib(r.get("peak_steps_bytes")),
+                _ratio(r.get("peak_steps_bytes"), b.get("peak_steps_bytes")),
+                _gib(r.get("peak_run_bytes")),
+                r.get("tokens_per_s"),
+                _ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
+                r.get("first_step_s"),
+                None if r.get("last_loss") is None else f"{r['last_loss']:.4f}",
+                r.get("error"),
+            ]
+        )
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    layers = args.layers or MODELS[args.model]["num_hidden_layers"]
+    intro = (
+        f"# End-to-end LoRA/QLoRA step: {args.model} ({layers} layers), batch {args.batch}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps\n\n"
+        f"Device: {env['gpu'] or args.device}. {versions}. Python {env['python']}. {env['date']}.\n\n"
+        "Peak steps: max allocated over the timed steps (weights, optimizer state and activations); "
+        "peak run: from before loading to the end. Tokens/s: median timed step. "
+        "First step includes compilation.\n\n"
+    )
+    return intro + markdown_table(header, body)
+
+
+def plot_peaks(rows: list[dict[str, Any]], path: Path, title: str) -> str | None:
+    """A grouped bar plot of peak memory per config and length; returns why not, if it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    seqs = sorted({r["seq"] for r in rows})
+    width = 0.8 / len(seqs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(configs)), 4.5))
+    for k, seq in enumerate(seqs):
+        by_config = {r["config"]: r for r in rows if r["seq"] == seq}
+        xs = [i + (k - (len(seqs) - 1) / 2) * width for i in range(len(configs))]
+        values = [(by_config.get(c, {}).get("peak_steps_bytes") or 0) / GIB for c in configs]
+        ax.bar(xs, values, width, label=f"seq {seq}")
+        for x, c, v in zip(xs, configs, values):
+            failed = c in by_config and by_config[c].get("error")
+            ax.text(x, v, "failed" if failed else f"{v:.0f}", ha="center", va="bottom", fontsize=7, rotation=90 if failed else 0)
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels(configs, rotation=30, ha="right")
+    ax.set_ylabel("peak allocated over timed steps (GiB)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def lowmem_variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Built-in variants, then `--lowmem NAME=JSON`, then `--lowmem-options` for `lowmem`; all validated."""
+    variants = dict(LOWMEM_VARIANTS)
+    specs = list(args.lowmem)
+    if args.lowmem_options is not None:
+        specs.append(f"lowmem={args.lowmem_options}")
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name.startswith("lowmem"):
+            raise SystemExit(f"--lowmem {spec!r}: write NAME=JSON with a name starting with 'lowmem'")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--lowmem {name}: options are not JSON ({exc})") from exc
+        from lowmem_compile import Options
+
+        try:
+            Options.from_user(options)
+        except ValueError as exc:
+            raise SystemExit(f"--lowmem {name}: {exc}") from exc
+        variants[name] = options
+    return variants
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    variants = lowmem_variants(args)
+    for name in args.config_list:
+        if name.startswith("lowmem") and name not in variants:
+            raise SystemExit(f"lowmem variant {name!r} has no options; add --lowmem {name}='{{...}}'")
+        recipe_for(name)
+    jobs = [Job(c, s, variants.get(c) if c.startswith("lowmem") else None) for s in args.seq_list for c in args.config_list]
+    out_dir = Path(args.out) if args.out else default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    log: list[str] = []
+    runner = Runner(args, jobs, log)
+    try:
+        rows = runner.run()
+    finally:
+        if runner.needs_save and runner.model_dir and not args.keep_model_dir:
+            import shutil
+
+            shutil.rmtree(runner.model_dir, ignore_errors=True)
+    order = {(j.config, j.seq): i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: order[(r["config"], r["seq"])])
+    for row in rows:
+        row.update(env, gpu=row.get("gpu") or env["gpu"])
+    write_jsonl(out_dir / "e2e.jsonl", rows)
+    table = render_table(rows, env, args)
+    title = f"{args.model} ({args.layers or MODELS[args.model]['num_hidden_layers']} layers), batch {args.batch}, {env['gpu'] or args.device}"
+    plot_note = plot_peaks(rows, out_dir / "e2e_peak_memory.png", title)
+    (out_dir / "e2e.md").write_text(table + (f"\n{plot_note}\n" if plot_note else "\n![peak memory](e2e_peak_memory.png)\n"))
+    (out_dir / "e2e.log").write_text("\n\n".join(log) + "\n")
+    print(table, flush=True)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated configurations")
+    p.add_argument("--seqs", default="2048", help="comma-separated sequence lengths (a worker per config and length)")
+    p.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5, help="timed steps, after the warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--gpus", type=int, default=1, help="workers at once, one per GPU (on CPU: processes at once)")
+    p.add_argument("--budget", type=float, default=0.5, help="activation_memory_budget of inductor_budget")
+    p.add_argument("--lowmem-options", default=None, help="JSON options of the `lowmem` config")
+    p.add_argument("--lowmem", action="append", default=[], metavar="NAME=JSON", help="add or change a lowmem variant")
+    p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    p.add_argument("--model-dir", default=None, help="a saved folder of the same model to reuse (bnb, unsloth)")
+    p.add_argument("--keep-model-dir", action="store_true", help="do not delete the temporary model folder")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        args.seq_list = [int(s) for s in args.seqs.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seqs {args.seqs!r}: write comma-separated integers like 2048,8192")
+    args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for value, flag in ((args.batch, "--batch"), (args.steps, "--steps"), (args.gpus, "--gpus"), *((s, "--seqs") for s in args.seq_list)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: the first step compiles and is never timed")
+    if not args.seq_list or not args.config_list:
+        p.error("--seqs and --configs must each name at least one value")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.worker:
+        return run_parent(args)
+    if args.save_model:
+        try:
+            result = save_model_folder(args, Path(args.model_dir))
+        except BaseException as exc:
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    else:
+        result = run_worker(args)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

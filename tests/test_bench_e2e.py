@@ -1,0 +1,117 @@
+"""The side-by-side benchmark harness on the CPU: workers run, agree on the loss, fail into error rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowmem_compile
+from bench import e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_args(*argv: str):
+    return e2e.parse_args(["--device", "cpu", "--model", "small", "--layers", "1", "--warmup", "1", "--steps", "1", *argv])
+
+
+def test_cpu_harness_runs_two_configs_side_by_side(tmp_path):
+    """Two workers train 2 steps from the same weights and data; checkpointing changes memory, not numbers."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--model", "small", "--layers", "1",
+        "--configs", "eager,eager_gc", "--seqs", "32", "--warmup", "1", "--steps", "1", "--gpus", "2",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["eager", "eager_gc"]
+    eager, eager_gc = rows
+    for row in rows:
+        assert "error" not in row, row
+        assert len(row["losses"]) == 2 and row["tokens_per_s"] > 0 and row["first_step_s"] > 0
+        assert row["trainable_params"] == eager["trainable_params"] > 0
+        assert row["losses"][1] < row["losses"][0], "one AdamW step on a repeated batch must lower the loss"
+        assert row["versions"]["torch"] == torch.__version__ and row["date"] and row["seq"] == 32
+    # Recomputation replays the same CPU ops: the losses agree to float rounding.
+    assert eager_gc["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    table = (tmp_path / "e2e.md").read_text()
+    assert "| eager | 32 |" in table and "| eager_gc | 32 |" in table
+    assert {"e2e.jsonl", "e2e.md", "e2e.log"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_lowmem_worker_matches_eager():
+    """The lowmem config (passes run, graphs executed as FX) starts from the eager loss and reports."""
+    eager = e2e.run_worker(_run_args("--config", "eager", "--seqs", "32"))
+    lowmem = e2e.run_worker(_run_args("--config", "lowmem", "--seqs", "32", "--lowmem-options", '{"inner": "eager"}'))
+    assert "error" not in eager and "error" not in lowmem, (eager, lowmem)
+    # Same weights and tokens; bf16 autocast in both, so the losses agree to ~1e-3 relative.
+    assert lowmem["first_loss"] == pytest.approx(eager["first_loss"], rel=2e-3)
+    assert lowmem["lowmem_options"] == {"inner": "eager"} and lowmem["lowmem_report"]["graphs"] >= 1
+
+
+@pytest.mark.parametrize("config", ["bnb_qlora_gc", "bnb_qlora_gc_liger", "unsloth"])
+def test_peers_fail_cleanly_into_an_error_row_on_cpu(config):
+    row = e2e.run_worker(_run_args("--config", config, "--seqs", "32"))
+    assert row["config"] == config and "needs CUDA" in row["error"] and not row["oom"]
+
+
+def test_builtin_lowmem_variants_are_valid_options():
+    for options in e2e.LOWMEM_VARIANTS.values():
+        lowmem_compile.Options.from_user(options)
+
+
+def test_saved_folder_holds_the_same_model(tmp_path):
+    """bnb and Unsloth load the folder; it must hold exactly the weights the in-memory configs build."""
+    import transformers
+
+    args = e2e.parse_args(["--model", "small", "--layers", "1", "--seqs", "64", "--device", "cpu", "--seed", "3"])
+    e2e.save_model_folder(args, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    built = e2e.build_model(e2e.llama_config("small", 1, 64), "cpu", seed=3)
+    built_state = built.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, built_state[name]), name
+    assert loaded.config.rope_parameters["rope_theta"] == 10000.0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+
+
+def test_llama3_8b_shape():
+    config = e2e.llama_config("llama3-8b", None, 8192)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (32, 8, 128256)
+    assert config.rope_parameters["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lowmem-options", '{"attention": "kv3"}'], "attention"),
+        (["--lowmem", 'lowmem_x={"bogus": 1}'], "bogus"),
+        (["--lowmem", "lowmem_x={not json"], "not JSON"),
+        (["--lowmem", 'fast={"inner": "eager"}'], "starting with 'lowmem'"),
+        (["--configs", "lowmem_y"], "has no options"),
+    ],
+)
+def test_bad_lowmem_variants_are_rejected(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        e2e.run_parent(e2e.parse_args(argv))
+
+
+def test_unknown_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown configuration 'eagre'"):
+        e2e.recipe_for("eagre")
+
+
+def test_a_dead_worker_becomes_an_error_row():
+    row = e2e.parse_result(-9, "noise\n", "loading\nKilled\n", timeout=60)
+    assert "exited with code -9" in row["error"] and "Killed" in row["error"]
+    assert "timed out after 60 s" in e2e.parse_result(None, "", "", timeout=60)["error"]
+    good = e2e.parse_result(0, "banner\n" + e2e.RESULT_MARKER + '{"config": "eager", "seq": 8}\nbye\n', "", 60)
+    assert good == {"config": "eager", "seq": 8}
