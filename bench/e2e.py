@@ -374,7 +374,9 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
 
 def worker_env(args: argparse.Namespace, gpu: int, config: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Workers run in a scratch folder: make PYTHONPATH (e.g. a relative .peers/site) absolute first.
+    paths = [str(ROOT), *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"  # built from configs; nothing to download
     if config == "unsloth":
@@ -384,9 +386,11 @@ def worker_env(args: argparse.Namespace, gpu: int, config: str | None) -> dict[s
     return env
 
 
-def spawn(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+def spawn(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str, str]:
     """Run a worker in its own process group (so Inductor's compile workers die with it on timeout)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -407,18 +411,25 @@ def parse_result(rc: int | None, out: str, err: str, timeout: float) -> dict[str
 
 
 class Runner:
-    """Runs jobs on `--gpus` slots; jobs that need the saved model folder wait until it is written."""
+    """Runs jobs on `--gpus` slots; jobs that need the saved model folder wait until it is written.
 
-    def __init__(self, args: argparse.Namespace, jobs: list[Job], log: list[str]):
-        self.args, self.log, self.rows = args, log, []
+    Workers run in `scratch` (peers write caches into their working directory), which also holds the
+    model folder. Each finished row goes to `on_row` at once, so a run cut short keeps what it measured.
+    """
+
+    def __init__(self, args: argparse.Namespace, jobs: list[Job], scratch: Path, on_row):
+        self.args, self.scratch, self.on_row = args, scratch, on_row
+        self.rows: list[dict[str, Any]] = []
+        self.log: list[str] = []
         self.lock = threading.Lock()
         self.todo: queue.Queue[Job] = queue.Queue()
         for job in sorted(jobs, key=lambda j: recipe_for(j.config).needs_folder):
             self.todo.put(job)
         self.total = len(jobs)
+        self.deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
         self.folder_ready = threading.Event()
         self.folder_error: str | None = None
-        self.model_dir = args.model_dir
+        self.model_dir = str(Path(args.model_dir).resolve()) if args.model_dir else str(scratch / "model")
         # On the CPU the folder's users fail before loading it (they need CUDA), so it is not written.
         self.needs_save = (
             args.device == "cuda" and args.model_dir is None and any(recipe_for(j.config).needs_folder for j in jobs)
@@ -436,9 +447,14 @@ class Runner:
         return self.rows
 
     def _execute(self, cmd: list[str], gpu: int, config: str | None, name: str) -> dict[str, Any]:
+        timeout = self.args.timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout < 1:
+                return {"error": "not run: --time-limit reached"}
         start = time.perf_counter()
-        rc, out, err = spawn(cmd, worker_env(self.args, gpu, config), self.args.timeout)
-        result = parse_result(rc, out, err, self.args.timeout)
+        rc, out, err = spawn(cmd, worker_env(self.args, gpu, config), self.scratch, timeout)
+        result = parse_result(rc, out, err, timeout)
         result["wall_s"] = round(time.perf_counter() - start, 1)
         with self.lock:
             self.log.append(f"### {name} (slot {gpu}, rc={rc})\n$ {' '.join(cmd)}\n" + "\n".join(err.splitlines()[-80:]))
@@ -446,7 +462,6 @@ class Runner:
 
     def _slot(self, gpu: int) -> None:
         if gpu == 0 and self.needs_save:
-            self.model_dir = tempfile.mkdtemp(prefix="e2e_model_")
             result = self._execute(worker_command(self.args, None, self.model_dir), gpu, None, "save model folder")
             self.folder_error = result.get("error")
             _progress(f"model folder {self.model_dir}: " + (self.folder_error or f"saved in {result.get('save_s')} s"))
@@ -459,14 +474,15 @@ class Runner:
             if recipe_for(job.config).needs_folder:
                 self.folder_ready.wait()
             if recipe_for(job.config).needs_folder and self.folder_error:
-                row = {"config": job.config, "seq": job.seq, "error": f"model folder not written: {self.folder_error}"}
+                row = {"error": f"model folder not written: {self.folder_error}"}
             else:
                 row = self._execute(worker_command(self.args, job, self.model_dir), gpu, job.config, job.name)
-                row.setdefault("config", job.config)
-                row.setdefault("seq", job.seq)
+            row.setdefault("config", job.config)
+            row.setdefault("seq", job.seq)
             with self.lock:
                 self.rows.append(row)
                 _progress(f"[{len(self.rows)}/{self.total}] {job.name}: {_summary(row)}")
+                self.on_row(self.rows, self.log)
 
 
 def _progress(message: str) -> None:
@@ -588,26 +604,32 @@ def run_parent(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    log: list[str] = []
-    runner = Runner(args, jobs, log)
+    order = {(j.config, j.seq): i for i, j in enumerate(jobs)}
+    title = f"{args.model} ({args.layers or MODELS[args.model]['num_hidden_layers']} layers), batch {args.batch}, {env['gpu'] or args.device}"
+
+    def write(rows: list[dict[str, Any]], log: list[str]) -> str:
+        rows = sorted(rows, key=lambda r: order[(r["config"], r["seq"])])
+        for row in rows:
+            row.update(env, gpu=row.get("gpu") or env["gpu"])
+        write_jsonl(out_dir / "e2e.jsonl", rows)
+        table = render_table(rows, env, args)
+        plot_note = plot_peaks(rows, out_dir / "e2e_peak_memory.png", title)
+        (out_dir / "e2e.md").write_text(table + (f"\n{plot_note}\n" if plot_note else "\n![peak memory](e2e_peak_memory.png)\n"))
+        (out_dir / "e2e.log").write_text("\n\n".join(log) + "\n")
+        return table
+
+    scratch = Path(tempfile.mkdtemp(prefix="e2e_"))
+    runner = Runner(args, jobs, scratch, write)
     try:
         rows = runner.run()
     finally:
-        if runner.needs_save and runner.model_dir and not args.keep_model_dir:
+        if args.keep_scratch:
+            _progress(f"scratch folder kept: {scratch}")
+        else:
             import shutil
 
-            shutil.rmtree(runner.model_dir, ignore_errors=True)
-    order = {(j.config, j.seq): i for i, j in enumerate(jobs)}
-    rows.sort(key=lambda r: order[(r["config"], r["seq"])])
-    for row in rows:
-        row.update(env, gpu=row.get("gpu") or env["gpu"])
-    write_jsonl(out_dir / "e2e.jsonl", rows)
-    table = render_table(rows, env, args)
-    title = f"{args.model} ({args.layers or MODELS[args.model]['num_hidden_layers']} layers), batch {args.batch}, {env['gpu'] or args.device}"
-    plot_note = plot_peaks(rows, out_dir / "e2e_peak_memory.png", title)
-    (out_dir / "e2e.md").write_text(table + (f"\n{plot_note}\n" if plot_note else "\n![peak memory](e2e_peak_memory.png)\n"))
-    (out_dir / "e2e.log").write_text("\n\n".join(log) + "\n")
-    print(table, flush=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(write(rows, runner.log), flush=True)
     return 0
 
 
@@ -629,8 +651,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lowmem", action="append", default=[], metavar="NAME=JSON", help="add or change a lowmem variant")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
     p.add_argument("--model-dir", default=None, help="a saved folder of the same model to reuse (bnb, unsloth)")
-    p.add_argument("--keep-model-dir", action="store_true", help="do not delete the temporary model folder")
+    p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder (model folder, worker caches)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run; later jobs become error rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)

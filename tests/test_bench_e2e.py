@@ -115,3 +115,16 @@ def test_a_dead_worker_becomes_an_error_row():
     assert "timed out after 60 s" in e2e.parse_result(None, "", "", timeout=60)["error"]
     good = e2e.parse_result(0, "banner\n" + e2e.RESULT_MARKER + '{"config": "eager", "seq": 8}\nbye\n', "", 60)
     assert good == {"config": "eager", "seq": 8}
+
+
+def test_time_limit_turns_the_rest_into_error_rows(tmp_path):
+    """A run that must end inside a fixed window kills the worker in flight and still writes every row."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--model", "small",
+        "--configs", "eager,eager_gc", "--seqs", "32", "--time-limit", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["eager", "eager_gc"]
+    assert "timed out" in rows[0]["error"] and rows[1]["error"] == "not run: --time-limit reached"
