@@ -10,9 +10,10 @@ Importing registers the backend "lowmem" (an installed package also registers it
 from __future__ import annotations
 
 from .options import Options
+from .quantize import NF4Linear, quantize_
 from .report import Report, last_report
 
-__all__ = ["Options", "Report", "last_report", "reset", "BACKEND_NAME"]
+__all__ = ["Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear"]
 __version__ = "0.1.0"
 
 BACKEND_NAME = "lowmem"

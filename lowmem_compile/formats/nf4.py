@@ -4,8 +4,8 @@ The weight [N, K] is flattened row-major and cut into blocks of `blocksize` (64)
 keeps one fp32 absmax, each element the index of the nearest of 16 code values (the quantiles of a
 normal distribution, scaled to [-1, 1]) to x / absmax. Two indices share a byte, the first element in
 the high nibble. A last, partial block gets its own absmax; an odd element count is padded by one
-zero nibble. Dequantization is code[index] * absmax in fp32, then cast, as bitsandbytes does it, so
-both libraries produce bit-identical 16-bit weights.
+nibble (the code of 0.0). Dequantization is code[index] * absmax in fp32, then cast, as bitsandbytes
+does it, so both libraries produce bit-identical 16-bit weights.
 
 Bytes: N*K/2 for the codes plus 4*ceil(N*K/blocksize) for the absmax (0.5625 bytes an element
 at block 64, against 2 in bf16: 3.56x less).
@@ -55,9 +55,9 @@ def quantize(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> tuple[
     scaled = (padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
     code = code_table(flat.device)
     bounds = (code[:-1] + code[1:]) / 2
+    if n % 2:  # the spare low nibble holds the code of 0.0 (index 7), as bitsandbytes writes it
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
     index = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
-    if n % 2:
-        index = torch.nn.functional.pad(index, (0, 1))
     return (index[0::2] << 4) | index[1::2], absmax
 
 

@@ -1,15 +1,42 @@
 """NF4 pass: lowers linear layers whose frozen weight is stored in NF4 to `lowmem::nf4_linear`.
 
-Hook only for now: it matches nothing and reports zero.
+Runs on the Dynamo graph, before AOTAutograd. What it matches: a bitsandbytes `Linear4bit` reaches
+Dynamo as one `autograd_function_apply` higher-order op whose forward body calls
+`bitsandbytes::gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+absmax_offset)` and whose backward body dequantizes W and multiplies. The pass reads the operands of
+that call (packed weight, absmax or nested absmax + code + offset, bias) back to the op's inputs and
+replaces the whole op by one `nf4_linear` node, whose autograd saves only the resident packed weight.
+Layers made by `quantize_` already call `nf4_linear`; they are counted, not rewritten.
+
+Invariants: the graph computes the same function (the dequantized W is bit-identical to bitsandbytes');
+a site it cannot take (FP4, an unexpected body, a non-float activation) keeps its bitsandbytes op and
+is listed in `NF4Stats.skipped` with the reason. Counts: layers lowered (including `quantize_` ones),
+bytes of the weight in 16 bits (`bytes_before`) and in NF4 as stored (`bytes_after`).
 """
 
 from __future__ import annotations
+
+import math
+import operator
 
 import torch
 
 from ..options import Options
 from ..report import NF4Stats
 from . import CompileContext, GraphPass
+
+_GEMM_4BIT = "bitsandbytes::gemm_4bit"
+_BODY_OK = {"view", "reshape", torch._C._set_grad_enabled}
+
+
+def _is_op(node: torch.fx.Node, qualname: str) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.name == qualname
+
+
+def _nbytes(node) -> int:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 class LinearNF4Pass(GraphPass):
@@ -20,4 +47,98 @@ class LinearNF4Pass(GraphPass):
         return options.nf4 != "off"
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> NF4Stats:
-        return NF4Stats()
+        if ctx.options.nf4 == "quantize":
+            raise ValueError(
+                "lowmem option nf4='quantize' is not supported: a compiler backend receives the 16-bit weights "
+                "as graph inputs owned by the model, so it can neither free them nor change them without "
+                "breaking Dynamo's guards. Call lowmem_compile.quantize_(model) before torch.compile, "
+                "then compile with nf4='auto'."
+            )
+        self.lowered, self.skipped, self.before, self.after = 0, [], 0, 0
+        self._seen: set[torch.fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.higher_order.autograd_function_apply:
+                self._lower_bnb(gm, node)
+            elif node.target is torch.ops.lowmem.nf4_linear.default or node.target is torch.ops.lowmem.nf4_linear:
+                self._count(node.args[1], node.args[2:3] + tuple(node.args[6:]), node.args[3])
+        return NF4Stats(lowered=self.lowered, bytes_before=self.before, bytes_after=self.after, skipped=self.skipped)
+
+    def _count(self, packed, others, shape) -> None:
+        self.lowered += 1
+        if packed in self._seen:  # one weight used at several sites is stored once
+            return
+        self._seen.add(packed)
+        self.before += 2 * math.prod(int(s) for s in shape)
+        self.after += _nbytes(packed) + sum(_nbytes(t) for t in others)
+
+    def _lower_bnb(self, gm: torch.fx.GraphModule, hop: torch.fx.Node) -> None:
+        fwd_body = getattr(gm, hop.args[0].target)
+        gemms = [n for n in fwd_body.graph.nodes if _is_op(n, _GEMM_4BIT)]
+        if not gemms:
+            return  # some other autograd.Function
+        site = f"{hop.name} ({hop.meta.get('stack_trace', '').strip().splitlines()[-1:] or ['?']})"
+        reason = self._why_not(fwd_body, gemms, hop)
+        if reason:
+            self.skipped.append(f"{site}: {reason}; kept the bitsandbytes op")
+            return
+        gemm = gemms[0]
+        placeholders = [n for n in fwd_body.graph.nodes if n.op == "placeholder"]
+        outer = dict(zip(placeholders, hop.args[2:]))
+
+        def resolve(value):
+            while isinstance(value, torch.fx.Node) and value.op == "call_method":
+                value = value.args[0]  # a view of a placeholder: the op takes the packed bytes in any shape
+            return outer[value] if isinstance(value, torch.fx.Node) else value
+
+        names = [a.name for a in gemm.target._schema.arguments]
+        arg = {**dict(zip(names, gemm.args)), **gemm.kwargs}
+        nested = arg.get("absmax_8bit") is not None
+        absmax, absmax2, code2, offset = (
+            (arg["absmax_8bit"], arg["absmax"], arg["absmax_code"], arg["absmax_offset"]) if nested
+            else (arg["absmax"], None, None, None)
+        )
+        shape = [int(s) for s in arg["shapeB"]]
+        args = (resolve(arg["A"]), resolve(arg["B"]), resolve(absmax), shape, int(arg["blocksize"]),
+                resolve(arg.get("bias")), resolve(absmax2), resolve(code2), resolve(offset))
+        getitems = list(hop.users)
+        with gm.graph.inserting_before(hop):
+            new = gm.graph.call_function(torch.ops.lowmem.nf4_linear.default, args)
+        new.meta = dict(getitems[0].meta)
+        for g in getitems:
+            g.replace_all_uses_with(new)
+            gm.graph.erase_node(g)
+        bodies = hop.args[:2]
+        gm.graph.erase_node(hop)
+        for body in bodies:
+            if not body.users:
+                gm.graph.erase_node(body)
+                gm.delete_submodule(body.target)
+        self._count(args[1], [a for a in (args[2], *args[6:]) if a is not None], shape)
+
+    @staticmethod
+    def _why_not(fwd_body: torch.fx.GraphModule, gemms: list[torch.fx.Node], hop: torch.fx.Node) -> str | None:
+        if len(gemms) != 1:
+            return f"{len(gemms)} gemm_4bit calls in one autograd function"
+        gemm = gemms[0]
+        names = [a.name for a in gemm.target._schema.arguments]
+        arg = {**dict(zip(names, gemm.args)), **gemm.kwargs}
+        if arg.get("quant_type") != "nf4":
+            return f"quant_type {arg.get('quant_type')!r} (only nf4 is lowered)"
+        others = [n for n in fwd_body.graph.nodes if n.op in ("call_function", "call_method") and n is not gemm]
+        if any(n.target not in _BODY_OK for n in others):
+            return "the autograd function does more than gemm_4bit: " + ", ".join(str(n.target) for n in others)
+        out = next(n for n in fwd_body.graph.nodes if n.op == "output").args[0]
+        if not (isinstance(out, tuple) and out and isinstance(out[0], tuple) and list(out[0]) == [gemm]):
+            return "its output is not the gemm_4bit result"
+        if len(arg.get("shapeB", ())) != 2 or any(not isinstance(s, int) for s in arg["shapeB"]):
+            return f"weight shape {arg.get('shapeB')!r} is not a constant [N, K]"
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in hop.users):
+            return "its result is used other than as output 0"
+        x = arg["A"].meta.get("example_value") if isinstance(arg["A"], torch.fx.Node) else None
+        if x is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return f"activation dtype {getattr(x, 'dtype', None)} (bf16, fp16, fp32 only)"
+        if not hop.users:
+            return "its result is unused"
+        return None

@@ -1,0 +1,109 @@
+"""`quantize_(model)`: store the frozen weights of linear layers in NF4, in place.
+
+Each selected `nn.Linear` is swapped for an :class:`NF4Linear` that holds the packed weight and its
+(optionally double-quantized) absmax as buffers and calls `torch.ops.lowmem.nf4_linear`, so the op
+is already in the graph Dynamo captures and every backend (lowmem, inductor, eager) runs it. The
+16-bit weight is dropped. Trainable layers are never touched; under peft LoRA the frozen base layer
+is quantized and the adapters stay in 16 bits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .formats.nf4 import DEFAULT_BLOCKSIZE, NF4Weight
+from .ops import nf4 as _nf4_ops  # noqa: F401  (registers torch.ops.lowmem.nf4_linear)
+
+#: Layers left alone unless named by `include`: the LM head and anything tied to an embedding.
+_DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
+_TENSORS = ("packed", "absmax", "absmax2", "code2", "offset")
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight; `bias` (if any) keeps its dtype and trainability."""
+
+    def __init__(self, weight: NF4Weight, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(f"weight_{name}", tensor)
+        self.bias = bias
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        tensors = {n: getattr(self, f"weight_{n}", None) for n in _TENSORS}
+        return NF4Weight(shape=(self.out_features, self.in_features), blocksize=self.blocksize,
+                         dtype=self.weight_dtype, **tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lowmem.nf4_linear(
+            x, self.weight_packed, self.weight_absmax, [self.out_features, self.in_features], self.blocksize,
+            self.bias, getattr(self, "weight_absmax2", None), getattr(self, "weight_code2", None),
+            getattr(self, "weight_offset", None),
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The 16-bit weight the NF4 codes stand for (for export or merging adapters)."""
+        return self.nf4_weight.dequantize()
+
+    def extra_repr(self) -> str:
+        nested = hasattr(self, "weight_absmax2")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={nested}")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_(
+    model: nn.Module,
+    *,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = True,
+    include: Iterable[str] | Callable[[str, nn.Linear], bool] | None = None,
+    exclude: Iterable[str] = (),
+) -> dict[str, int]:
+    """Replace frozen `nn.Linear` weights of `model` by NF4 storage, in place.
+
+    `include`: glob patterns of module names (or a predicate `(name, module) -> bool`) that select
+    layers; default all frozen linears except the LM head and embeddings, which only an explicit
+    pattern selects. `exclude`: glob patterns never quantized. A linear whose weight requires grad is
+    never quantized. Returns {"layers", "bytes_before", "bytes_after"}.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
+    if isinstance(include, str):
+        include = (include,)
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or module.weight.requires_grad or _matches(name, exclude):
+            continue
+        if callable(include):
+            picked = include(name, module)
+        elif include is not None:
+            picked = _matches(name, include)
+        else:
+            picked = not _matches(name, _DEFAULT_EXCLUDE)
+        if picked:
+            if not module.weight.is_floating_point() or module.weight.dtype == torch.float64:
+                raise ValueError(f"quantize_: layer {name!r} has a {module.weight.dtype} weight; NF4 needs fp32/fp16/bf16")
+            chosen.append(name)
+    stats = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        weight = NF4Weight.from_float(linear.weight.data, blocksize, double_quant)
+        stats["layers"] += 1
+        stats["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
+        stats["bytes_after"] += weight.nbytes()
+        setattr(parent, child, NF4Linear(weight, linear.bias))
+        linear.weight = None  # drop our reference to the 16-bit copy
+    return stats
