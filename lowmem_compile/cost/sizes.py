@@ -1,8 +1,18 @@
-"""Sizes of graph values in bytes, concrete or symbolic."""
+"""Sizes of graph values in bytes, concrete or symbolic.
+
+A size is a sympy expression in the shape symbols of the graph (`s0`, `s1`, ...) when Dynamo made a
+dimension dynamic and a plain int otherwise, so one liveness simulation answers "how much at
+sequence length N" for every N. Views share their base's storage: :func:`storage_root` maps a value
+to the node that owns the bytes, so a view is never counted twice.
+"""
 
 from __future__ import annotations
 
+import operator
+
+import sympy
 import torch
+import torch.fx
 
 
 def size_hint(value: int | torch.SymInt) -> int:
@@ -18,3 +28,36 @@ def size_hint(value: int | torch.SymInt) -> int:
 def tensor_bytes(val: torch.Tensor) -> int:
     """Bytes of a (possibly symbolic) tensor's elements at the example inputs' sizes."""
     return size_hint(val.numel()) * val.element_size()
+
+
+def sym_bytes(val: torch.Tensor) -> sympy.Expr:
+    """Bytes of a tensor's elements as a sympy expression of the graph's shape symbols."""
+    numel = val.numel()
+    expr = numel.node.expr if isinstance(numel, torch.SymInt) else sympy.Integer(int(numel))
+    return sympy.expand(expr * val.element_size())
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """True when the op's result aliases its first input (no new storage)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def storage_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The node that owns the storage `node`'s value lives in (itself unless it is a view)."""
+    while is_view(node) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
+    """The fake tensor a node produces, or None for non-tensor values (tuples, symbols, None)."""
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def is_getitem(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem

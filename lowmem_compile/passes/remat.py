@@ -1,23 +1,72 @@
 """The partition function: splits AOTAutograd's joint graph into forward and backward graphs and
-decides what the forward saves for the backward.
+decides, from the memory cost model, which forward values are saved and which are recomputed.
 
 Runs inside AOTAutograd (Inductor calls it through `config.custom_partitioner_fn`; the eager inner
-compiler passes it as `partition_fn`). For now it delegates the choice to the stock min-cut
-partitioner and measures what that saves; the cost-model planner replaces the delegation.
+compiler passes it as `partition_fn`). The splitting itself is torch's min-cut partitioner; this pass
+steers it with the checkpoint tags that partitioner honours (`MUST_SAVE`, `MUST_RECOMPUTE`, the same
+tags `torch.utils.checkpoint` policies set), then predicts the step's peak with
+`cost.liveness.simulate_step` and picks a plan:
+
+* `none`: the stock plan, unchanged (it already recomputes cheap pointwise chains);
+* `full`: inside each repeated layer (a `ModuleList` element) everything is recomputed and only the
+  layer's inputs are saved, like per-layer gradient checkpointing;
+* `auto`: the candidate plans are the stock plan, `full`, and the stock plan with the first k saved
+  values forced to recompute, in order of recompute seconds per byte freed (a greedy knapsack). Of
+  the plans whose predicted peak fits the budget it takes the one with the least added time; when
+  none fits, the lowest peak, with a warning. The candidate set does not depend on the budget, so a
+  lower budget never yields a higher predicted peak.
+
+User `torch.utils.checkpoint` regions keep their own tags; random, mutating and effectful ops are
+never forced to recompute. Invariant: whatever the tags, the partition is torch's, so gradients are
+exact; only memory and time change.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch.utils.checkpoint import CheckpointPolicy
 
-from ..cost.sizes import tensor_bytes
+from ..cost import liveness, sizes, timing
+from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
+from ..cost.sizes import is_getitem, is_view, storage_root, tensor_bytes, tensor_val
+from ..cost.timing import DeviceRates, node_flops, node_time, rates_for
 from ..options import Options
 from ..report import GraphReport, RematStats
 from ..sources import source_hash
+
+#: Share of free device memory left unplanned when no budget is given (allocator slack, workspaces).
+FREE_MEMORY_MARGIN = 0.10
+#: Fractions of the candidates' saved bytes forced to recompute in the `auto` plan family.
+AUTO_STEPS = (0.25, 0.5, 0.75, 1.0)
+_LAYER_RE = re.compile(r"[.\[]\d+\]?(?=$|[.\[])")
+
+
+@dataclass
+class Plan:
+    """One partition of the joint graph and what the cost model predicts for it."""
+
+    name: str
+    num_fwd_outputs: int
+    fw: torch.fx.GraphModule
+    bw: torch.fx.GraphModule
+    memory: StepMemory
+    saved_names: list[str]
+    recomputed: list[str]
+    added_flops: int
+    added_seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.memory.peak
 
 
 def saved_values(fw_module: torch.fx.GraphModule, num_fwd_outputs: int) -> list[torch.fx.Node]:
@@ -27,24 +76,248 @@ def saved_values(fw_module: torch.fx.GraphModule, num_fwd_outputs: int) -> list[
     return [n for n in saved if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
+def _forward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Joint-graph nodes that do not depend on an incoming gradient: the forward computation."""
+    backward: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            backward.add(node)
+        elif any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    return {n for n in graph.nodes if n not in backward and n.op == "call_function"}
+
+
+def _can_force_recompute(node: torch.fx.Node) -> bool:
+    """Ops we may tag MUST_RECOMPUTE: functional, deterministic, untagged by the user, tensor-valued."""
+    if "recompute" in node.meta or is_getitem(node):
+        return False
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return all(isinstance(v, torch.Tensor) or v is None for v in vals) and any(isinstance(v, torch.Tensor) for v in vals)
+
+
+def _recompute_unit(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes to tag to recompute `node`: a multi-output op goes with its getitems."""
+    return [node] + [u for u in node.users if is_getitem(u)]
+
+
+def layer_of(node: torch.fx.Node) -> str | None:
+    """The repeated layer (outermost indexed module, e.g. `model.layers.3`) a forward node runs in."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = str(list(stack.values())[-1][0])
+    match = _LAYER_RE.search(path)
+    return path[: match.end()] if match else None
+
+
+class _Planner:
+    """Partitions one joint graph under tag sets and scores each result with the cost model."""
+
+    def __init__(self, gm, joint_inputs, kwargs, *, fused: bool, rates: DeviceRates) -> None:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        self.gm, self.joint_inputs, self.kwargs = gm, joint_inputs, kwargs
+        self.fused, self.rates = fused, rates
+        self.forward = _forward_nodes(gm.graph)
+        self.forward_names = {n.name for n in self.forward}
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+
+    def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
+        graph = torch.fx.Graph()
+        graph._codegen = self.gm.graph._codegen
+        out, old_output = graph.graph_copy(self.gm.graph, {}, return_output_node=True)
+        graph.output(out).meta = dict(old_output.meta)
+        joint = torch.fx.GraphModule(self.gm, graph)
+        for node in joint.graph.nodes:
+            if node.name in tags:
+                node.meta["recompute"] = tags[node.name]
+        fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
+        num_out = self.kwargs["num_fwd_outputs"]
+        memory = simulate_step(fw, bw, num_out, fused=self.fused)
+        recomputed = [
+            n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
+        ]
+        recomputed = [n for n in recomputed if not is_getitem(n)]
+        return Plan(
+            name=name,
+            num_fwd_outputs=num_out,
+            fw=fw,
+            bw=bw,
+            memory=memory,
+            saved_names=[n.name for n in saved_values(fw, num_out)],
+            recomputed=[n.name for n in recomputed],
+            added_flops=sum(node_flops(n) for n in recomputed),
+            added_seconds=sum(node_time(n, self.rates) for n in recomputed),
+        )
+
+    def full_tags(self) -> dict[str, CheckpointPolicy]:
+        """Recompute everything inside each layer; save what flows into a layer from outside it."""
+        tags: dict[str, CheckpointPolicy] = {}
+        for node in self.forward:
+            layer = layer_of(node)
+            if layer is None:
+                continue
+            if _can_force_recompute(node):
+                for n in _recompute_unit(node):
+                    tags[n.name] = CheckpointPolicy.MUST_RECOMPUTE
+        for node in self.forward:
+            layer = layer_of(node)
+            for user in node.users:
+                if user in self.forward and layer_of(user) not in (None, layer) and "recompute" not in node.meta:
+                    tags[node.name] = CheckpointPolicy.MUST_SAVE
+        return tags
+
+    def candidates(self, stock: Plan) -> list[tuple[float, list[str], int]]:
+        """Values the stock plan saves that could be recomputed: (seconds per byte, tag names, bytes),
+        cheapest recompute per byte freed first."""
+        units: dict[torch.fx.Node, int] = {}
+        for name in stock.saved_names:
+            node = self.by_name.get(name)
+            if node is None or node not in self.forward:
+                continue
+            root = storage_root(node)
+            op = root.args[0] if is_getitem(root) else root
+            if not isinstance(op, torch.fx.Node) or op not in self.forward or not _can_force_recompute(op):
+                continue
+            val = tensor_val(root)
+            units[op] = units.get(op, 0) + (tensor_bytes(val) if val is not None else 0)
+        out = []
+        for op, nbytes in units.items():
+            if nbytes > 0:
+                out.append((node_time(op, self.rates) / nbytes, [n.name for n in _recompute_unit(op)], nbytes))
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return sorted(out, key=lambda c: (c[0], order[self.by_name[c[1][0]]]))
+
+    def auto_family(self, stock: Plan) -> list[Plan]:
+        """Stock with growing prefixes of the candidates recomputed, plus `full`."""
+        cands = self.candidates(stock)
+        total = sum(c[2] for c in cands)
+        plans, done, tags, acc, i = [], set(), {}, 0, 0
+        for step in AUTO_STEPS:
+            while i < len(cands) and acc < step * total:
+                tags.update({n: CheckpointPolicy.MUST_RECOMPUTE for n in cands[i][1]})
+                acc += cands[i][2]
+                i += 1
+            if i and i not in done:
+                done.add(i)
+                plans.append(self.partition(f"auto[{i}/{len(cands)}]", dict(tags)))
+        plans.append(self.partition("full", self.full_tags()))
+        return plans
+
+
+def choose(plans: list[Plan], budget: int | None) -> tuple[Plan, str | None]:
+    """The plan with the least added time whose peak fits `budget`; the lowest peak if none fits
+    (then also a message saying by how much it misses)."""
+    if budget is None:
+        return plans[0], None
+    fitting = [p for p in plans if p.peak <= budget]
+    if fitting:
+        return min(fitting, key=lambda p: (p.added_seconds, p.peak)), None
+    best = min(plans, key=lambda p: (p.peak, p.added_seconds))
+    miss = best.peak - budget
+    return best, (
+        f"memory budget {budget / 2**30:.2f} GiB is infeasible: the lowest predicted peak is "
+        f"{best.peak / 2**30:.2f} GiB (plan {best.name}), {miss / 2**30:.2f} GiB over"
+    )
+
+
+def _device_of(joint_inputs: Sequence[object]) -> torch.device:
+    for x in joint_inputs:
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+            return x.device
+    return torch.device("cpu")
+
+
+def _host_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class RematPartitioner(CustomPartitionerFn):
-    """Forward/backward split for one compiled graph; records what it saved in the graph's report."""
+    """Forward/backward split for one compiled graph; records its plan in the graph's report."""
 
     def __init__(self, options: Options, report: GraphReport) -> None:
         self.options = options
         self.report = report
+        self.plans: list[Plan] = []
+        """The chosen plan of every joint graph partitioned, for inspection and tests."""
+
+    def budget(self, device: torch.device) -> tuple[int | None, str]:
+        """The peak to fit, in bytes, and where it comes from."""
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            budget = self.options.budget_bytes(total)
+            if budget is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                usable = free + torch.cuda.memory_reserved(device)
+                return int(usable * (1 - FREE_MEMORY_MARGIN)), "free device memory less a margin"
+            return budget, "memory_budget"
+        return self.options.budget_bytes(_host_memory()), "memory_budget"
 
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         kwargs.setdefault("compiler", "inductor")
-        fw_module, bw_module = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        saved = saved_values(fw_module, kwargs["num_fwd_outputs"])
+        device = _device_of(joint_inputs)
+        budget, budget_source = self.budget(device)
+        planner = _Planner(gm, joint_inputs, kwargs, fused=self.options.inner == "inductor", rates=rates_for(device))
+        policy = self.options.remat
+        notes: list[str] = []
+        if policy == "full":
+            plans = [planner.partition("full", planner.full_tags())]
+        else:
+            plans = [planner.partition("none", {})]
+            if policy == "auto" and budget is not None and plans[0].peak > budget:
+                plans += planner.auto_family(plans[0])
+        plan, miss = choose(plans, budget if policy == "auto" else None)
+        if miss:
+            warnings.warn(f"lowmem remat: {miss}", stacklevel=2)
+            notes.append(miss)
+        if budget is not None and plan.peak > budget and policy != "auto":
+            notes.append(f"remat={policy} plan peaks at {plan.peak / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget")
+        notes.append(
+            f"plan {plan.name} of {len(plans)} evaluated; recompute adds ~{plan.added_seconds * 1e3:.2f} ms "
+            f"({plan.added_flops / 1e9:.1f} GFLOP){'; budget from ' + budget_source if budget is not None else ''}"
+        )
+        longest = self._longest_sequence(plan, budget, notes)
+        self.plans.append(plan)
         self.report.add(
             "remat",
-            RematStats(policy="none", saved_bytes=sum(tensor_bytes(n.meta["val"]) for n in saved)),
+            RematStats(
+                policy=policy,
+                saved_bytes=plan.memory.saved,
+                predicted_peak_bytes=plan.peak,
+                recomputed=len(plan.recomputed),
+                added_flops=plan.added_flops,
+                added_seconds=plan.added_seconds,
+                budget_bytes=budget,
+                longest_fitting_seq=longest,
+                notes=notes,
+            ),
         )
-        return fw_module, bw_module
+        return plan.fw, plan.bw
+
+    def _longest_sequence(self, plan: Plan, budget: int | None, notes: list[str]) -> int | None:
+        """With a symbolic sequence length, the longest one whose predicted peak fits the budget."""
+        if budget is None:
+            return None
+        memory = simulate_step(plan.fw, plan.bw, plan.num_fwd_outputs, fused=self.options.inner == "inductor", symbolic=True)
+        answer = longest_fitting(memory.peak_exprs, budget, shape_hints(plan.fw))
+        if answer is None:
+            return None
+        symbol, length = answer
+        notes.append(f"longest {symbol} within budget for this plan: {length}")
+        return length
 
     def uuid(self) -> str:
-        return source_hash(RematPartitioner, extra=self.options.cache_key())
+        extra = self.options.cache_key()
+        if self.options.memory_budget is None and torch.cuda.is_available():
+            extra += f"|free={torch.cuda.mem_get_info()[0] >> 30}GiB"
+        return source_hash(sys.modules[__name__], sizes, timing, liveness, extra=extra)

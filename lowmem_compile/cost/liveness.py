@@ -1,0 +1,272 @@
+"""Liveness simulation of one training step: the partitioned forward, then the backward.
+
+Memory is counted per storage (a view shares its base's bytes) and per node step: a node's result is
+allocated when it runs and freed after the last node that reads it, or of any view of it. On top of
+the **resident** bytes (every forward input: weights, frozen or not, and the batch) the step holds:
+
+* forward: transient activations, then the user outputs and the values saved for the backward;
+* backward: the saved values (each freed after its last use, as AOTAutograd clears them), the user
+  outputs (the caller still holds them), the incoming gradients, transient values and recomputed
+  forward values, and the gradients of trainable parameters (kept to the end).
+
+With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
+its inputs instead live until its readers run. Sizes are ints at the example shapes, or, with
+`symbolic=True`, sympy expressions too, so `peak(seq)` can be solved for a budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+
+from .sizes import is_getitem, is_view, storage_root, sym_bytes, tensor_bytes, tensor_val
+from .timing import is_fusible
+
+
+@dataclass
+class StepMemory:
+    """Predicted memory of one forward + backward step, in bytes."""
+
+    resident: int
+    saved: int
+    """Bytes of the storages the forward keeps for the backward (not counting resident inputs)."""
+    forward_peak: int
+    backward_peak: int
+    peak_exprs: list[sympy.Expr] = field(default_factory=list)
+    """Resident plus live bytes at every step, as expressions (only with `symbolic=True`)."""
+    saved_expr: sympy.Expr | None = None
+
+    @property
+    def peak(self) -> int:
+        return self.resident + max(self.forward_peak, self.backward_peak)
+
+
+class _Sizes:
+    """Bytes of a tensor as an int, and as a sympy expression when asked."""
+
+    def __init__(self, symbolic: bool) -> None:
+        self.symbolic = symbolic
+
+    def of(self, val: torch.Tensor | None) -> tuple[int, sympy.Expr]:
+        if val is None:
+            return 0, sympy.Integer(0)
+        return tensor_bytes(val), sym_bytes(val) if self.symbolic else sympy.Integer(0)
+
+
+def _virtual(node: torch.fx.Node, outputs: set[torch.fx.Node], fused: bool) -> bool:
+    """True when Inductor would fuse `node` into its readers instead of writing it to memory."""
+    if not fused or node in outputs or node.op != "call_function" or is_getitem(node) or not node.users:
+        return False
+    return is_fusible(node) and all(u.op == "call_function" and is_fusible(u) for u in node.users)
+
+
+def _last_need(graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: set[torch.fx.Node], fused: bool):
+    """For every node, the step after which nothing needs its storage any more."""
+    end = len(order)
+    need: dict[torch.fx.Node, int] = {}
+    for node in reversed(graph.nodes):
+        if node.op == "output":
+            continue
+        last = end if node in outputs else order[node]
+        for user in node.users:
+            if user.op == "output":
+                continue
+            passthrough = is_view(user) or _virtual(user, outputs, fused)
+            last = max(last, need[user] if passthrough else order[user])
+        need[node] = last
+    return need
+
+
+def _run(
+    graph: torch.fx.Graph,
+    sizes: _Sizes,
+    *,
+    fused: bool,
+    preallocated: dict[torch.fx.Node, tuple[int, sympy.Expr]],
+    keep: set[torch.fx.Node],
+    exprs: list[sympy.Expr] | None,
+    base_expr: sympy.Expr,
+    siblings: dict[torch.fx.Node, list[torch.fx.Node]] | None = None,
+) -> int:
+    """Walk `graph` once; return its peak live bytes (above resident). `preallocated` placeholders are
+    live at the start; `keep` roots are never freed here (they outlive the graph); `siblings` maps a
+    placeholder to other placeholders that view the same storage (it lives until they are all dead)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    output = graph.find_nodes(op="output")[0]
+    outputs = {a for a in torch.fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(a, torch.fx.Node)}
+    outputs = {a for o in outputs for a in (o, storage_root(o))}
+    need = _last_need(graph, order, outputs, fused)
+    frees: dict[int, list[torch.fx.Node]] = {}
+    live_int, live_expr, peak = 0, sympy.Integer(0), 0
+    owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
+    for node in nodes:
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            alloc = preallocated.get(node)
+        elif is_view(node) or _virtual(node, outputs, fused):
+            alloc = None
+        else:
+            alloc = _alloc(node, sizes)
+        if alloc is not None:
+            owned[node] = alloc
+            live_int += alloc[0]
+            if sizes.symbolic:
+                live_expr += alloc[1]
+            extra = (siblings or {}).get(node, [])
+            root_need = max(need[a] for a in [node] + _aliases(node) + extra)
+            if node not in keep:
+                frees.setdefault(max(root_need, order[node]), []).append(node)
+        peak = max(peak, live_int)
+        if exprs is not None:
+            exprs.append(base_expr + live_expr)
+        for dead in frees.pop(order[node], []):
+            live_int -= owned[dead][0]
+            if sizes.symbolic:
+                live_expr -= owned[dead][1]
+    return peak
+
+
+def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Views of `node`, transitively (their readers keep its storage alive)."""
+    out, stack = [], [u for u in node.users if is_view(u)]
+    while stack:
+        v = stack.pop()
+        out.append(v)
+        stack.extend(u for u in v.users if is_view(u))
+    return out
+
+
+def _alloc(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr] | None:
+    """Bytes a call produces. A multi-output op's elements are counted at their getitems, except the
+    ones nobody reads, which are transient at the op itself."""
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        read = {u.args[1] for u in node.users if is_getitem(u)}
+        parts = [sizes.of(v) for i, v in enumerate(val) if isinstance(v, torch.Tensor) and i not in read]
+        return (sum(p[0] for p in parts), sum((p[1] for p in parts), sympy.Integer(0))) if parts else None
+    return sizes.of(tensor_val(node)) if isinstance(val, torch.Tensor) else None
+
+
+def simulate_step(
+    fw: torch.fx.GraphModule,
+    bw: torch.fx.GraphModule,
+    num_fwd_outputs: int,
+    *,
+    fused: bool,
+    symbolic: bool = False,
+) -> StepMemory:
+    """Predict the memory of forward `fw` then backward `bw` as partitioned by AOTAutograd."""
+    sizes = _Sizes(symbolic)
+    fw_inputs = fw.graph.find_nodes(op="placeholder")
+    resident = [sizes.of(tensor_val(p)) for p in fw_inputs]
+    resident_int = sum(r[0] for r in resident)
+    resident_expr = sum((r[1] for r in resident), sympy.Integer(0))
+    fw_out = fw.graph.find_nodes(op="output")[0].args[0]
+    fw_by_name = {n.name: n for n in fw.graph.nodes}
+    user_roots = {storage_root(o) for o in fw_out[:num_fwd_outputs] if isinstance(o, torch.fx.Node)}
+    saved_roots = {storage_root(o) for o in fw_out[num_fwd_outputs:] if isinstance(o, torch.fx.Node)}
+    user_roots = {r for r in user_roots if r.op != "placeholder" and tensor_val(r) is not None}
+    saved_roots = {r for r in saved_roots if r.op != "placeholder" and tensor_val(r) is not None}
+    exprs: list[sympy.Expr] | None = [] if symbolic else None
+
+    fw_peak = _run(
+        fw.graph, sizes, fused=fused, preallocated={}, keep=user_roots | saved_roots, exprs=exprs, base_expr=resident_expr
+    )
+
+    # Backward: saved values arrive as placeholders named like their forward nodes.
+    held = {r: sizes.of(tensor_val(r)) for r in user_roots}
+    held_int = sum(h[0] for h in held.values())
+    held_expr = sum((h[1] for h in held.values()), sympy.Integer(0))
+    pre: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
+    first_view: dict[torch.fx.Node, torch.fx.Node] = {}
+    siblings: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for p in bw.graph.find_nodes(op="placeholder"):
+        if tensor_val(p) is None:
+            continue
+        fw_node = fw_by_name.get(p.name)
+        if fw_node is None:  # an incoming gradient (tangent)
+            pre[p] = sizes.of(tensor_val(p))
+            continue
+        root = storage_root(fw_node)
+        if root.op == "placeholder" or root in user_roots:
+            continue  # resident, or held by the caller anyway
+        if root in first_view:  # another view of a storage already counted: extend its lifetime
+            siblings[first_view[root]].append(p)
+            continue
+        first_view[root] = p
+        siblings[p] = []
+        pre[p] = sizes.of(tensor_val(root))
+    bw_peak = _run(
+        bw.graph,
+        sizes,
+        fused=fused,
+        preallocated=pre,
+        keep=set(),
+        exprs=exprs,
+        base_expr=resident_expr + held_expr,
+        siblings=siblings,
+    )
+    saved = [sizes.of(tensor_val(r)) for r in saved_roots - user_roots]
+    return StepMemory(
+        resident=resident_int,
+        saved=sum(s[0] for s in saved),
+        forward_peak=fw_peak,
+        backward_peak=held_int + bw_peak,
+        peak_exprs=exprs or [],
+        saved_expr=sum((s[1] for s in saved), sympy.Integer(0)) if symbolic else None,
+    )
+
+
+#: Upper end of the search for the longest sequence (2**24 tokens is far past any device).
+_MAX_LENGTH = 2**24
+
+
+def shape_hints(fw: torch.fx.GraphModule) -> dict[sympy.Symbol, int]:
+    """The example value of every shape symbol of the graph (empty when all shapes are static)."""
+    for p in fw.graph.find_nodes(op="placeholder"):
+        env = getattr(getattr(tensor_val(p), "fake_mode", None), "shape_env", None)
+        if env is not None:
+            return {s: int(v) for s, v in env.var_to_val.items()}
+    return {}
+
+
+def peak_at(exprs: list[sympy.Expr], values: dict[sympy.Symbol, int]) -> int:
+    """The predicted peak with every shape symbol set: the largest step total."""
+    return max(int(e.subs(values)) for e in exprs)
+
+
+def longest_fitting(
+    exprs: list[sympy.Expr], budget: int, hints: dict[sympy.Symbol, int]
+) -> tuple[sympy.Symbol, int] | None:
+    """Solve max_i exprs_i(s) <= budget for the largest integer s, where s is the sequence symbol
+    (the only shape symbol, or the one with the largest example value in `hints`; the others keep
+    their example values). None when the sizes are static or not even s = 1 fits."""
+    distinct = list({sympy.expand(e) for e in exprs})
+    symbols = set().union(*(e.free_symbols for e in distinct)) if distinct else set()
+    if not symbols:
+        return None
+    missing = symbols - set(hints)
+    if missing:
+        raise ValueError(f"no example value for the shape symbols {sorted(map(str, missing))}")
+    seq = max(symbols, key=lambda s: (hints[s], str(s)))
+    fixed = {s: hints[s] for s in symbols if s is not seq}
+    polys = [sympy.Poly(e.subs(fixed), seq) for e in distinct]
+    # each step total is a sum of tensor sizes, polynomials in s with non-negative coefficients,
+    # hence non-decreasing: bisect on the integers.
+    def fits(n: int) -> bool:
+        return max(p.eval(n) for p in polys) <= budget
+
+    if not fits(1):
+        return None
+    lo, hi = 1, _MAX_LENGTH
+    if fits(hi):
+        return seq, hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return seq, lo
