@@ -10,10 +10,11 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 #: Distributions whose versions go into every record (None where absent).
 PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth", "unsloth_zoo")
@@ -70,3 +71,52 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def run_process_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str, str]:
+    """(returncode, stdout, stderr) of `cmd` run in its own process group, so that on timeout (returncode
+    None) its children (Inductor's compile workers, say) are killed with it."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def grouped_bar_plot(
+    groups: Sequence[str], series: Mapping[str, Mapping[str, float | str]], path: Path, title: str, ylabel: str
+) -> str | None:
+    """A PNG with a bar per series in each group; a string value marks that bar failed.
+
+    Returns None, or why there is no plot (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups)), 4.5))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        heights = [v if isinstance(v, (int, float)) else 0.0 for v in (values.get(g, 0.0) for g in groups)]
+        ax.bar(xs, heights, width, label=label)
+        for x, group, height in zip(xs, groups, heights):
+            failed = isinstance(values.get(group), str)
+            text = "failed" if failed else f"{height:.0f}" if group in values else ""
+            ax.text(x, height, text, ha="center", va="bottom", fontsize=7, rotation=90 if failed else 0)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

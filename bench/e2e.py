@@ -30,9 +30,7 @@ import argparse
 import json
 import os
 import queue
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package and tests.models import
     sys.path.insert(0, str(ROOT))
 
-from bench._common import default_out_dir, environment, markdown_table, write_jsonl  # noqa: E402
+from bench._common import (  # noqa: E402
+    default_out_dir,
+    environment,
+    grouped_bar_plot,
+    markdown_table,
+    run_process_group,
+    write_jsonl,
+)
 
 RESULT_MARKER = "E2E_RESULT "
 GIB = 2**30
@@ -237,7 +242,8 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
     elif recipe.loader == "bnb":
         model = load_bnb(args, recipe)
     else:
-        model = add_lora(build_model(llama_config(args.model, args.layers, seq), args.device, args.seed), recipe.checkpointing)
+        config = llama_config(args.model, args.layers, seq)
+        model = add_lora(build_model(config, args.device, args.seed), recipe.checkpointing)
     model.train()
     import torch
 
@@ -386,20 +392,6 @@ def worker_env(args: argparse.Namespace, gpu: int, config: str | None) -> dict[s
     return env
 
 
-def spawn(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str, str]:
-    """Run a worker in its own process group (so Inductor's compile workers die with it on timeout)."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return None, out, err
-
-
 def parse_result(rc: int | None, out: str, err: str, timeout: float) -> dict[str, Any]:
     """The worker's JSON line, or an error row saying how the process ended."""
     for line in reversed(out.splitlines()):
@@ -453,11 +445,12 @@ class Runner:
             if timeout < 1:
                 return {"error": "not run: --time-limit reached"}
         start = time.perf_counter()
-        rc, out, err = spawn(cmd, worker_env(self.args, gpu, config), self.scratch, timeout)
+        rc, out, err = run_process_group(cmd, worker_env(self.args, gpu, config), self.scratch, timeout)
         result = parse_result(rc, out, err, timeout)
         result["wall_s"] = round(time.perf_counter() - start, 1)
         with self.lock:
-            self.log.append(f"### {name} (slot {gpu}, rc={rc})\n$ {' '.join(cmd)}\n" + "\n".join(err.splitlines()[-80:]))
+            tail = "\n".join(err.splitlines()[-80:])
+            self.log.append(f"### {name} (slot {gpu}, rc={rc})\n$ {' '.join(cmd)}\n{tail}")
         return result
 
     def _slot(self, gpu: int) -> None:
@@ -501,13 +494,18 @@ def _summary(row: dict[str, Any]) -> str:
     return f"{memory}{row['tokens_per_s']} tok/s, loss {row['last_loss']:.4f}, first step {row['first_step_s']} s"
 
 
+def _peak_or_error(row: dict[str, Any]) -> float | str:
+    return row["error"] if row.get("error") else row.get("peak_steps_bytes", 0) / GIB
+
+
 def _ratio(value: float | None, base: float | None) -> str | None:
     return None if value is None or not base else f"{value / base:.2f}x"
 
 
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
-    header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "tokens/s", "vs eager", "first step s", "last loss", "error"]
+    header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "tokens/s", "vs eager"]
+    header += ["first step s", "last loss", "error"]
     body = []
     for r in rows:
         b = base.get(r["seq"], {})
@@ -536,38 +534,6 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
         "First step includes compilation.\n\n"
     )
     return intro + markdown_table(header, body)
-
-
-def plot_peaks(rows: list[dict[str, Any]], path: Path, title: str) -> str | None:
-    """A grouped bar plot of peak memory per config and length; returns why not, if it cannot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    seqs = sorted({r["seq"] for r in rows})
-    width = 0.8 / len(seqs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(configs)), 4.5))
-    for k, seq in enumerate(seqs):
-        by_config = {r["config"]: r for r in rows if r["seq"] == seq}
-        xs = [i + (k - (len(seqs) - 1) / 2) * width for i in range(len(configs))]
-        values = [(by_config.get(c, {}).get("peak_steps_bytes") or 0) / GIB for c in configs]
-        ax.bar(xs, values, width, label=f"seq {seq}")
-        for x, c, v in zip(xs, configs, values):
-            failed = c in by_config and by_config[c].get("error")
-            ax.text(x, v, "failed" if failed else f"{v:.0f}", ha="center", va="bottom", fontsize=7, rotation=90 if failed else 0)
-    ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels(configs, rotation=30, ha="right")
-    ax.set_ylabel("peak allocated over timed steps (GiB)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
 
 
 def lowmem_variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -600,12 +566,13 @@ def run_parent(args: argparse.Namespace) -> int:
         if name.startswith("lowmem") and name not in variants:
             raise SystemExit(f"lowmem variant {name!r} has no options; add --lowmem {name}='{{...}}'")
         recipe_for(name)
-    jobs = [Job(c, s, variants.get(c) if c.startswith("lowmem") else None) for s in args.seq_list for c in args.config_list]
+    jobs = [Job(c, s, variants.get(c)) for s in args.seq_list for c in args.config_list]
     out_dir = Path(args.out) if args.out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     order = {(j.config, j.seq): i for i, j in enumerate(jobs)}
-    title = f"{args.model} ({args.layers or MODELS[args.model]['num_hidden_layers']} layers), batch {args.batch}, {env['gpu'] or args.device}"
+    layers = args.layers or MODELS[args.model]["num_hidden_layers"]
+    title = f"{args.model} ({layers} layers), batch {args.batch}, {env['gpu'] or args.device}"
 
     def write(rows: list[dict[str, Any]], log: list[str]) -> str:
         rows = sorted(rows, key=lambda r: order[(r["config"], r["seq"])])
@@ -613,8 +580,20 @@ def run_parent(args: argparse.Namespace) -> int:
             row.update(env, gpu=row.get("gpu") or env["gpu"])
         write_jsonl(out_dir / "e2e.jsonl", rows)
         table = render_table(rows, env, args)
-        plot_note = plot_peaks(rows, out_dir / "e2e_peak_memory.png", title)
-        (out_dir / "e2e.md").write_text(table + (f"\n{plot_note}\n" if plot_note else "\n![peak memory](e2e_peak_memory.png)\n"))
+        plot_note = "no peak-memory figures (CPU or every config failed): no plot"
+        if any(r.get("peak_steps_bytes") for r in rows):
+            plot_note = grouped_bar_plot(
+                groups=list(dict.fromkeys(r["config"] for r in rows)),
+                series={
+                    f"seq {seq}": {r["config"]: _peak_or_error(r) for r in rows if r["seq"] == seq}
+                    for seq in sorted({r["seq"] for r in rows})
+                },
+                path=out_dir / "e2e_peak_memory.png",
+                title=title,
+                ylabel="peak allocated over timed steps (GiB)",
+            )
+        plot_line = plot_note or "![peak memory](e2e_peak_memory.png)"
+        (out_dir / "e2e.md").write_text(f"{table}\n{plot_line}\n")
         (out_dir / "e2e.log").write_text("\n\n".join(log) + "\n")
         return table
 
@@ -634,7 +613,7 @@ def run_parent(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated configurations")
     p.add_argument("--seqs", default="2048", help="comma-separated sequence lengths (a worker per config and length)")
     p.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
@@ -653,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", default=None, help="a saved folder of the same model to reuse (bnb, unsloth)")
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder (model folder, worker caches)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run; later jobs become error rows")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run, then error rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
@@ -663,7 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--seqs {args.seqs!r}: write comma-separated integers like 2048,8192")
     args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for value, flag in ((args.batch, "--batch"), (args.steps, "--steps"), (args.gpus, "--gpus"), *((s, "--seqs") for s in args.seq_list)):
+    counts = [(args.batch, "--batch"), (args.steps, "--steps"), (args.gpus, "--gpus")]
+    for value, flag in counts + [(s, "--seqs") for s in args.seq_list]:
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.warmup < 1:

@@ -128,3 +128,31 @@ def test_time_limit_turns_the_rest_into_error_rows(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     assert [r["config"] for r in rows] == ["eager", "eager_gc"]
     assert "timed out" in rows[0]["error"] and rows[1]["error"] == "not run: --time-limit reached"
+
+
+def _fake_rows():
+    gib = 2**30
+    return [
+        {"config": "eager", "seq": 8, "peak_steps_bytes": 10 * gib, "tokens_per_s": 100.0, "last_loss": 11.5},
+        {"config": "lowmem", "seq": 8, "peak_steps_bytes": 4 * gib, "tokens_per_s": 150.0, "last_loss": 11.5},
+        {"config": "unsloth", "seq": 8, "error": "ImportError: no module named unsloth"},
+    ]
+
+
+def test_table_compares_with_eager_at_the_same_length():
+    args = e2e.parse_args(["--model", "small"])
+    env = {"gpu": "GPU X", "python": "3.12", "versions": {"torch": "2.11"}, "date": "2026-01-01"}
+    table = e2e.render_table(_fake_rows(), env, args)
+    assert "| lowmem | 8 | 4.00 | 0.40x |  | 150.0 | 1.50x |" in table
+    assert "ImportError: no module named unsloth" in table and "GPU X" in table and "torch 2.11" in table
+
+
+def test_peak_memory_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench._common import grouped_bar_plot
+
+    rows = _fake_rows()
+    series = {"seq 8": {r["config"]: e2e._peak_or_error(r) for r in rows}}
+    path = tmp_path / "plot.png"
+    assert grouped_bar_plot([r["config"] for r in rows], series, path, "title", "GiB") is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
