@@ -70,15 +70,16 @@ def _load_kv(base, sbase, offs_n, n_ok, offs_j, stride_n, stride_d, stride_sn,
 
 @triton.jit
 def _apply_mask(s, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
-    """Scores in log2 units with a bool (1) or additive (2) mask tile applied; finite additive
-    values are clamped at -1e30 so that a row masked by finfo.min stays uniform, as in eager."""
+    """Scores in log2 units with a bool (1) or additive (2) mask tile applied; an additive entry
+    below -1e29 (HF's finfo.min) sets the score to -1024 (natural units), as ops/attention.py says."""
     ok = m_ok[:, None] & n_ok[None, :]
     ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
     if MASK_KIND == 1:
         s = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, s, float("-inf"))
     if MASK_KIND == 2:
         add = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        s += tl.where(add == float("-inf"), add, tl.maximum(add, -1e30)) * 1.4426950408889634
+        masked = tl.where(add == float("-inf"), add, -1024.0 * 1.4426950408889634)
+        s = tl.where(add < -1e29, masked, s + add * 1.4426950408889634)
     return s
 
 

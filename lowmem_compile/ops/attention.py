@@ -31,6 +31,10 @@ from .library import define_op
 
 #: Bytes of fp32 scores a reference chunk may hold (all heads together).
 _CHUNK_BYTES = 2**28
+#: An additive mask entry below _HUGE (HF writes finfo.min) sets the score to _MASKED instead of
+#: adding: a row so masked everywhere then averages every key, as eager softmax does, while lse
+#: stays exact (-3.4e38 + log n would round to -3.4e38); exp(_MASKED - max) is 0 in fp32 otherwise.
+_HUGE, _MASKED = -1e29, -1024.0
 
 
 def _check(q, k, v, mask, causal, kv_bits) -> None:
@@ -68,7 +72,11 @@ def _scores(qc, k, mask, causal, scale, rows, hq):
     s = torch.matmul(qc, k.transpose(-1, -2)) * scale
     if mask is not None:
         m = _mask_rows(mask, b, hq, rows, sk, hkv)
-        s = torch.where(m, s, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        if m.dtype == torch.bool:
+            s = torch.where(m, s, float("-inf"))
+        else:
+            m = m.float()
+            s = torch.where(m < _HUGE, torch.where(torch.isneginf(m), m, _MASKED), s + m)
     if causal:
         i = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(-1)
         s = s.masked_fill(torch.arange(sk, device=s.device) > i, float("-inf"))
@@ -173,7 +181,7 @@ def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
 def _cuda(q, k, v, mask=None, *, causal, scale, kv_bits):
     from ..codegen import attention_kv4
 
-    if not attention_kv4.supports(q.shape[-1]):
+    if not attention_kv4.supports(q.shape[-1], q.dtype):
         return _reference(q, k, v, mask, causal=causal, scale=scale, kv_bits=kv_bits)
     _check(q, k, v, mask, causal, kv_bits)
     return attention_kv4.forward(q, k, v, mask, causal, scale, kv_bits)
@@ -194,7 +202,7 @@ def _bwd_fake(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, c
 def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
     from ..codegen import attention_kv4
 
-    if not attention_kv4.supports(q.shape[-1]):
+    if not attention_kv4.supports(q.shape[-1], q.dtype):
         return _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal=causal, scale=scale, kv_bits=kv_bits)
     return attention_kv4.backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal, scale, kv_bits)
 

@@ -1,0 +1,256 @@
+"""K/V format, `lowmem::attention` reference and Triton kernels against a float64 attention.
+
+Bars: kv16 relative error < 1e-2 for O, dQ, dK, dV (fp16/bf16 level); kv4 cosine >= 0.99 for O and
+>= 0.98 for the gradients; kv8 cosine >= 0.999. Kernels run under Triton's interpreter on CPU in
+fp16 and fp32 (bf16 dots are wrong there) and must equal the reference op to fp16 rounding.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowmem_compile.formats import kv4
+from lowmem_compile.ops import attention as ops
+
+from .models import rel_err
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def _inputs(b, hq, hkv, s, d, dtype, sk=None, seed=0):
+    """Random q, k, v; k carries a per-channel offset (what smoothing removes) like RoPE'd keys."""
+    g = torch.Generator().manual_seed(seed)
+    sk = s if sk is None else sk
+    q = torch.randn(b, hq, s, d, generator=g)
+    k = torch.randn(b, hkv, sk, d, generator=g) + 2 * torch.randn(d, generator=g)
+    v = torch.randn(b, hkv, sk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _mask(kind, b, hq, s, sk):
+    g = torch.Generator().manual_seed(1)
+    if kind == "bool":
+        return torch.rand(b, 1, s, sk, generator=g) > 0.3
+    if kind == "additive":
+        keep = torch.rand(b, hq, s, sk, generator=g) > 0.3
+        return torch.where(keep, torch.randn(b, hq, s, sk, generator=g) * 0.1, torch.finfo(torch.float32).min)
+    if kind == "padding":
+        m = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        m[0, ..., : sk // 3] = False
+        return m
+    return None
+
+
+def _float64_reference(q, k, v, mask, causal, scale, grad_out):
+    """SDPA's math in float64 on repeated K/V: (O, dQ, dK, dV)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ kr.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    o = p @ vr
+    return (o, *torch.autograd.grad(o, (q, k, v), grad_out.double()))
+
+
+def _op(q, k, v, mask, causal, scale, bits, grad_out):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = torch.ops.lowmem.attention(q, k, v, mask, causal=causal, scale=scale, kv_bits=bits)[0]
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+# ---- format ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d, group", [(16, 8), (64, 32), (80, 40), (96, 48), (128, 32)])
+def test_group_size(d, group):
+    assert kv4.group_size(d) == group and (d // 2) % group == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d", [64, 96])
+def test_quantize_roundtrip_within_half_a_step(bits, d):
+    x = torch.randn(2, 3, 17, d) * 3 + 1
+    codes, scales = kv4.quantize(x, bits, torch.float16)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == kv4.code_cols(d, bits)
+    assert scales.shape == (2, 3, 17, d // kv4.group_size(d), 2) and scales.dtype == torch.float16
+    back = kv4.dequantize(codes, scales, bits)
+    step = scales[..., 0].float().repeat_interleave(kv4.group_size(d), -1)
+    # half a step of rounding plus the fp16 rounding of min and step times the largest code
+    assert ((back - x).abs() <= 0.5 * step + 2**-10 * (x.abs() + (2**bits - 1) * step) + 1e-6).all()
+
+
+def test_pack4_is_split_by_halves():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = kv4.pack4(codes)
+    assert torch.equal(packed[:, 3] & 15, codes[:, 3]) and torch.equal(packed[:, 3] >> 4, codes[:, 35])
+    assert torch.equal(kv4.unpack4(packed), codes)
+
+
+def test_smoothing_leaves_attention_unchanged():
+    q, k, v = _inputs(1, 2, 1, 9, 16, torch.float64)
+    a, _ = ops.attend(q, k, v, None, True, 0.25)
+    b, _ = ops.attend(q, kv4.smooth(k).double(), v, None, True, 0.25)
+    assert rel_err(a, b) < 1e-6
+
+
+def test_bytes_kept_at_4_bits():
+    assert kv4.row_bytes(128, 4) / kv4.row_bytes(128, 16) == 0.3125
+
+
+def test_bad_inputs_raise():
+    q, k, v = _inputs(1, 3, 2, 8, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="no multiple"):
+        torch.ops.lowmem.attention(q, k, v, None, causal=False, scale=1.0, kv_bits=16)
+    q, k, v = _inputs(1, 2, 1, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="kv_bits"):
+        torch.ops.lowmem.attention(q, k, v, None, causal=False, scale=1.0, kv_bits=3)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        torch.ops.lowmem.attention(q, k, v, torch.ones(8, 8, dtype=torch.long), causal=False, scale=1.0, kv_bits=4)
+
+
+# ---- reference op against float64 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_kind, causal", [(None, True), ("bool", False), ("additive", False), ("padding", True)])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_reference_op_accuracy(mask_kind, causal, bits):
+    q, k, v = _inputs(2, 4, 2, 33, 64, torch.float32)
+    mask = _mask(mask_kind, 2, 4, 33, 33)
+    grad_out = torch.randn(q.shape)
+    scale = 1 / math.sqrt(64)
+    want = _float64_reference(q, k, v, mask, causal, scale, grad_out)
+    got = _op(q, k, v, mask, causal, scale, bits, grad_out)
+    for name, a, b in zip("O dQ dK dV".split(), got, want):
+        if bits == 16:
+            assert rel_err(a, b) < 1e-5, name
+        else:
+            bar = {8: 0.999, 4: 0.99 if name == "O" else 0.98}[bits]
+            assert _cos(a, b) >= bar, (name, _cos(a, b))
+
+
+def test_fully_masked_row_gives_zero():
+    q, k, v = _inputs(1, 2, 2, 6, 16, torch.float32)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 2, :] = False
+    out, lse = torch.ops.lowmem.attention(q, k, v, mask, causal=False, scale=0.25, kv_bits=16)[:2]
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and torch.isinf(lse[:, :, 2]).all()
+
+
+def test_kv4_keeps_kv_at_kv_heads_and_in_4_bits():
+    q, k, v = _inputs(1, 8, 2, 40, 64, torch.bfloat16)
+    out, lse, kq, ks, vq, vs = torch.ops.lowmem.attention(q, k, v, None, causal=True, scale=0.125, kv_bits=4)
+    kept = sum(t.numel() * t.element_size() for t in (kq, ks, vq, vs))
+    assert kq.shape[:3] == (1, 2, 40) and kept / (2 * k.numel() * 2) == 0.3125
+
+
+def test_fake_impl_with_symbolic_sizes():
+    q, k, v = _inputs(1, 4, 2, 24, 32, torch.float32)
+    f = torch.compile(lambda q, k, v: torch.ops.lowmem.attention(q, k, v, None, causal=True, scale=0.1, kv_bits=4)[0], backend="eager", dynamic=True, fullgraph=True)
+    for s in (24, 31):
+        q, k, v = _inputs(1, 4, 2, s, 32, torch.float32)
+        assert rel_err(f(q, k, v), torch.ops.lowmem.attention(q, k, v, None, causal=True, scale=0.1, kv_bits=4)[0]) < 1e-6
+
+
+# ---- Triton kernels (interpreter on CPU) -------------------------------------------------------
+
+
+def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=None):
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    sk = s if sk is None else sk
+    q, k, v = _inputs(b, hq, hkv, s, d, dtype, sk=sk, seed=s + d)
+    mask = _mask(mask_kind, b, hq, s, sk)
+    scale = 1 / math.sqrt(d)
+    grad_out = torch.randn(q.shape).to(dtype)
+    ref = ops._reference(q, k, v, mask, causal=causal, scale=scale, kv_bits=bits)
+    got = kern.forward(q, k, v, mask, causal, scale, bits)
+    saved = (k, got[3], v, got[5]) if bits == 16 else got[2:]
+    ref_saved = (k, ref[3], v, ref[5]) if bits == 16 else ref[2:]
+    ref_grads = ops._bwd_reference(grad_out, q, *ref_saved, ref[0], ref[1], mask, causal=causal, scale=scale, kv_bits=bits)
+    grads = kern.backward(grad_out, q, *saved, got[0], got[1], mask, causal, scale, bits)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    if bits != 16:
+        assert torch.equal(got[2], ref[2]) or (got[2] != ref[2]).float().mean() < 1e-3
+    assert rel_err(got[0], ref[0]) < tol
+    finite = torch.isfinite(ref[1])
+    assert torch.equal(finite, torch.isfinite(got[1])) and rel_err(got[1][finite], ref[1][finite]) < tol
+    for name, a, r in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert rel_err(a, r) < 2 * tol, name
+
+
+@pytest.mark.parametrize(
+    "bits, causal, mask_kind",
+    [(16, True, None), (4, True, None), (8, True, "padding"), (4, False, "bool"), (16, False, "additive"), (4, False, "additive")],
+)
+def test_kernel_matches_reference_fp16(bits, causal, mask_kind):
+    _kernel_vs_reference(1, 4, 2, 45, 64, torch.float16, bits, causal, mask_kind)
+
+
+def test_kernel_fp32_exact_kv16():
+    _kernel_vs_reference(2, 2, 1, 37, 64, torch.float32, 16, True, None)
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    s=st.integers(1, 70),
+    d=st.sampled_from([32, 80, 96, 128]),
+    group=st.sampled_from([1, 2, 4]),
+    bits=st.sampled_from([16, 4]),
+    causal=st.booleans(),
+)
+def test_kernel_odd_shapes(s, d, group, bits, causal):
+    _kernel_vs_reference(1, 2 * group, 2, s, d, torch.float16, bits, causal, None)
+
+
+def test_kernel_cross_attention_lengths():
+    _kernel_vs_reference(1, 2, 1, 19, 64, torch.float16, 4, False, "bool", sk=50)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d", [64, 96])
+def test_quantize_kernel_is_bit_exact(bits, d):
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    x = (torch.randn(2, 2, 37, d) * 2 + 1).half()
+    codes, scales = kern.quantize(x, bits, smooth=True)
+    want_codes, want_scales = kv4.quantize(kv4.smooth(x), bits, torch.float16)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+
+
+# ---- GPU: bf16 at real shapes ------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_gpu_bf16_against_float64(bits, d):
+    q, k, v = (t.cuda() for t in _inputs(2, 8, 2, 1000, d, torch.bfloat16))
+    grad_out = torch.randn(q.shape, device="cuda").bfloat16()
+    scale = 1 / math.sqrt(d)
+    want = _float64_reference(q, k, v, None, True, scale, grad_out)
+    got = _op(q, k, v, None, True, scale, bits, grad_out)
+    for name, a, b in zip("O dQ dK dV".split(), got, want):
+        if bits == 16:
+            assert rel_err(a, b) < 1e-2, name
+        else:
+            assert _cos(a, b) >= {8: 0.999, 4: 0.99 if name == "O" else 0.98}[bits], name
+
+
+@pytest.mark.gpu
+def test_gpu_padding_mask_bf16():
+    q, k, v = (t.cuda() for t in _inputs(2, 8, 2, 777, 128, torch.bfloat16))
+    mask = _mask("padding", 2, 8, 777, 777).cuda()
+    grad_out = torch.randn(q.shape, device="cuda").bfloat16()
+    want = _float64_reference(q, k, v, mask, True, 0.088, grad_out)
+    got = _op(q, k, v, mask, True, 0.088, 16, grad_out)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-2
