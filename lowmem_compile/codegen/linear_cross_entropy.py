@@ -112,7 +112,7 @@ def linear_cross_entropy(
     grad_bias: bool,
     return_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss (fp32, 0-d), logits [..., V] or empty, and the requested gradients (others empty).
+    """Loss (fp32, 0-d), logits [..., V] or empty, and the requested gradients (the others empty).
 
     Arguments are checked by the op (`ops/linear_cross_entropy.py`) before this runs.
     """
@@ -122,7 +122,6 @@ def linear_cross_entropy(
     if not h.is_contiguous():
         h = h.contiguous()
     labels = labels.contiguous()
-    empty = h.new_empty(0)
     write_grad = grad_hidden or grad_weight or grad_bias
 
     if reduction == "mean":
@@ -131,13 +130,14 @@ def linear_cross_entropy(
         scale = torch.ones((), dtype=torch.float32, device=h.device)
 
     chunk = max(1, min(chunk_tokens, tokens))
+    block_v = _block_v(vocab)
     z_buf = h.new_empty(chunk, vocab)
     row_loss = torch.empty(chunk, dtype=torch.float32, device=h.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    logits = h.new_empty(tokens, vocab) if return_logits else empty
-    dh = torch.empty_like(h) if grad_hidden else empty
-    dw = torch.zeros_like(weight) if grad_weight else empty
-    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if grad_bias else empty
+    logits = h.new_empty(tokens, vocab) if return_logits else h.new_empty(0)
+    dh = torch.empty_like(h) if grad_hidden else h.new_empty(0)
+    dw = torch.zeros_like(weight) if grad_weight else h.new_empty(0)
+    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if grad_bias else h.new_empty(0)
 
     for start in range(0, tokens, chunk):
         end = min(start + chunk, tokens)
@@ -161,7 +161,8 @@ def linear_cross_entropy(
             SOFTCAP=softcap is not None,
             STORE_LOGITS=return_logits,
             WRITE_GRAD=write_grad,
-            BLOCK_V=_block_v(vocab),
+            BLOCK_V=block_v,
+            num_warps=8 if block_v >= 2048 else 4,
         )
         loss_sum += row_loss[: end - start].sum()
         if grad_hidden:

@@ -91,11 +91,10 @@ def _reference(hidden, weight, bias, labels, ignore_index, reduction, softcap, c
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     scale = 1.0 / valid.sum(dtype=torch.float32) if reduction == "mean" else torch.ones((), device=h.device)
-    empty = h.new_empty(0)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     logits, dh = [], []
-    dw = torch.zeros_like(weight) if grad_weight else empty
-    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if grad_bias else empty
+    dw = torch.zeros_like(weight) if grad_weight else hidden.new_empty(0)
+    db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if grad_bias else hidden.new_empty(0)
     for start in range(0, h.shape[0], chunk_tokens):
         h_c, y, ok = h[start : start + chunk_tokens], safe[start : start + chunk_tokens], valid[start : start + chunk_tokens]
         z = torch.nn.functional.linear(h_c, weight, bias).float()  # logits rounded to the model dtype, as stock
@@ -117,8 +116,8 @@ def _reference(hidden, weight, bias, labels, ignore_index, reduction, softcap, c
                 dw.addmm_(g.t(), h_c)
             if grad_bias:
                 db += g.sum(0, dtype=torch.float32)
-    out_logits = torch.cat(logits).view(*hidden.shape[:-1], vocab) if return_logits else empty
-    out_dh = torch.cat(dh).view(hidden.shape) if grad_hidden else empty
+    out_logits = torch.cat(logits).view(*hidden.shape[:-1], vocab) if return_logits else hidden.new_empty(0)
+    out_dh = torch.cat(dh).view(hidden.shape) if grad_hidden else hidden.new_empty(0)
     return loss * scale, out_logits, out_dh, dw, db.to(bias.dtype) if grad_bias else db
 
 
@@ -135,13 +134,12 @@ def _cuda(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk_
 def _fake(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk_tokens,
           grad_hidden, grad_weight, grad_bias, return_logits):  # fmt: skip
     _check(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk_tokens)
-    empty = hidden.new_empty(0)
     return (
         hidden.new_empty((), dtype=torch.float32),
-        hidden.new_empty((*hidden.shape[:-1], weight.shape[0])) if return_logits else empty,
-        torch.empty_like(hidden) if grad_hidden else empty,
-        torch.empty_like(weight) if grad_weight else empty,
-        torch.empty_like(bias) if grad_bias else empty,
+        hidden.new_empty((*hidden.shape[:-1], weight.shape[0])) if return_logits else hidden.new_empty(0),
+        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if grad_bias else hidden.new_empty(0),
     )
 
 
