@@ -6,7 +6,9 @@ Dynamo as one `autograd_function_apply` higher-order op whose forward body calls
 absmax_offset)` and whose backward body dequantizes W and multiplies. The pass reads the operands of
 that call (packed weight, absmax or nested absmax + code + offset, bias) back to the op's inputs and
 replaces the whole op by one `nf4_linear` node, whose autograd saves only the resident packed weight.
-Layers made by `quantize_` already call `nf4_linear`; they are counted, not rewritten.
+A bare `gemm_4bit` (bitsandbytes skips autograd when nothing needs a gradient, e.g. the first layer's
+projections under frozen embeddings) is replaced the same way. Layers made by `quantize_` already
+call `nf4_linear`; they are counted, not rewritten.
 
 Invariants: the graph computes the same function (the dequantized W is bit-identical to bitsandbytes');
 a site it cannot take (FP4, an unexpected body, a non-float activation) keeps its bitsandbytes op and
@@ -39,6 +41,24 @@ def _nbytes(node) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
+def _gemm_args(gemm: torch.fx.Node) -> dict:
+    names = [a.name for a in gemm.target._schema.arguments]
+    return {**dict(zip(names, gemm.args)), **gemm.kwargs}
+
+
+def _nf4_args(gemm: torch.fx.Node, resolve) -> tuple:
+    """`nf4_linear`'s arguments from a `gemm_4bit` call, each value passed through `resolve`."""
+    arg = _gemm_args(gemm)
+    nested = arg.get("absmax_8bit") is not None
+    absmax, absmax2, code2, offset = (
+        (arg["absmax_8bit"], arg["absmax"], arg["absmax_code"], arg["absmax_offset"]) if nested
+        else (arg["absmax"], None, None, None)
+    )
+    shape = [int(s) for s in arg["shapeB"]]
+    return (resolve(arg["A"]), resolve(arg["B"]), resolve(absmax), shape, int(arg["blocksize"]),
+            resolve(arg.get("bias")), resolve(absmax2), resolve(code2), resolve(offset))
+
+
 class LinearNF4Pass(GraphPass):
     name = "linear_nf4"
     section = "nf4"
@@ -61,6 +81,8 @@ class LinearNF4Pass(GraphPass):
                 continue
             if node.target is torch.ops.higher_order.autograd_function_apply:
                 self._lower_bnb(gm, node)
+            elif _is_op(node, _GEMM_4BIT):  # bnb calls gemm_4bit directly when nothing needs a gradient
+                self._lower_gemm(gm, node)
             elif node.target is torch.ops.lowmem.nf4_linear.default or node.target is torch.ops.lowmem.nf4_linear:
                 self._count(node.args[1], node.args[2:3] + tuple(node.args[6:]), node.args[3])
         return NF4Stats(lowered=self.lowered, bytes_before=self.before, bytes_after=self.after, skipped=self.skipped)
@@ -92,16 +114,7 @@ class LinearNF4Pass(GraphPass):
                 value = value.args[0]  # a view of a placeholder: the op takes the packed bytes in any shape
             return outer[value] if isinstance(value, torch.fx.Node) else value
 
-        names = [a.name for a in gemm.target._schema.arguments]
-        arg = {**dict(zip(names, gemm.args)), **gemm.kwargs}
-        nested = arg.get("absmax_8bit") is not None
-        absmax, absmax2, code2, offset = (
-            (arg["absmax_8bit"], arg["absmax"], arg["absmax_code"], arg["absmax_offset"]) if nested
-            else (arg["absmax"], None, None, None)
-        )
-        shape = [int(s) for s in arg["shapeB"]]
-        args = (resolve(arg["A"]), resolve(arg["B"]), resolve(absmax), shape, int(arg["blocksize"]),
-                resolve(arg.get("bias")), resolve(absmax2), resolve(code2), resolve(offset))
+        args = _nf4_args(gemm, resolve)
         getitems = list(hop.users)
         with gm.graph.inserting_before(hop):
             new = gm.graph.call_function(torch.ops.lowmem.nf4_linear.default, args)
@@ -115,15 +128,28 @@ class LinearNF4Pass(GraphPass):
             if not body.users:
                 gm.graph.erase_node(body)
                 gm.delete_submodule(body.target)
-        self._count(args[1], [a for a in (args[2], *args[6:]) if a is not None], shape)
+        self._count(args[1], [a for a in (args[2], *args[6:]) if a is not None], args[3])
+
+    def _lower_gemm(self, gm: torch.fx.GraphModule, gemm: torch.fx.Node) -> None:
+        """A bare `gemm_4bit` in the graph (no autograd around it): same replacement, in place."""
+        arg = _gemm_args(gemm)
+        if arg.get("quant_type") != "nf4":
+            self.skipped.append(f"{gemm.name}: quant_type {arg.get('quant_type')!r} (only nf4 is lowered)")
+            return
+        args = _nf4_args(gemm, lambda v: v)
+        with gm.graph.inserting_before(gemm):
+            new = gm.graph.call_function(torch.ops.lowmem.nf4_linear.default, args)
+        new.meta = dict(gemm.meta)
+        gemm.replace_all_uses_with(new)
+        gm.graph.erase_node(gemm)
+        self._count(args[1], [a for a in (args[2], *args[6:]) if a is not None], args[3])
 
     @staticmethod
     def _why_not(fwd_body: torch.fx.GraphModule, gemms: list[torch.fx.Node], hop: torch.fx.Node) -> str | None:
         if len(gemms) != 1:
             return f"{len(gemms)} gemm_4bit calls in one autograd function"
         gemm = gemms[0]
-        names = [a.name for a in gemm.target._schema.arguments]
-        arg = {**dict(zip(names, gemm.args)), **gemm.kwargs}
+        arg = _gemm_args(gemm)
         if arg.get("quant_type") != "nf4":
             return f"quant_type {arg.get('quant_type')!r} (only nf4 is lowered)"
         others = [n for n in fwd_body.graph.nodes if n.op in ("call_function", "call_method") and n is not gemm]
