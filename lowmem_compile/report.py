@@ -67,6 +67,7 @@ class RematStats:
     predicted_peak_bytes: int | None = _rule(_MAX, None)
     recomputed: int = _rule(_SUM)
     added_flops: int = _rule(_SUM)
+    added_seconds: float = _rule(_SUM, 0.0)
     budget_bytes: int | None = _rule(_LAST, None)
     longest_fitting_seq: int | None = _rule(_LAST, None)
     notes: list[str] = _rule(_CONCAT)
