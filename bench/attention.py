@@ -62,11 +62,22 @@ def _ours(bits, scale):
 
 
 def _sdpa(backend, scale):
+    """SDPA on one backend; GQA through enable_gqa, or K/V repeated inside the step if the backend
+    refuses it (the repeat and its backward are then part of the time, as in HF's masked path)."""
     from torch.nn.attention import sdpa_kernel
+
+    state = {"gqa": True}
 
     def f(q, k, v):
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            if state["gqa"]:
+                try:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                except RuntimeError:
+                    state["gqa"] = False
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
     return f
 
