@@ -26,7 +26,7 @@ def test_lora_parity_with_eager(family, attn, padding):
     model = twin(ref)
     inputs = batch(padding=padding)
     expected = _step(ref, inputs)
-    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "kv16"})
     got = _step(compiled, inputs)
     assert rel_err(got.logits, expected.logits) < TOL
     assert rel_err(got.loss, expected.loss) < TOL
@@ -52,7 +52,7 @@ def test_two_sequence_lengths_compile_boundedly():
 
 def test_inference_under_no_grad():
     ref = tiny_model("qwen2", lora=False)
-    compiled = torch.compile(twin(ref), backend="lowmem", options={"inner": "eager"})
+    compiled = torch.compile(twin(ref), backend="lowmem", options={"inner": "eager", "attention": "kv16"})
     inputs = batch()
     with torch.no_grad():
         expected = ref(input_ids=inputs["input_ids"]).logits
@@ -67,7 +67,7 @@ def test_inductor_llama_parity():
     model = twin(ref)
     inputs = batch(padding=True)
     expected = _step(ref, inputs)
-    got = _step(torch.compile(model, backend="lowmem"), inputs)
+    got = _step(torch.compile(model, backend="lowmem", options={"attention": "kv16"}), inputs)
     assert rel_err(got.loss, expected.loss) < TOL
     ref_grads = trainable_grads(ref)
     for name, g in trainable_grads(model).items():
