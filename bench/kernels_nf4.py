@@ -46,8 +46,8 @@ def _time_ms(fn, graph: bool) -> float:
         with torch.cuda.graph(g):
             for _ in range(20):
                 fn()
-        return triton.testing.do_bench(g.replay, return_mode="median") / 20
-    return triton.testing.do_bench(fn, return_mode="median")
+        return triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median") / 20
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 def _rel(a, b) -> float:
@@ -63,7 +63,8 @@ def _bnb():
     return bnbf
 
 
-def run(device: str, dtype: torch.dtype, shapes, tokens) -> dict:
+def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: None) -> dict:
+    """Rows for every shape; `save` gets the rows so far after each weight (a run cut short keeps them)."""
     bnbf = _bnb() if device == "cuda" else None
     rows, errors = [], []
     for k, n in shapes:
@@ -107,6 +108,7 @@ def run(device: str, dtype: torch.dtype, shapes, tokens) -> dict:
                     row[f"{name}_ms"] = _time_ms(fn, graph=m <= 16)
                 row["ours_vs_cublas"] = row["cublas_ms"] / row["ours_ms"]
                 rows.append(row)
+        save({"rows": rows, "errors": errors})
     return {"rows": rows, "errors": errors, "dequant": _dequant_bandwidth(device, dtype, shapes)}
 
 
@@ -140,15 +142,20 @@ def main() -> None:
         device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (64, 96)], [1, 80]
     else:
         device, dtype, shapes, tokens = "cuda", torch.bfloat16, SHAPES, TOKENS
-    result = run(device, dtype, shapes, tokens)
+    out_dir = os.environ.get("OUT", "bench/results")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save(partial):
+        with open(os.path.join(out_dir, "kernels_nf4.partial.json"), "w") as f:
+            json.dump(partial, f, indent=1)
+
+    result = run(device, dtype, shapes, tokens, save)
     result["meta"] = {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fused_max_m": nf4_matmul.FUSED_MAX_M, "dtype": str(dtype),
     }
-    out_dir = os.environ.get("OUT", "bench/results")
-    os.makedirs(out_dir, exist_ok=True)
     table = _table(result)
     with open(os.path.join(out_dir, "kernels_nf4.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -25,7 +25,7 @@ def _args(q):
 
 
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("shape,blocksize", [((24, 96), 64), ((7, 37), 32), ((16, 256), 128)])
+@pytest.mark.parametrize("shape,blocksize", [((24, 96), 64), ((7, 37), 32), ((16, 256), 128), ((64, 128), 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_dequant_kernel_bit_exact(nested, shape, blocksize, dtype):
     q = _weight(*shape, nested, blocksize)
@@ -35,10 +35,11 @@ def test_dequant_kernel_bit_exact(nested, shape, blocksize, dtype):
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("lead,n,k,bias", [((3, 5), 48, 192, True), ((1,), 40, 1024, False), ((2, 40), 24, 128, True),
+@pytest.mark.parametrize("lead,n,k,bias", [((3, 5), 48, 192, True), ((1,), 40, 1024, True), ((2, 40), 24, 128, False),
                                            ((9,), 20, 100, True)])
 def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
-    """Shapes cover: fused, fused with split reduction (K=1024), dequant+matmul (80 tokens), K % blocksize != 0."""
+    """Shapes cover: fused, fused with split reduction and bias (K=1024), dequant+matmul (80 tokens),
+    K % blocksize != 0. The dequant shapes above cover partial and full (unmasked, (64, 128)) programs."""
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     w64 = q.dequantize(dtype).double()
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
