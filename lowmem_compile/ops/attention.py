@@ -99,7 +99,8 @@ def attend(q, k, v, mask, causal, scale):
     """Exact attention in fp32 (any K/V values): (out in q's dtype, lse fp32 [B, Hq, Sq])."""
     b, hq, sq, d = q.shape
     qg, kg, vg = _grouped(q, k, v)
-    out, lse = torch.empty_like(q), q.new_empty(b, hq, sq, dtype=torch.float32)
+    # contiguous outputs, as the fake impl declares (empty_like would copy q's transposed strides)
+    out, lse = q.new_empty(q.shape), q.new_empty(b, hq, sq, dtype=torch.float32)
     step = _chunk(q, k.shape[2])
     for start in range(0, sq, step):
         rows = slice(start, min(start + step, sq))
@@ -131,7 +132,8 @@ def attend_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
         dq[:, :, :, rows] = torch.matmul(ds, kg) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, rows]).sum(2) * scale
         dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
-    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # contiguous, as the fake impl declares (empty_like/zeros_like keep q's and k's transposed strides)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq.reshape(q.shape), q), (dk, k), (dv, v)))
 
 
 def quantize_kv(k, v, kv_bits):
@@ -140,7 +142,8 @@ def quantize_kv(k, v, kv_bits):
         empty = k.new_empty(0)
         return empty, empty, empty.clone(), empty.clone()
     sdt = kv4.scale_dtype(k.dtype)
-    return (*kv4.quantize(kv4.smooth(k), kv_bits, sdt), *kv4.quantize(v, kv_bits, sdt))
+    packed = (*kv4.quantize(kv4.smooth(k), kv_bits, sdt), *kv4.quantize(v, kv_bits, sdt))
+    return tuple(t.contiguous() for t in packed)  # the fake impl declares contiguous outputs
 
 
 def _saved_kv(k_q, k_scale, v_q, v_scale, kv_bits, dtype):
