@@ -44,7 +44,10 @@ def lowmem_backend(
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+        # AOTAutograd's cache would skip the partitioner and leave the report's remat entry empty;
+        # Inductor's own cache of the partitioned graphs still applies.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
     if opts.report:
         from .report import last_report
 
