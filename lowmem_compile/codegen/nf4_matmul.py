@@ -32,8 +32,9 @@ import triton.language as tl
 
 from ..formats import nf4 as nf4_format
 
-#: Above this many tokens the matmul is compute-bound and cuBLAS on a dequantized W wins.
-FUSED_MAX_M = int(os.environ.get("LOWMEM_NF4_FUSED_MAX_M", "64"))
+#: Up to this many tokens the fused kernel runs, above it dequant + cuBLAS. Default 0 (fused off): on
+#: H200 the fused kernel measured 9-21x slower than dequant + cuBLAS at M <= 16 (bench/results/nf4).
+FUSED_MAX_M = int(os.environ.get("LOWMEM_NF4_FUSED_MAX_M", "0"))
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
