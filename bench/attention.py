@@ -195,11 +195,13 @@ def main():
                 step()
                 ms = _time_ms(step, cuda)
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
-            except RuntimeError as e:  # a backend this build lacks (e.g. cuDNN attention)
-                row[name] = {"error": str(e).splitlines()[0][:200]}
+            except Exception as e:  # a backend this build lacks (e.g. cuDNN attention), or a kernel that fails
+                row[name] = {"error": f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[-1][:300]}
+                print(f"{name} at {s}: {row[name]['error']}", file=sys.stderr)
             if cuda:
                 torch.cuda.empty_cache()
         result["tflops"][s] = row
+        _write(result)  # after every length: a run cut short still leaves its figures
     for s in cfg["acc_seqs"]:
         result["accuracy"][s] = _accuracy(s, cfg, device, dtype, scale)
     qkv, _ = _inputs(cfg["bytes_seq"], cfg, device, dtype)
@@ -237,7 +239,7 @@ def _write(result):
         for bits, m in rows.items():
             lines.append(f"| {s} | {bits} | " + " | ".join(f"{m[n]['cos']:.5f} / {m[n]['rel_l1']:.4f}" for n in ("O", "dQ", "dK", "dV")) + " |")
     b = result["bytes"]
-    lines += ["", f"Bytes kept for the backward at seq {b['seq']}: K+V ours kv4 {b['kv_ours_kv4']} vs bf16 {b['kv_bf16_at_kv_heads']} "
+    lines += [] if not b else ["", f"Bytes kept for the backward at seq {b['seq']}: K+V ours kv4 {b['kv_ours_kv4']} vs bf16 {b['kv_bf16_at_kv_heads']} "
               f"({b['kv_ratio']:.3f}x); whole site ours {b['site_ours_kv4']} vs HF masked SDPA {b['site_stock_hf_masked_sdpa']} ({b['site_ratio']:.3f}x)"]
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "attention.md"), "w") as f:

@@ -55,7 +55,7 @@ def _float64_reference(q, k, v, mask, causal, scale, grad_out):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
     if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     o = p @ vr
     return (o, *torch.autograd.grad(o, (q, k, v), grad_out.double()))
@@ -187,9 +187,19 @@ def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=No
         assert rel_err(a, r) < 2 * tol, name
 
 
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "bits, causal, mask_kind",
-    [(16, True, None), (4, True, None), (8, True, "padding"), (4, False, "bool"), (16, False, "additive"), (4, False, "additive")],
+    [
+        (16, True, None),
+        (4, True, None),
+        (8, True, "padding"),
+        pytest.param(4, False, "bool", marks=_SLOW),  # bool tiles: test_kernel_cross_attention_lengths
+        pytest.param(16, False, "additive", marks=_SLOW),
+        (4, False, "additive"),
+    ],
 )
 def test_kernel_matches_reference_fp16(bits, causal, mask_kind):
     _kernel_vs_reference(1, 4, 2, 45, 64, torch.float16, bits, causal, mask_kind)
@@ -215,8 +225,7 @@ def test_kernel_cross_attention_lengths():
     _kernel_vs_reference(1, 2, 1, 19, 64, torch.float16, 4, False, "bool", sk=50)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("d", [64, 96])
+@pytest.mark.parametrize("bits, d", [(4, 64), (8, 96), pytest.param(8, 64, marks=_SLOW), pytest.param(4, 96, marks=_SLOW)])
 def test_quantize_kernel_is_bit_exact(bits, d):
     from lowmem_compile.codegen import attention_kv4 as kern
 
@@ -230,9 +239,11 @@ def test_quantize_kernel_is_bit_exact(bits, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [16, 8, 4])
-@pytest.mark.parametrize("d", [64, 96, 128])
-def test_gpu_bf16_against_float64(bits, d):
+@pytest.mark.parametrize(
+    "d, bits",
+    [(128, 16), (128, 8), (128, 4), (64, 4), (96, 16), *(pytest.param(d, b, marks=_SLOW) for d, b in [(64, 16), (64, 8), (96, 8), (96, 4)])],
+)
+def test_gpu_bf16_against_float64(d, bits):
     q, k, v = (t.cuda() for t in _inputs(2, 8, 2, 1000, d, torch.bfloat16))
     grad_out = torch.randn(q.shape, device="cuda").bfloat16()
     scale = 1 / math.sqrt(d)
