@@ -12,7 +12,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from lowmem_compile.cost.liveness import longest_fitting, peak_at, shape_hints, simulate_step
 from lowmem_compile.cost.sizes import storage_root, sym_bytes, tensor_bytes
-from lowmem_compile.cost.timing import CPU, H200, is_fusible, node_flops, node_time
+from lowmem_compile.cost.timing import CPU, H200, is_fusible, node_flops, node_time, recompute_time
 
 aten = torch.ops.aten
 
@@ -136,3 +136,84 @@ def test_time_model_orders_ops():
         assert node_time(mm, rates) > node_time(relu, rates) > 0
     # on the H200 an fp32 mm is bound by the fp32 matmul rate, not by its bytes
     assert node_time(mm, H200) == 2 * 64 * 128 * 256 / H200.matmul_flops_32bit
+
+
+def _bf16_chain_graph(mode, m, k, n, through_view):
+    """x (bf16) -> fp32 -> *2 -> +1 -> bf16 [-> view] -> mm with w: an RMSNorm/LoRA-like prologue."""
+    with mode:
+        x_val, w_val = torch.empty(m, k, dtype=torch.bfloat16), torch.empty(k, n, dtype=torch.bfloat16)
+    b = _Builder(mode)
+    x, w = b.input("x", x_val), b.input("w", w_val)
+    up = b.op(torch.ops.prims.convert_element_type.default, x, torch.float32)
+    y = b.op(aten.add.Tensor, b.op(aten.mul.Tensor, up, 2.0), 1.0)
+    down = b.op(torch.ops.prims.convert_element_type.default, y, torch.bfloat16)
+    if through_view:
+        down = b.op(aten.view.default, down, [m, k])
+    return b, b.op(aten.mm.default, down, w)
+
+
+def test_fused_pointwise_chain_adds_no_peak():
+    """With Inductor a pointwise chain (dtype casts included) is one kernel: only its last value,
+    which a matmul reads, exists; the fp32 intermediates (2x the input each) never do. Also through a
+    view: a reshape between the chain and the matmul does not make the chain's output virtual."""
+    m, k, n = 64, 32, 48
+    mode = FakeTensorMode()
+    for through_view in (False, True):
+        b, mm = _bf16_chain_graph(mode, m, k, n, through_view)
+        fw = b.module(mm)
+        bwb = _Builder(mode)
+        bw = bwb.module(bwb.input("tangents_1", mm.meta["val"]))
+        fused = simulate_step(fw, bw, 1, fused=True)
+        assert fused.forward_peak == m * k * 2 + m * n * 2  # the bf16 matmul input, then its output
+        eager = simulate_step(fw, bw, 1, fused=False)
+        assert eager.forward_peak == m * k * 4 * 2  # eagerly, two fp32 intermediates at once
+    assert is_fusible(next(iter(mm.all_input_nodes)))  # the view
+
+
+def test_recompute_time_of_fused_pointwise_is_one_read():
+    """Twenty pointwise ops all reading one saved 64 MiB value (Llama-3-8B at 8192 tokens): fused
+    into the backward's kernel they cost one read of it, ~16 us on the H200, not a read (or a
+    write) per op."""
+    mode = FakeTensorMode()
+    with mode:
+        saved_val = torch.empty(8192, 4096, dtype=torch.bfloat16)
+    b = _Builder(mode)
+    saved = b.input("saved", saved_val)
+    chain = [b.op(torch.ops.prims.convert_element_type.default, saved, torch.float32)]
+    for i in range(19):
+        chain.append(b.op(aten.mul.Tensor if i % 2 else aten.add.Tensor, chain[-1], saved))
+    seconds = recompute_time(chain, H200)
+    assert seconds == 8192 * 4096 * 2 / H200.bandwidth
+    assert 1e-6 < seconds < 1e-4
+    # a matmul among them is charged as a matmul; its output is one more read for the fused ops
+    w = b.input("w", _fake(mode, 4096, 4096))
+    mm = b.op(aten.mm.default, chain[-1], w)
+    tail = b.op(aten.mul.Tensor, mm, 2.0)
+    flops = 2 * 8192 * 4096 * 4096
+    expected = flops / H200.flops_rate(torch.float32) + (8192 * 4096 * 2 + 8192 * 4096 * 4) / H200.bandwidth
+    assert abs(recompute_time(chain + [mm, tail], H200) - expected) < 1e-12
+    # the old per-op charge would have moved 20 * (read + write) of the chain
+    assert node_time(chain[1], H200) == (8192 * 4096 * 4 + 8192 * 4096 * 2) / H200.bandwidth
+
+
+def _fake(mode, *shape):
+    with mode:
+        return torch.empty(*shape, dtype=torch.float32)
+
+
+def test_fusible_covers_casts_fills_and_gathers():
+    """On graphs decomposed as the partitioner sees them (Inductor's table: casts are prims ops)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, idx):
+        z = torch.zeros_like(x)
+        return torch.log_softmax(x.float(), -1).gather(1, idx) + z[:, :1]
+
+    trace = make_fx(f, decomposition_table=select_decomp_table(), tracing_mode="fake")
+    gm = trace(torch.randn(4, 8, dtype=torch.bfloat16), torch.zeros(4, 1, dtype=torch.long))
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
+    for target in (torch.ops.prims.convert_element_type.default, aten.gather.default):
+        assert is_fusible(by_target[target]), target
+    fills = [n for t, n in by_target.items() if t.overloadpacket in (aten.zeros_like, aten.full, aten.full_like)]
+    assert fills and all(is_fusible(n) for n in fills)

@@ -250,3 +250,17 @@ def test_inductor_gradients_equal_eager():
     for name, g in trainable_grads(model).items():
         assert rel_err(g, ref_grads[name]) < 1e-3, name
     assert lowmem_compile.last_report().to_dict()["remat"]["recomputed"] > 0
+
+
+def test_device_of_training_joint_inputs():
+    """AOTAutograd hands a training graph's inputs as (primals, tangents): the CUDA device must be
+    found inside the pair, or the time model silently uses the CPU's rates (200x slower matmuls)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from lowmem_compile.passes.remat import _device_of
+
+    mode = FakeTensorMode()
+    on_gpu = FakeTensor(mode, torch.empty(4, 4, device="meta"), torch.device("cuda", 0))
+    cpu = torch.randn(3)
+    assert _device_of(([cpu, on_gpu], [cpu])) == torch.device("cuda", 0)
+    assert _device_of([cpu, 2, None]) == torch.device("cpu")

@@ -38,6 +38,8 @@ class StepMemory:
     peak_exprs: list[sympy.Expr] = field(default_factory=list)
     """Resident plus live bytes at every step, as expressions (only with `symbolic=True`)."""
     saved_expr: sympy.Expr | None = None
+    peak_values: list[tuple[str, int]] = field(default_factory=list)
+    """The storages live (above resident) at the peak step, largest first: what to shrink."""
 
     @property
     def peak(self) -> int:
@@ -60,7 +62,21 @@ def _virtual(node: torch.fx.Node, outputs: set[torch.fx.Node], fused: bool) -> b
     """True when Inductor would fuse `node` into its readers instead of writing it to memory."""
     if not fused or node in outputs or node.op != "call_function" or is_getitem(node) or not node.users:
         return False
-    return is_fusible(node) and all(u.op == "call_function" and is_fusible(u) for u in node.users)
+    readers = _readers(node)
+    return is_fusible(node) and all(u.op == "call_function" and is_fusible(u) for u in readers)
+
+
+def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read `node`'s value, looking through views (a matmul reading a reshape of a
+    pointwise result needs that result in memory)."""
+    out, stack = [], list(node.users)
+    while stack:
+        user = stack.pop()
+        if is_view(user):
+            stack.extend(user.users) if user.users else out.append(user)
+        else:
+            out.append(user)
+    return out
 
 
 def _last_need(graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: set[torch.fx.Node], fused: bool):
@@ -90,8 +106,9 @@ def _run(
     exprs: list[sympy.Expr] | None,
     base_expr: sympy.Expr,
     siblings: dict[torch.fx.Node, list[torch.fx.Node]] | None = None,
-) -> int:
-    """Walk `graph` once; return its peak live bytes (above resident). `preallocated` placeholders are
+) -> tuple[int, list[tuple[str, int]]]:
+    """Walk `graph` once; return its peak live bytes (above resident) and the storages live at that
+    peak (name, bytes) with the step's node name first. `preallocated` placeholders are
     live at the start; `keep` roots are never freed here (they outlive the graph); `siblings` maps a
     placeholder to other placeholders that view the same storage (it lives until they are all dead)."""
     nodes = list(graph.nodes)
@@ -101,8 +118,9 @@ def _run(
     outputs = {a for o in outputs for a in (o, storage_root(o))}
     need = _last_need(graph, order, outputs, fused)
     frees: dict[int, list[torch.fx.Node]] = {}
-    live_int, live_expr, peak = 0, sympy.Integer(0), 0
+    live_int, live_expr, peak, at_peak = 0, sympy.Integer(0), 0, []
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
+    live: dict[torch.fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
             break
@@ -114,6 +132,7 @@ def _run(
             alloc = _alloc(node, sizes)
         if alloc is not None:
             owned[node] = alloc
+            live[node] = alloc[0]
             live_int += alloc[0]
             if sizes.symbolic:
                 live_expr += alloc[1]
@@ -121,14 +140,17 @@ def _run(
             root_need = max(need[a] for a in [node] + _aliases(node) + extra)
             if node not in keep:
                 frees.setdefault(max(root_need, order[node]), []).append(node)
-        peak = max(peak, live_int)
+        if live_int > peak:
+            peak = live_int
+            at_peak = [(f"@{node.name}", 0)] + [(n.name, b) for n, b in live.items()]
         if exprs is not None:
             exprs.append(base_expr + live_expr)
         for dead in frees.pop(order[node], []):
             live_int -= owned[dead][0]
+            del live[dead]
             if sizes.symbolic:
                 live_expr -= owned[dead][1]
-    return peak
+    return peak, at_peak
 
 
 def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -174,7 +196,7 @@ def simulate_step(
     saved_roots = {r for r in saved_roots if r.op != "placeholder" and tensor_val(r) is not None}
     exprs: list[sympy.Expr] | None = [] if symbolic else None
 
-    fw_peak = _run(
+    fw_peak, fw_live = _run(
         fw.graph, sizes, fused=fused, preallocated={}, keep=user_roots | saved_roots, exprs=exprs, base_expr=resident_expr
     )
 
@@ -201,7 +223,7 @@ def simulate_step(
         first_view[root] = p
         siblings[p] = []
         pre[p] = sizes.of(tensor_val(root))
-    bw_peak = _run(
+    bw_peak, bw_live = _run(
         bw.graph,
         sizes,
         fused=fused,
@@ -212,6 +234,11 @@ def simulate_step(
         siblings=siblings,
     )
     saved = [sizes.of(tensor_val(r)) for r in saved_roots - user_roots]
+    if fw_peak >= held_int + bw_peak:
+        peak_values = fw_live
+    else:
+        peak_values = bw_live + [(f"(held) {r.name}", b[0]) for r, b in held.items()]
+    peak_values = peak_values[:1] + sorted(peak_values[1:], key=lambda v: -v[1])
     return StepMemory(
         resident=resident_int,
         saved=sum(s[0] for s in saved),
@@ -219,6 +246,7 @@ def simulate_step(
         backward_peak=held_int + bw_peak,
         peak_exprs=exprs or [],
         saved_expr=sum((s[1] for s in saved), sympy.Integer(0)) if symbolic else None,
+        peak_values=peak_values,
     )
 
 

@@ -1,11 +1,13 @@
 """Op time model: how long recomputing a forward node would take on the device.
 
 A node costs max(FLOPs / matmul rate, bytes moved / bandwidth) when it is compute-heavy (matmuls,
-attention, our `lowmem::` ops, anything with a formula in `torch.utils.flop_counter`), its bytes
-over bandwidth when it is a non-fusible memory op, and a tenth of that when it is a pointwise op or
-reduction: after Inductor fuses it into its consumer, recomputing it costs little more than
-re-reading its inputs. Rates are nominal datasheet figures (H200) or a modest CPU; what matters to the
-planner is the *ratio* between ops, not the absolute time.
+attention, our `lowmem::` ops, anything with a formula in `torch.utils.flop_counter`) and its bytes
+over bandwidth when it is a non-fusible memory op. A pointwise op, reduction or constant fill
+(`full`) is fused by Inductor into the kernel that reads it: its output never reaches memory, so
+recomputing it costs one read of its inputs, and a group of fused recomputed ops costs one read of
+each distinct materialized value the group takes in (:func:`recompute_time`), not a read per op.
+Rates are nominal datasheet figures (H200) or a modest CPU; the planner steers by the *ratio*
+between ops, the report's added time by the absolute figure.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import flop_registry
 
-from .sizes import is_getitem, is_view, size_hint, tensor_val, tensor_bytes
-
-#: The fraction of its bytes a fused pointwise op or reduction costs when recomputed.
-FUSED_FRACTION = 0.1
+from .sizes import is_getitem, is_view, size_hint, storage_root, tensor_val, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,14 @@ def node_flops(node: torch.fx.Node) -> int:
 
 
 def is_fusible(node: torch.fx.Node) -> bool:
-    """Pointwise ops and reductions: Inductor fuses them into neighbours, so they are nearly free."""
+    """Pointwise ops (`prims.convert_element_type` included), reductions and constant fills:
+    Inductor fuses them into neighbours, so they are nearly free and their outputs need no buffer."""
     target = node.target
     if is_view(node) or is_getitem(node):
         return True
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return False
-    return torch.Tag.pointwise in target.tags or target.overloadpacket in _REDUCTIONS
+    return torch.Tag.pointwise in target.tags or target.overloadpacket in _REDUCTIONS | _FILLS | _GATHERS
 
 
 _REDUCTIONS = {
@@ -110,6 +110,18 @@ _REDUCTIONS = {
     torch.ops.aten.amin,
     torch.ops.aten.var_mean,
     torch.ops.aten.prod,
+}
+#: Indexed loads Inductor lowers as pointwise kernels: the values they index are computed in place
+#: (a gather of a log-softmax never materializes the log-softmax); they read only what they index.
+_GATHERS = {torch.ops.aten.gather, torch.ops.aten.index, torch.ops.aten.embedding}
+_FILLS = {
+    torch.ops.aten.full,
+    torch.ops.aten.full_like,
+    torch.ops.aten.zeros,
+    torch.ops.aten.zeros_like,
+    torch.ops.aten.ones,
+    torch.ops.aten.ones_like,
+    torch.ops.aten.scalar_tensor,
 }
 
 
@@ -123,6 +135,31 @@ def node_time(node: torch.fx.Node, rates: DeviceRates) -> float:
     if flops:
         dtype = ins[0].dtype if ins else torch.float32
         return max(flops / rates.flops_rate(dtype), moved / rates.bandwidth)
+    if _is_gather(node):
+        return 2 * sum(tensor_bytes(t) for t in outs) / rates.bandwidth  # the indices and the rows read
     if is_fusible(node):
-        return FUSED_FRACTION * moved / rates.bandwidth
+        return sum(tensor_bytes(t) for t in ins) / rates.bandwidth
     return moved / rates.bandwidth
+
+
+def _is_gather(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in _GATHERS
+
+
+def recompute_time(nodes: list[torch.fx.Node], rates: DeviceRates) -> float:
+    """Seconds to run `nodes` (the recomputed forward ops of a backward graph) once more. Non-fusible
+    ops cost :func:`node_time` each. The fusible ones run inside their readers' kernels: together
+    they cost one read of every distinct storage they take in that is not itself a fused member of
+    the group (a saved value, an input, a matmul's output), however many of them read it."""
+    group = {n for n in nodes if is_fusible(n) and not _is_gather(n)}
+    total = sum(node_time(n, rates) for n in nodes if n not in group)
+    reads: dict[torch.fx.Node, int] = {}
+    for node in group:
+        for arg in node.all_input_nodes:
+            root = storage_root(arg)
+            if root in group or (is_getitem(root) and root.args[0] in group):
+                continue
+            val = tensor_val(root) if tensor_val(root) is not None else tensor_val(arg)
+            if val is not None:
+                reads[root] = tensor_bytes(val)
+    return total + sum(reads.values()) / rates.bandwidth

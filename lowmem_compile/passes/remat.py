@@ -33,12 +33,13 @@ import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..cost import liveness, sizes, timing
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
 from ..cost.sizes import is_getitem, is_view, storage_root, tensor_bytes, tensor_val
-from ..cost.timing import DeviceRates, node_flops, node_time, rates_for
+from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
 from ..sources import source_hash
@@ -153,7 +154,7 @@ class _Planner:
             saved_names=[n.name for n in saved_values(fw, num_out)],
             recomputed=[n.name for n in recomputed],
             added_flops=sum(node_flops(n) for n in recomputed),
-            added_seconds=sum(node_time(n, self.rates) for n in recomputed),
+            added_seconds=recompute_time(recomputed, self.rates),
         )
 
     def full_tags(self) -> dict[str, CheckpointPolicy]:
@@ -227,8 +228,10 @@ def choose(plans: list[Plan], budget: int | None) -> tuple[Plan, str | None]:
     )
 
 
-def _device_of(joint_inputs: Sequence[object]) -> torch.device:
-    for x in joint_inputs:
+def _device_of(joint_inputs: object) -> torch.device:
+    """The CUDA device of the joint inputs, else the CPU. AOTAutograd passes a training graph's
+    inputs as a (primals, tangents) pair of lists, so the pytree is flattened first."""
+    for x in pytree.tree_leaves(joint_inputs):
         if isinstance(x, torch.Tensor) and x.device.type == "cuda":
             return x.device
     return torch.device("cpu")
