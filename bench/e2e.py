@@ -419,7 +419,10 @@ class Runner:
         self.log: list[str] = []
         self.lock = threading.Lock()
         self.todo: queue.Queue[Job] = queue.Queue()
-        for job in sorted(jobs, key=lambda j: recipe_for(j.config).needs_folder):
+        # lengths in the order given (the first is the most wanted if --time-limit cuts the run short);
+        # within one, jobs that need the saved model folder last, so the folder is written meanwhile
+        order = {seq: i for i, seq in enumerate(args.seq_list)}
+        for job in sorted(jobs, key=lambda j: (order[j.seq], recipe_for(j.config).needs_folder)):
             self.todo.put(job)
         self.total = len(jobs)
         self.deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
