@@ -16,6 +16,7 @@ from torch._inductor.decomposition import select_decomp_table
 
 import lowmem_compile
 from lowmem_compile.cost.liveness import peak_at, shape_hints, simulate_step
+from lowmem_compile.cost.sizes import storage_root
 from lowmem_compile.options import Options
 from lowmem_compile.passes.remat import RematPartitioner, _Planner, choose
 from lowmem_compile.cost.timing import CPU
@@ -264,3 +265,16 @@ def test_device_of_training_joint_inputs():
     cpu = torch.randn(3)
     assert _device_of(([cpu, on_gpu], [cpu])) == torch.device("cuda", 0)
     assert _device_of([cpu, 2, None]) == torch.device("cpu")
+
+
+def test_candidates_skip_user_outputs(joint):
+    """The logits are both saved and returned: recomputing them frees nothing (the caller holds
+    them) and would add a second copy in the backward, so they are never a candidate."""
+    planner = _Planner(joint["gm"], joint["joint_inputs"], dict(joint["kwargs"], compiler="inductor"), fused=True, rates=CPU)
+    stock = planner.partition("none", {})
+    out = stock.fw.graph.find_nodes(op="output")[0].args[0]
+    user = {storage_root(o).name for o in out[: stock.num_fwd_outputs] if isinstance(o, torch.fx.Node)}
+    saved_roots = {storage_root(n).name for n in stock.fw.graph.nodes if n.name in stock.saved_names}
+    assert user & saved_roots, "the logits should be saved by the stock plan"
+    names = {name for _, tags, _ in planner.candidates(stock) for name in tags}
+    assert names and not names & user

@@ -176,13 +176,18 @@ class _Planner:
 
     def candidates(self, stock: Plan) -> list[tuple[float, list[str], int]]:
         """Values the stock plan saves that could be recomputed: (seconds per byte, tag names, bytes),
-        cheapest recompute per byte freed first."""
+        cheapest recompute per byte freed first. A value whose storage is also a user output (the
+        logits) frees nothing when recomputed, since the caller holds it: not a candidate."""
+        out_node = stock.fw.graph.find_nodes(op="output")[0]
+        user_outputs = {storage_root(o).name for o in out_node.args[0][: stock.num_fwd_outputs] if isinstance(o, torch.fx.Node)}
         units: dict[torch.fx.Node, int] = {}
         for name in stock.saved_names:
             node = self.by_name.get(name)
             if node is None or node not in self.forward:
                 continue
             root = storage_root(node)
+            if root.name in user_outputs:
+                continue
             op = root.args[0] if is_getitem(root) else root
             if not isinstance(op, torch.fx.Node) or op not in self.forward or not _can_force_recompute(op):
                 continue
