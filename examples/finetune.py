@@ -2,7 +2,8 @@
 
 The text is the Python reference manual's topic pages that ship with Python (`pydoc_data`), read as
 bytes (vocabulary 256, no tokenizer download). The base model is built from a config with random
-weights and frozen; LoRA adapters on every projection learn. It prints a progress bar with the loss,
+weights, frozen and quantized to NF4 by `lowmem_compile.quantize_`; LoRA adapters on every
+projection learn. It prints a progress bar with the loss,
 the lowmem report, and on CUDA the peak memory of the same steps run eagerly.
 
     python examples/finetune.py                       # CPU: a couple of minutes
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--options", type=json.loads, default={}, help='lowmem options as JSON, e.g. \'{"attention": "kv4"}\'')
     p.add_argument("--no-eager", action="store_true", help="on CUDA, skip the eager run used for comparison")
+    p.add_argument("--bf16-base", action="store_true", help="keep the frozen base weights in 16 bits (no quantize_)")
     args = p.parse_args()
     device = torch.device(args.device)
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -99,6 +101,8 @@ def main() -> None:
     print(f"corpus: {data.numel():,} bytes of Python's reference manual; {args.steps} steps of {args.batch}x{args.seq} tokens")
 
     model = build_model(args, device)
+    if not args.bf16_base:
+        lowmem_compile.quantize_(model)  # frozen linear weights to NF4; LoRA adapters stay 16-bit
     model.print_trainable_parameters()
     options = {"report": False, **args.options}
     compiled = torch.compile(model, backend="lowmem", options=options)

@@ -143,7 +143,8 @@ class Report:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB"
+    """Bytes in GiB, or MiB below one GiB so that small models do not read as zero."""
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 class _ReportStore:

@@ -259,7 +259,7 @@ def shape_hints(fw: torch.fx.GraphModule) -> dict[sympy.Symbol, int]:
     for p in fw.graph.find_nodes(op="placeholder"):
         env = getattr(getattr(tensor_val(p), "fake_mode", None), "shape_env", None)
         if env is not None:
-            values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # renamed after torch 2.11
+            values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val  # renamed after 2.11
             return {s: int(v) for s, v in values.items()}
     return {}
 
