@@ -42,6 +42,7 @@ def _rule(rule: str, default: Any = 0) -> Any:
 @dataclass(frozen=True)
 class AttentionStats:
     replaced: int = _rule(_SUM)
+    causal_masks: int = _rule(_SUM)  # of those, sites whose HF 4-D mask became causal + key padding
     skipped: list[str] = _rule(_CONCAT)
 
 

@@ -8,6 +8,7 @@ attn x padding pair); the rest of the grid is marked slow.
 """
 
 import itertools
+import operator
 
 import pytest
 import torch
@@ -106,7 +107,73 @@ def test_sites_it_cannot_take_are_skipped_with_reasons():
 def test_off_leaves_the_graph_alone():
     model = tiny_model("llama", lora=False)
     torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "off"})(**batch())
-    assert lowmem_compile.last_report().to_dict()["attention"] == {"replaced": 0, "skipped": []}
+    assert lowmem_compile.last_report().to_dict()["attention"] == {"replaced": 0, "causal_masks": 0, "skipped": []}
+
+
+def _hf_mask(pad, s, causal=lambda kv, q: kv <= q, b=2):
+    """The bool mask as transformers' masking_utils writes it in the graph: index grids, `&`, expand."""
+    bi = torch.arange(b)[:, None, None, None]
+    qi, kvi = (torch.arange(s) + 0)[None, None, :, None], (torch.arange(s) + 0)[None, None, None, :]
+    m = qi.new_ones((), dtype=torch.bool) & causal(kvi, qi).to("cpu")
+    if pad is not None:
+        m = m & pad.bool()[bi, kvi].to("cpu")
+    return m.expand(b, -1, s, s)
+
+
+def _pad(s=12):
+    pad = torch.rand(2, s) > 0.3
+    pad[:, -1] = True
+    pad[0, :4] = False  # rows 0-3 of batch 0 attend nothing
+    return pad
+
+
+def test_hf_causal_padding_mask_becomes_causal_with_key_padding():
+    def f(q, k, v, pad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_hf_mask(pad, 12), enable_gqa=True)
+
+    pad = _pad()
+    stats, gm, compiled = _run_pass(f, *_qkv(), pad, kv="kv16")
+    (node,) = _attention_nodes(gm)
+    assert stats.replaced == 1 and stats.causal_masks == 1 and node.kwargs["causal"]
+    assert tuple(node.args[3].meta["example_value"].shape) == (2, 1, 1, 12)
+    assert not any(n.target in ("expand", operator.and_, operator.le) for n in gm.graph.nodes), "the S x S mask must be gone"
+    q, k, v = (t.double() for t in _qkv())
+    expected = f(q, k, v, pad)
+    assert rel_err(compiled(*(t.float() for t in (q, k, v)), pad), expected) < 1e-5
+
+
+def test_eager_causal_mask_becomes_causal_and_padded_one_stays():
+    def f(q, k, v, pad):
+        bool_mask = _hf_mask(pad, 12)
+        mask = torch.where(bool_mask, torch.zeros(()), torch.finfo(torch.float32).min)
+        w = F.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask, dim=-1, dtype=torch.float32)
+        return torch.matmul(w, v)
+
+    q, k, v = _qkv(hkv=4)
+    for pad, lowered in ((None, 1), (_pad(), 0)):  # a fully padded row averages every key: not causal
+        stats, gm, compiled = _run_pass(f, q, k, v, pad, kv="kv16")
+        (node,) = _attention_nodes(gm)
+        assert stats.replaced == 1 and stats.causal_masks == lowered and node.kwargs["causal"] == bool(lowered)
+        assert (node.args[3] is None) == bool(lowered)
+        assert rel_err(compiled(q, k, v, pad), f(q, k, v, pad)) < 1e-5  # fp32 softmax either way
+
+
+@pytest.mark.parametrize(
+    "causal",
+    [lambda kv, q: kv >= q, lambda kv, q: kv <= q + 1, lambda kv, q: (kv <= q) & (kv > q - 3)],
+    ids=["anti-causal", "offset", "sliding-window"],
+)
+def test_other_masks_stay_on_the_general_path(causal):
+    def f(q, k, v, pad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_hf_mask(pad, 12, causal), enable_gqa=True)
+
+    pad = _pad()
+    stats, gm, compiled = _run_pass(f, *_qkv(), pad, kv="kv16")
+    (node,) = _attention_nodes(gm)
+    assert stats.replaced == 1 and stats.causal_masks == 0 and not node.kwargs["causal"]
+    assert tuple(node.args[3].meta["example_value"].shape) == (2, 1, 12, 12)
+    q, k, v = _qkv()
+    assert rel_err(compiled(q, k, v, pad), f(q.double(), k.double(), v.double(), pad).float()) < 1e-5
 
 
 #: The default set: each family once at kv4 and once at kv16, each (attn, padding) pair twice.
@@ -135,6 +202,9 @@ def test_model_parity(family, attn, padding, kv):
     got.loss.backward()
     report = lowmem_compile.last_report().to_dict()["attention"]
     assert report["replaced"] == 2 and report["skipped"] == []  # one site a layer
+    # HF's 4-D mask (sdpa with padding, eager without) becomes causal + key padding; eager with padding
+    # keeps its mask (fully padded rows); sdpa without padding is already is_causal.
+    assert report["causal_masks"] == (2 if (attn == "sdpa") == padding else 0)
     ref_grads, grads = trainable_grads(ref), trainable_grads(model)
     if kv == "kv16":
         assert rel_err(got.logits, expected.logits) < 1e-4 and rel_err(got.loss, expected.loss) < 1e-4

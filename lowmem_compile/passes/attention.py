@@ -8,12 +8,16 @@ Runs first among the pre-autograd passes, on the Dynamo graph (torch IR). Two an
   `matmul(·, v)`. The anchor is the softmax; the site is the final matmul.
 
 On either, K and V are taken from *before* HF's `repeat_kv` (`x[:, :, None].expand(...).reshape(...)`,
-or `repeat_interleave(n, dim=1)`), so the op reads and keeps them at the KV-head count. The mask is
-passed through as given (bool or additive). Invariant: the replaced site computes the same function
+or `repeat_interleave(n, dim=1)`), so the op reads and keeps them at the KV-head count. A mask that
+HF's masking_utils built as `(kv_idx <= q_idx) & attention_mask[b, kv_idx]` (positions from 0,
+Sq == Sk) becomes `causal=True` plus that [B, 1, 1, Sk] key-padding term, so the kernel skips the
+blocks above the diagonal and no S x S mask is read; on the eager form this is done only without a
+padding term (a fully padded row averages all keys there, which causal cannot express). Any other
+mask is passed through as given (bool or additive). Invariant: the replaced site computes the same function
 (exactly at kv_bits=16; with K/V rounded to kv_bits otherwise). A site it cannot take (dropout > 0,
 attention weights used elsewhere, a non-constant scale, a mask that needs a gradient, causal with
 Sq != Sk, a head dim or dtype the CUDA kernel lacks) stays as it is and is listed with the reason.
-Counts: `replaced`, `skipped`.
+Counts: `replaced`, `causal_masks` (sites whose mask was lowered to causal), `skipped`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import operator
 import torch
 import torch.fx
 
+from ..ops.attention import _HUGE
 from ..options import Options
 from ..report import AttentionStats
 from . import CompileContext, GraphPass
@@ -47,6 +52,7 @@ class _Site:
     causal: bool
     scale: float
     pattern: list[torch.fx.Node]
+    causal_mask: bool = False
 
 
 class _Skip(Exception):
@@ -159,6 +165,101 @@ def _match_eager(softmax) -> _Site:
     k0, v0 = _strip_repeat_kv(kt.args[0], pattern), _strip_repeat_kv(v, pattern)
     return _Site(anchor, q, k0, v0, mask, False, scale, pattern)
 
+def _from_zero(node, n: int) -> bool:
+    """`node` is `torch.arange(n)`, optionally `+ 0`: the positions 0..n-1 (HF's q_arange/kv_arange)."""
+    if _is(node, {operator.add}) and type(node.args[1]) is int and node.args[1] == 0:
+        node = node.args[0]
+    if not (_is(node, {torch.arange}) and set(node.kwargs) <= {"device", "dtype"}):
+        return False
+    dtype = node.kwargs.get("dtype")
+    ints = all(type(a) is int for a in node.args)
+    return ints and node.args in ((n,), (0, n), (0, n, 1)) and (dtype is None or not dtype.is_floating_point)
+
+
+def _positions(node, dim: int, n: int) -> bool:
+    """`node` is 0..n-1 placed along `dim` of a 4-D index, e.g. `kv_arange[None, None, None, :]`."""
+    key = tuple(slice(None) if i == dim else None for i in range(4))
+    return _is(node, {operator.getitem}) and node.args[1] == key and _from_zero(node.args[0], n)
+
+
+def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The operands of an `&` tree of bool tensors, through `.to(device)` and `expand` (same values)."""
+    seen.append(node)
+    value = _val(node)
+    if value is None or value.dtype != torch.bool:
+        return [None]
+    if (_is(node, set(), "to") or _is(node, set(), "expand")) and _val(node.args[0]) is not None and _val(node.args[0]).dtype == torch.bool:
+        return _bool_terms(node.args[0], seen)
+    if _is(node, {operator.and_}) and all(isinstance(a, torch.fx.Node) for a in node.args):
+        return _bool_terms(node.args[0], seen) + _bool_terms(node.args[1], seen)
+    return [node]
+
+
+def _causal_padding(mask, q, k):
+    """When bool `mask` is `(kv <= q) & pad[b, kv]` (or the causal term alone) over positions from 0:
+    (the pad term or None, the mask's nodes); else None. Every other operand makes it None."""
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    seen = []
+    causal, padding = 0, []
+    for term in _bool_terms(mask, seen):
+        if term is None:
+            return None
+        if _is(term, set(), "new_ones") and term.kwargs.get("dtype") == torch.bool:
+            seen.append(term)  # a constant True
+        elif _is(term, {operator.le}) and _positions(term.args[0], 3, sk) and _positions(term.args[1], 2, sq):
+            causal += 1
+            seen += [term, *term.args]
+        elif _is(term, {operator.ge}) and _positions(term.args[1], 3, sk) and _positions(term.args[0], 2, sq):
+            causal += 1
+            seen += [term, *term.args]
+        elif _pad_term(term, b, sk):
+            padding.append(term)
+        else:
+            return None
+    if causal == 0 or sq != sk or len(padding) > 1:
+        return None
+    return (padding[0] if padding else None), seen
+
+
+def _pad_term(node, b: int, sk: int) -> bool:
+    """`node` is `pad[batch_idx, kv_idx]` (maybe `.to(device)`) with pad a [B, Sk] bool tensor."""
+    if _is(node, set(), "to"):
+        node = node.args[0]
+    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
+        return False
+    pad, (bi, kvi) = _val(node.args[0]), node.args[1]
+    return (
+        pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
+        and _positions(bi, 0, b) and _positions(kvi, 3, sk)
+    )  # fmt: skip
+
+
+def _lower_causal(site: _Site, additive: bool) -> None:
+    """Make `site` causal with the key-padding term as its mask when its mask is provably HF's
+    causal ∧ key-padding mask; leave it as it is otherwise. `additive`: the eager form, whose mask
+    is `where(bool_mask, 0, finfo.min)`; there only a mask without padding is lowered, since a
+    fully padded query row averages every key there (causal would average the keys up to it)."""
+    mask, q, k = site.mask, _val(site.q), _val(site.k)
+    if mask is None or q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return
+    pattern = [mask]
+    if additive:
+        if not (_is(mask, {torch.where}) and len(mask.args) == 3 and not mask.kwargs):
+            return
+        cond, zero, low = mask.args
+        zero_ok = (type(zero) in (int, float) and zero == 0) or (
+            _is(zero, {torch.zeros}) and set(zero.kwargs) <= {"device", "dtype"}
+        )
+        if not (zero_ok and type(low) in (int, float) and low <= _HUGE):
+            return
+        pattern += [zero] if isinstance(zero, torch.fx.Node) else []
+        mask = cond
+    found = _causal_padding(mask, q, k)
+    if found is None or (additive and found[0] is not None):
+        return
+    site.mask, site.causal, site.causal_mask = found[0], True, True
+    site.pattern += pattern + found[1]
+
 
 def _check(site: _Site) -> None:
     """Shapes and dtypes the op accepts, read from Dynamo's example values."""
@@ -226,15 +327,17 @@ class AttentionPass(GraphPass):
         return options.attention != "off"
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> AttentionStats:
-        replaced, skipped, erased = 0, [], set()
+        replaced, causal_masks, skipped, erased = 0, 0, [], set()
         for node in list(gm.graph.nodes):
             if node in erased:
                 continue
             try:
                 if _is(node, _SDPA):
                     site = _match_sdpa(node)
+                    _lower_causal(site, additive=False)
                 elif _is(node, _SOFTMAX, "softmax"):
                     site = _match_eager(node)
+                    _lower_causal(site, additive=True)
                 else:
                     continue
                 _check(site)
@@ -243,4 +346,5 @@ class AttentionPass(GraphPass):
                 continue
             erased |= _replace(gm, site, ctx.options.kv_bits)
             replaced += 1
-        return AttentionStats(replaced=replaced, skipped=skipped)
+            causal_masks += site.causal_mask
+        return AttentionStats(replaced=replaced, causal_masks=causal_masks, skipped=skipped)
