@@ -18,6 +18,16 @@ from lowmem_compile.ops import attention as ops
 from .models import rel_err
 
 
+def _assert_accurate(got, want, bits, exact_tol):
+    """(O, dQ, dK, dV) against the reference: relative error at 16 bits, the module's cosine bars below."""
+    for name, a, b in zip("O dQ dK dV".split(), got, want):
+        if bits == 16:
+            assert rel_err(a, b) < exact_tol, name
+        else:
+            bar = {8: 0.999, 4: 0.99 if name == "O" else 0.98}[bits]
+            assert _cos(a, b) >= bar, (name, _cos(a, b))
+
+
 def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
@@ -129,12 +139,7 @@ def test_reference_op_accuracy(mask_kind, causal, bits):
     scale = 1 / math.sqrt(64)
     want = _float64_reference(q, k, v, mask, causal, scale, grad_out)
     got = _op(q, k, v, mask, causal, scale, bits, grad_out)
-    for name, a, b in zip("O dQ dK dV".split(), got, want):
-        if bits == 16:
-            assert rel_err(a, b) < 1e-5, name
-        else:
-            bar = {8: 0.999, 4: 0.99 if name == "O" else 0.98}[bits]
-            assert _cos(a, b) >= bar, (name, _cos(a, b))
+    _assert_accurate(got, want, bits, exact_tol=1e-5)
 
 
 def test_fully_masked_row_gives_zero():
@@ -249,11 +254,7 @@ def test_gpu_bf16_against_float64(d, bits):
     scale = 1 / math.sqrt(d)
     want = _float64_reference(q, k, v, None, True, scale, grad_out)
     got = _op(q, k, v, None, True, scale, bits, grad_out)
-    for name, a, b in zip("O dQ dK dV".split(), got, want):
-        if bits == 16:
-            assert rel_err(a, b) < 1e-2, name
-        else:
-            assert _cos(a, b) >= {8: 0.999, 4: 0.99 if name == "O" else 0.98}[bits], name
+    _assert_accurate(got, want, bits, exact_tol=1e-2)
 
 
 @pytest.mark.gpu
