@@ -78,7 +78,7 @@ class Options:
         if not isinstance(self.report, bool):
             raise ValueError(f"lowmem option report={self.report!r} must be True or False")
         budget = self.memory_budget
-        if budget is not None and not isinstance(budget, (int, float)) or isinstance(budget, bool):
+        if isinstance(budget, bool) or (budget is not None and not isinstance(budget, (int, float))):
             raise ValueError(f"lowmem option memory_budget={budget!r}: use Options.from_user or parse_memory_budget")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
             raise ValueError(f"lowmem option memory_budget={budget!r}: a fraction must lie in (0, 1]")
