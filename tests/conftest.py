@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without CUDA (set before anything imports Triton),
-deterministic seeds, and the `gpu` marker's skip."""
+deterministic seeds, the `gpu` marker's skip, and custom-op aliasing as an error everywhere (torch
+makes it one only where the CI variable is set)."""
 
 import os
 
@@ -11,6 +12,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import lowmem_compile  # noqa: E402,F401
+
+torch._functorch.config.error_on_custom_op_aliasing = True
 
 
 def pytest_collection_modifyitems(config, items):

@@ -503,7 +503,7 @@ def forward(q, k, v, mask, causal: bool, scale: float, kv_bits: int):
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     if kv_bits == 16:
-        packed = (k.new_empty(0), k.new_empty(0), k.new_empty(0), k.new_empty(0))
+        packed = kv4.no_codes(k)
         kq, ks, vq, vs = k, None, v, None
     else:
         packed = (*quantize(k, kv_bits, True), *quantize(v, kv_bits, False))

@@ -57,6 +57,12 @@ def row_bytes(head_dim: int, bits: int, elem_bytes: int = 2) -> int:
     return code_cols(head_dim, bits) + 4 * (head_dim // group_size(head_dim))
 
 
+def no_codes(like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The (codes, scales, codes, scales) of 16-bit K/V: four distinct empty tensors, because custom-op
+    outputs may not alias each other, not even when empty."""
+    return tuple(like.new_empty(0) for _ in range(4))
+
+
 def smooth(k: torch.Tensor) -> torch.Tensor:
     """K minus its per-channel mean over the sequence ([B, H, S, D]; mean over S), in fp32."""
     k = k.float()

@@ -139,8 +139,7 @@ def attend_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
 def quantize_kv(k, v, kv_bits):
     """(k_q, k_scale, v_q, v_scale): K smoothed then quantized, V quantized (empty at 16 bits)."""
     if kv_bits == 16:
-        empty = k.new_empty(0)
-        return empty, empty, empty.clone(), empty.clone()
+        return kv4.no_codes(k)
     sdt = kv4.scale_dtype(k.dtype)
     packed = (*kv4.quantize(kv4.smooth(k), kv_bits, sdt), *kv4.quantize(v, kv_bits, sdt))
     return tuple(t.contiguous() for t in packed)  # the fake impl declares contiguous outputs
@@ -165,8 +164,7 @@ def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
     b, hq, sq, d = q.shape
     out, lse = q.new_empty(q.shape), q.new_empty(b, hq, sq, dtype=torch.float32)
     if kv_bits == 16:
-        empty = k.new_empty(0)
-        return out, lse, empty, empty.clone(), empty.clone(), empty.clone()
+        return out, lse, *kv4.no_codes(k)
     hkv, sk = k.shape[1], k.shape[2]
     codes = (b, hkv, sk, kv4.code_cols(d, kv_bits))
     scales = (b, hkv, sk, d // kv4.group_size(d), 2)
