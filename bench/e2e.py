@@ -347,6 +347,9 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
     row["first_loss"], row["last_loss"] = losses[0], losses[-1]
     row["step_s_median"] = statistics.median(timed)
     row["tokens_per_s"] = round(input_ids.numel() / row["step_s_median"], 1)
+    row["optimizer_state_bytes"] = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
     if cuda:
         row["peak_steps_bytes"] = torch.cuda.max_memory_allocated()
 
@@ -509,10 +512,20 @@ def _ratio(value: float | None, base: float | None) -> str | None:
     return None if value is None or not base else f"{value / base:.2f}x"
 
 
+def _predicted_over_measured(row: dict[str, Any]) -> str | None:
+    """The cost model's peak against the measured one, like for like: this loop keeps only the loss
+    (so the outputs-freed prediction), and the model leaves the optimizer's state out (so it is added)."""
+    remat = row.get("lowmem_report", {}).get("remat", {})
+    predicted = remat.get("predicted_peak_outputs_freed_bytes")
+    if predicted is None or not row.get("peak_steps_bytes"):
+        return None
+    return f"{(predicted + row.get('optimizer_state_bytes', 0)) / row['peak_steps_bytes']:.3f}"
+
+
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
     header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "tokens/s", "vs eager"]
-    header += ["first step s", "last loss", "error"]
+    header += ["predicted / measured peak", "first step s", "last loss", "error"]
     body = []
     for r in rows:
         b = base.get(r["seq"], {})
@@ -525,6 +538,7 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
                 _gib(r.get("peak_run_bytes")),
                 r.get("tokens_per_s"),
                 _ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
+                _predicted_over_measured(r),
                 r.get("first_step_s"),
                 None if r.get("last_loss") is None else f"{r['last_loss']:.4f}",
                 r.get("error"),
@@ -538,7 +552,8 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
         f"Device: {env['gpu'] or args.device}. {versions}. Python {env['python']}. {env['date']}.\n\n"
         "Peak steps: max allocated over the timed steps (weights, optimizer state and activations); "
         "peak run: from before loading to the end. Tokens/s: median timed step. "
-        "First step includes compilation.\n\n"
+        "First step includes compilation. Predicted / measured: lowmem's cost model (outputs freed "
+        "before the backward, as this loop does, plus the optimizer's state) over peak steps.\n\n"
     )
     return intro + markdown_table(header, body)
 

@@ -66,6 +66,7 @@ class RematStats:
     policy: str = _rule(_LAST, "none")
     saved_bytes: int = _rule(_SUM)
     predicted_peak_bytes: int | None = _rule(_MAX, None)
+    predicted_peak_outputs_freed_bytes: int | None = _rule(_MAX, None)
     recomputed: int = _rule(_SUM)
     added_flops: int = _rule(_SUM)
     added_seconds: float = _rule(_SUM, 0.0)
@@ -129,6 +130,9 @@ class Report:
             ("values recomputed", str(remat["recomputed"])),
             ("predicted peak", "n/a" if peak is None else _gib(peak)),
         ]
+        freed = remat["predicted_peak_outputs_freed_bytes"]
+        if freed is not None and freed != peak:
+            rows.append(("  if outputs freed before backward", _gib(freed)))
         if remat["budget_bytes"] is not None:
             rows.append(("memory budget", _gib(remat["budget_bytes"])))
         if remat["longest_fitting_seq"] is not None:

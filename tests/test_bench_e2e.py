@@ -134,7 +134,11 @@ def _fake_rows():
     gib = 2**30
     return [
         {"config": "eager", "seq": 8, "peak_steps_bytes": 10 * gib, "tokens_per_s": 100.0, "last_loss": 11.5},
-        {"config": "lowmem", "seq": 8, "peak_steps_bytes": 4 * gib, "tokens_per_s": 150.0, "last_loss": 11.5},
+        {
+            "config": "lowmem", "seq": 8, "peak_steps_bytes": 4 * gib, "tokens_per_s": 150.0, "last_loss": 11.5,
+            "optimizer_state_bytes": int(0.6 * gib),
+            "lowmem_report": {"remat": {"predicted_peak_bytes": 5 * gib, "predicted_peak_outputs_freed_bytes": 3 * gib}},
+        },  # fmt: skip
         {"config": "unsloth", "seq": 8, "error": "ImportError: no module named unsloth"},
     ]
 
@@ -143,7 +147,7 @@ def test_table_compares_with_eager_at_the_same_length():
     args = e2e.parse_args(["--model", "small"])
     env = {"gpu": "GPU X", "python": "3.12", "versions": {"torch": "2.11"}, "date": "2026-01-01"}
     table = e2e.render_table(_fake_rows(), env, args)
-    assert "| lowmem | 8 | 4.00 | 0.40x |  | 150.0 | 1.50x |" in table
+    assert "| lowmem | 8 | 4.00 | 0.40x |  | 150.0 | 1.50x | 0.900 |" in table  # (3 + 0.6) / 4
     assert "ImportError: no module named unsloth" in table and "GPU X" in table and "torch 2.11" in table
 
 

@@ -93,6 +93,33 @@ def test_liveness_by_hand():
     assert storage_root(view).name == "b"
 
 
+def test_held_outputs_counted_and_freed():
+    """A logits-like user output is held through the backward by default; `peak_outputs_freed` is the
+    peak of a caller that keeps only the loss."""
+    m, k = 8, 16
+    A = m * k * 4
+    mode = FakeTensorMode()
+    with mode:
+        x_val, t_val = torch.empty(m, k), torch.empty(())
+    fwb = _Builder(mode)
+    x = fwb.input("x", x_val)
+    y = fwb.op(aten.mul.Tensor, x, 3.0)  # returned to the caller, not used by the loss
+    b = fwb.op(aten.add.Tensor, x, 1.0)
+    c = fwb.op(aten.sum.default, b)
+    b.name = "b"
+    fw = fwb.module(c, y, b)
+    bwb = _Builder(mode)
+    saved = bwb.input("b", b.meta["val"])
+    tangent = bwb.input("tangents_1", t_val)
+    bw = bwb.module(bwb.op(aten.mul.Tensor, tangent, saved))
+    memory = simulate_step(fw, bw, 2, fused=False)
+    assert memory.held == A + 4  # y and the loss
+    assert memory.forward_peak == 2 * A + 4  # y, b, then the loss
+    assert memory.backward_peak == (A + 4) + A + 4 + A  # held y and loss, saved b, tangent, grad
+    assert memory.peak == A + 3 * A + 8
+    assert memory.peak_outputs_freed == A + 2 * A + 4
+
+
 def test_liveness_symbolic_matches_concrete():
     mode, seq, sym = _symbolic_mode(24)
     fw, bw = _step(mode, seq, 16)

@@ -40,10 +40,20 @@ class StepMemory:
     saved_expr: sympy.Expr | None = None
     peak_values: list[tuple[str, int]] = field(default_factory=list)
     """The storages live (above resident) at the peak step, largest first: what to shrink."""
+    held: int = 0
+    """Bytes of the user outputs (logits, ...) counted as held by the caller through the backward."""
 
     @property
     def peak(self) -> int:
+        """The peak when the caller holds the outputs through the backward (`out.loss.backward()`
+        with `out` alive): the safe assumption, which budgets are fitted against."""
         return self.resident + max(self.forward_peak, self.backward_peak)
+
+    @property
+    def peak_outputs_freed(self) -> int:
+        """The peak when the caller frees every output but the loss before the backward
+        (`model(**batch).loss.backward()`, the usual training loop)."""
+        return self.resident + max(self.forward_peak, self.backward_peak - self.held)
 
 
 class _Sizes:
@@ -247,6 +257,7 @@ def simulate_step(
         peak_exprs=exprs or [],
         saved_expr=sum((s[1] for s in saved), sympy.Integer(0)) if symbolic else None,
         peak_values=peak_values,
+        held=held_int,
     )
 
 

@@ -302,6 +302,7 @@ class RematPartitioner(CustomPartitionerFn):
                 policy=policy,
                 saved_bytes=plan.memory.saved,
                 predicted_peak_bytes=plan.peak,
+                predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed,
                 recomputed=len(plan.recomputed),
                 added_flops=plan.added_flops,
                 added_seconds=plan.added_seconds,
