@@ -40,8 +40,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 3,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 32,
-        num_key_value_heads=max(1, args.hidden // 128),
+        num_attention_heads=args.hidden // args.head_dim,
+        num_key_value_heads=max(1, args.hidden // (4 * args.head_dim)),  # GQA, 4 query heads a KV head
         max_position_embeddings=max(args.seq, 256),
         attn_implementation="sdpa",
     )
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
