@@ -2,8 +2,9 @@
 
 For each weight (K -> N) and token count M: forward y = x Wᵀ and backward grad_x = grad_y W, bf16,
 timed as GPU time (median of `triton.testing.do_bench`; CUDA-graph replay for M <= 16 so launch
-overhead does not hide the kernel). Columns: cuBLAS bf16 `F.linear`, ours (auto choice), ours fused,
-ours dequant+cuBLAS, bitsandbytes (if importable). Also the dequant kernel alone in TB/s on the
+overhead does not hide the kernel). Columns: cuBLAS bf16 `F.linear`, ours (auto choice), ours GEMV
+with the select-tree decode and with the table decode (M <= 16), ours dequant+cuBLAS, bitsandbytes
+(if importable). Also the dequant kernel alone in TB/s on the
 4096x14336 weight, against a plain bf16 copy of the same output size. Correctness is checked first
 against the reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
 
@@ -83,15 +84,17 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             fwd = {
                 "cublas": lambda: torch.nn.functional.linear(x, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear(x, *args, None, **nested),
-                "fused": lambda: _forced(True, nf4_matmul.linear, x, q),
-                "dequant_mm": lambda: _forced(False, nf4_matmul.linear, x, q),
+                "dequant_mm": lambda: _forced(None, nf4_matmul.linear, x, q),
             }
             bwd = {
                 "cublas": lambda: torch.matmul(gy, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear_backward(gy, *args, **nested),
-                "fused": lambda: _forced(True, nf4_matmul.linear_backward, gy, q),
-                "dequant_mm": lambda: _forced(False, nf4_matmul.linear_backward, gy, q),
+                "dequant_mm": lambda: _forced(None, nf4_matmul.linear_backward, gy, q),
             }
+            if m <= 16:
+                for decode in ("select", "table"):
+                    fwd[f"gemv_{decode}"] = lambda d=decode: _forced(d, nf4_matmul.linear, x, q)
+                    bwd[f"gemv_{decode}"] = lambda d=decode: _forced(d, nf4_matmul.linear_backward, gy, q)
             if bnb_state is not None:
                 import bitsandbytes as bnb
 
@@ -112,15 +115,15 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
     return {"rows": rows, "errors": errors, "dequant": _dequant_bandwidth(device, dtype, shapes)}
 
 
-def _forced(fused: bool, fn, t, q):
-    """Run one strategy regardless of the per-shape choice."""
-    saved = nf4_matmul.FUSED_MAX_M
-    nf4_matmul.FUSED_MAX_M = 1 << 30 if fused else 0
+def _forced(decode, fn, t, q):
+    """Run one strategy regardless of the per-shape choice: the GEMV with `decode`, or (None) dequant + cuBLAS."""
+    saved = nf4_matmul.GEMV_MAX_M
+    nf4_matmul.GEMV_MAX_M = 16 if decode else 0
     try:
         return fn(t, q.packed, q.absmax, q.shape, 64, *(() if fn is nf4_matmul.linear_backward else (None,)),
-                  q.absmax2, q.code2, q.offset)
+                  q.absmax2, q.code2, q.offset, decode=decode)
     finally:
-        nf4_matmul.FUSED_MAX_M = saved
+        nf4_matmul.GEMV_MAX_M = saved
 
 
 def _dequant_bandwidth(device, dtype, shapes) -> dict:
@@ -139,7 +142,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     opts = parser.parse_args()
     if opts.smoke:
-        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (64, 96)], [1, 80]
+        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (96, 48)], [1, 16, 80]
     else:
         device, dtype, shapes, tokens = "cuda", torch.bfloat16, SHAPES, TOKENS
     out_dir = os.environ.get("OUT", "bench/results")
@@ -154,7 +157,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fused_max_m": nf4_matmul.FUSED_MAX_M, "dtype": str(dtype),
+        "gemv_max_m": nf4_matmul.GEMV_MAX_M, "gemv_decode": nf4_matmul.GEMV_DECODE, "dtype": str(dtype),
     }
     table = _table(result)
     with open(os.path.join(out_dir, "kernels_nf4.json"), "w") as f:
@@ -168,7 +171,7 @@ def main() -> None:
 
 
 def _table(result) -> str:
-    cols = ["cublas_ms", "ours_ms", "fused_ms", "dequant_mm_ms", "bnb_ms"]
+    cols = ["cublas_ms", "ours_ms", "gemv_select_ms", "gemv_table_ms", "dequant_mm_ms", "bnb_ms"]
     lines = ["| K->N | M | dir | " + " | ".join(c[:-3] + " (us)" for c in cols) + " | ours/cuBLAS speed |",
              "|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:

@@ -1,7 +1,8 @@
 """NF4 kernels (Triton interpreter on the CPU, real kernels on CUDA) and the `nf4_linear` op against
 the reference op. The dequant kernel must be bit-identical; matmuls are compared with a float64
 product of the same dequantized weight: relative error < 2e-3 in fp16, < 1e-5 in fp32 (accumulation
-order only). bf16 runs only on the GPU (the interpreter's bf16 dot is wrong)."""
+order only). bf16 matmuls through tl.dot run only on the GPU (the interpreter's bf16 dot is wrong); the
+one-row GEMV has no dot, so its bf16 path is tested here too."""
 
 import pytest
 import torch
@@ -14,12 +15,6 @@ from .models import rel_err
 
 TOL = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _fused_on(monkeypatch):
-    """The fused kernels are off by default (too slow so far) but must stay correct: on for these tests."""
-    monkeypatch.setattr(nf4_matmul, "FUSED_MAX_M", 64)
 
 
 def _weight(n, k, nested, blocksize=64, device=DEVICE):
@@ -44,8 +39,8 @@ def test_dequant_kernel_bit_exact(nested, shape, blocksize, dtype):
 @pytest.mark.parametrize("lead,n,k,bias", [((3, 5), 48, 192, True), ((1,), 40, 1024, True), ((2, 40), 24, 128, False),
                                            ((9,), 20, 100, True)])
 def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
-    """Shapes cover: fused, fused with split reduction and bias (K=1024), dequant+matmul (80 tokens),
-    K % blocksize != 0. The dequant shapes above cover partial and full (unmasked, (64, 128)) programs."""
+    """Shapes cover: GEMV (15 rows: tl.dot), GEMV with split reduction and bias (K=1024), dequant+matmul
+    (80 tokens), K % 32 != 0 (dequant). The dequant shapes above cover partial and full programs."""
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     w64 = q.dequantize(dtype).double()
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
@@ -59,6 +54,39 @@ def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
     gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off)
     assert gx.dtype == dtype and gx.shape == (*lead, k)
     assert rel_err(gx, g.double() @ w64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("decode", ["select", "table"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype,lead,n,k,bias", [
+    (torch.float16, (1,), 37, 96, True),     # one row (FMA), odd N, K not a multiple of the K step
+    (torch.bfloat16, (1, 1), 45, 160, True),  # one row in bf16 (no dot), leading dims
+    (torch.float32, (2, 3), 21, 224, False),  # 6 rows (tl.dot), K % blocksize != 0
+    (torch.float16, (16,), 50, 1088, True),   # 16 rows, split reduction + bias in the epilogue
+    (torch.float32, (1,), 19, 2048, False),   # one row, many splits
+])
+def test_gemv_matches_reference(decode, nested, dtype, lead, n, k, bias):
+    """The GEMV kernels (M <= 16) in both directions against a float64 product of the dequantized W."""
+    q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
+    p, a, s, bs, a2, c2, off = _args(q)
+    assert nf4_matmul._use_gemv(torch.Size(lead).numel(), k)
+    w64 = q.dequantize(torch.float32).double()
+    x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, decode=decode)
+    expected = torch.nn.functional.linear(x.double(), w64, None if b is None else b.to(dtype).double())
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert rel_err(y, expected) < TOL[dtype]
+    g = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, decode=decode)
+    assert gx.dtype == dtype and gx.shape == (*lead, k)
+    assert rel_err(gx, g.double() @ w64) < TOL[dtype]
+
+
+def test_gemv_bad_decode_raises():
+    q = _weight(16, 64, False)
+    with pytest.raises(ValueError, match="decode"):
+        nf4_matmul.linear(torch.randn(1, 64, device=DEVICE), q.packed, q.absmax, q.shape, 64, decode="lut")
 
 
 def test_op_autograd_saves_only_the_packed_weight():
@@ -94,7 +122,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 64, 300])
+@pytest.mark.parametrize("m", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("nested", [False, True])
 def test_bf16_on_gpu(m, nested):
     q = _weight(1024, 4096, nested)

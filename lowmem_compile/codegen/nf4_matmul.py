@@ -3,12 +3,15 @@
     forward   y      = x      · Wᵀ (+ b)      x [..., K],      y [..., N]
     backward  grad_x = grad_y · W             grad_y [..., N], grad_x [..., K]
 
-Two strategies, chosen per shape by :func:`_use_fused` (M = tokens = product of leading dims):
+Two strategies, chosen per shape by :func:`_use_gemv` (M = tokens = product of leading dims):
 
-* fused (M ≤ FUSED_MAX_M, memory-bound): each program dequantizes its W tile in registers and feeds
-  `tl.dot`; W is read once as 0.5 byte an element (+ 4/blocksize for the absmax, 1/blocksize when
-  double-quantized) against 2 bytes in bf16, so the kernel moves ~3.6x fewer bytes than cuBLAS. When
-  the output tiles cannot fill the GPU the reduction dimension is split and fp32 partials summed.
+* GEMV (M ≤ GEMV_MAX_M, memory-bound): split-K. Each program owns a block of W rows and a slice of
+  the reduction; it loads 16 packed bytes a thread from each row (coalesced, each byte read once, in
+  both directions: the backward walks the same row-major tiles and reduces over the rows), decodes
+  both nibbles in registers with one absmax load per 16 bytes, and multiplies: fp32 FMAs for one row
+  of x, `tl.dot` on a 16-row tile otherwise (2..16 rows would cost 2·M FMAs a weight element, more
+  than the decode). W is read as 0.5 byte an element (+ 4/blocksize absmax, 1/blocksize nested)
+  against 2 in bf16. The splits write fp32 partials that one small kernel sums (deterministic).
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
   transient buffer (freed right after the matmul, so the caching allocator hands the same block to
   the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once.
@@ -16,8 +19,8 @@ Two strategies, chosen per shape by :func:`_use_fused` (M = tokens = product of 
 Every W element is code[nibble] · absmax in fp32, rounded once to the activation dtype, as the
 reference does: the dequantized W is bit-identical to bitsandbytes'. A double-quantized absmax is
 code2[q] · absmax2 + offset in two fp32 roundings (launches disable fp contraction for that).
-The fused path needs K % blocksize == 0 (blocks never straddle rows); other shapes take the dequant
-path. Activations: bf16, fp16, fp32; any leading dims; optional bias.
+The GEMV needs K % 32 == 0 (a 16-byte chunk never straddles a row or an NF4 block); other shapes
+take the dequant path. Activations: bf16, fp16, fp32; any leading dims; optional bias.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ import triton.language as tl
 
 from ..formats import nf4 as nf4_format
 
-#: Up to this many tokens the fused kernel runs, above it dequant + cuBLAS. Default 0 (fused off): on
-#: H200 the fused kernel measured 9-21x slower than dequant + cuBLAS at M <= 16 (bench/results/nf4).
-FUSED_MAX_M = int(os.environ.get("LOWMEM_NF4_FUSED_MAX_M", "0"))
+#: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS. 16: the GEMV reads 3.6x
+#: fewer weight bytes than cuBLAS, and past 16 rows tl.dot tiles double and the weight is no longer
+#: the only traffic. To be confirmed on the GPU (bench/kernels_nf4.py times both paths at M=1, 16).
+GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
+#: How the GEMV turns a nibble into its code value: "select" (a 15-way select tree in registers)
+#: or "table" (a load from the 64-byte table, an L1 hit). Both are timed by bench/kernels_nf4.py.
+GEMV_DECODE = os.environ.get("LOWMEM_NF4_GEMV_DECODE", "select")
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -51,67 +58,140 @@ def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NE
     return scale
 
 
-@triton.jit
-def _w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, offs_kh, N, KH,
-            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[offs_n, 2·offs_kh .. 2·offs_kh+1] as fp32 [BLOCK_N, BLOCK_K]; offs_kh indexes the KH = K/2 packed
-    bytes of a row (passed as its own argument so that its alignment is known and loads vectorize)."""
-    mask = (offs_n[:, None] < N) & (offs_kh[None, :] < KH)
-    byte = tl.load(packed_ptr + offs_n[:, None] * KH + offs_kh[None, :], mask=mask, other=0).to(tl.int32)
-    # Both nibbles of a byte lie in the same NF4 block (block sizes are even), so one scale serves both.
-    block = (offs_n[:, None] * KH + offs_kh[None, :]) // (BLOCKSIZE // 2)
-    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED)
-    hi = tl.load(code_ptr + (byte >> 4)) * scale
-    lo = tl.load(code_ptr + (byte & 0xF)) * scale
-    return tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))  # high nibble first
+_CODE = tl.constexpr(nf4_format.NF4_CODE)
 
 
 @triton.jit
-def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, y_ptr,
-                      M, N, K, KH, stride_xm, stride_ym, stride_ys, K_PER_SPLIT,
-                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[m, n] (or the fp32 partial of split pid_s) = Σ_k x[m, k] · W[n, k] over this split's K range."""
-    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_s * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                    k0 // 2 + tl.arange(0, BLOCK_K // 2), N, KH, BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+def _select_code(v):
+    """NF4 code value of nibble `v` (int32) through a select tree on its bits: no memory access."""
+    b0, b1, b2 = (v & 1) != 0, (v & 2) != 0, (v & 4) != 0
+    q0 = tl.where(b1, tl.where(b0, _CODE[3], _CODE[2]), tl.where(b0, _CODE[1], _CODE[0]))
+    q1 = tl.where(b1, tl.where(b0, _CODE[7], _CODE[6]), tl.where(b0, _CODE[5], _CODE[4]))
+    q2 = tl.where(b1, tl.where(b0, _CODE[11], _CODE[10]), tl.where(b0, _CODE[9], _CODE[8]))
+    q3 = tl.where(b1, tl.where(b0, _CODE[15], _CODE[14]), tl.where(b0, _CODE[13], _CODE[12]))
+    return tl.where((v & 8) != 0, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
+
+
+@triton.jit
+def _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, kh, N, KH,
+            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr):
+    """(high, low) nibbles of the packed bytes [rows, kh] as fp32 weights, 0 outside [N, KH].
+
+    kh runs in whole 16-byte chunks (16 | KH, 16-aligned starts), so a thread's 16 bytes load as one
+    vector and share one NF4 block: the scale index is computed from the chunk start, which makes the
+    16 scale loads of a chunk one (identical addresses)."""
+    mask = (rows < N) & (kh < KH)
+    flat = rows * KH + kh
+    byte = tl.load(packed_ptr + flat, mask=mask, other=0).to(tl.int32)
+    chunk = rows * KH + (kh // 16) * 16
+    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, chunk // (BLOCKSIZE // 2), mask, NESTED)
+    if TABLE:
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+    else:
+        hi = _select_code(byte >> 4)
+        lo = _select_code(byte & 0xF)
+    return hi * scale, lo * scale
+
+
+@triton.jit
+def _unpair(word, X_KIND: tl.constexpr):
+    """x[2i], x[2i+1] as fp32 from the word holding both (little-endian: the even element is low).
+    Loading pairs as one word keeps the x loads as wide as the weight loads."""
+    if X_KIND == 0:  # bf16: the high half of an fp32
+        even = (word << 16).to(tl.float32, bitcast=True)
+        odd = (word & -65536).to(tl.float32, bitcast=True)
+    elif X_KIND == 1:  # fp16
+        even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # fp32 pairs in an int64
+        even = (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                     y_ptr, M, N, K, KH, stride_xm, stride_ym, stride_ys, KH_PER_SPLIT,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     X_KIND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KH: tl.constexpr):
+    """y[m, n] (or split pid_s's fp32 partial) = Σ_k x[m, k] · W[n, k] over this split's bytes of each row.
+
+    BLOCK_M == 1: fp32 FMAs into a [BLOCK_N, BLOCK_KH] accumulator in the load layout (x read as
+    element pairs `xw_ptr`), one reduction at the end. Otherwise a 16-row `tl.dot` on W in x's dtype."""
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kh_start = pid_s * KH_PER_SPLIT
+    kh_end = tl.minimum(kh_start + KH_PER_SPLIT, KH)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
+        for kh0 in range(kh_start, kh_end, BLOCK_KH):
+            kh = kh0 + tl.arange(0, BLOCK_KH)
+            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
+                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
+            xe, xo = _unpair(tl.load(xw_ptr + kh, mask=kh < KH, other=0), X_KIND)
+            acc += hi * xe[None, :] + lo * xo[None, :]
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kh0 in range(kh_start, kh_end, BLOCK_KH):
+            kh = kh0 + tl.arange(0, BLOCK_KH)
+            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
+                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_KH)).to(x_ptr.dtype.element_ty)  # high nibble first
+            k = 2 * kh0 + tl.arange(0, 2 * BLOCK_KH)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K),
+                        other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        out = acc
+    offs_m = tl.arange(0, BLOCK_M)
     if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(x_ptr.dtype.element_ty)
-        acc += bias.to(tl.float32)[None, :]
-    out = y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    dest = y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + rows[None, :]
+    tl.store(dest, out.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (rows[None, :] < N))
 
 
 @triton.jit
-def _fused_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, gx_ptr,
-                      M, N, K, KH, stride_gm, stride_xm, stride_xs, N_PER_SPLIT,
-                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad_x[m, k] (or the fp32 partial of split pid_s) = Σ_n grad_y[m, n] · W[n, k] over this split's N range."""
-    pid_m, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_kh = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    n_start = pid_s * N_PER_SPLIT
-    for n0 in range(n_start, tl.minimum(n_start + N_PER_SPLIT, N), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, offs_kh,
-                    N, KH, BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)
-        acc += tl.dot(g, w.to(g.dtype), input_precision=PRECISION)
-    out = gx_ptr + pid_s * stride_xs + offs_m[:, None] * stride_xm + offs_k[None, :]
-    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, gx_ptr,
+                     M, N, K, KH, stride_gm, stride_xm, stride_xs, ROWS_PER_SPLIT,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+    """grad_x[m, k] (or split pid_s's fp32 partial) = Σ_n grad_y[m, n] · W[n, k] over this split's rows.
+
+    Same row-major byte tiles as the forward (each row's bytes contiguous, read once); the sum runs
+    over the tile's rows. BLOCK_M == 1: FMAs into [BLOCK_N, BLOCK_KH] accumulators, one reduction at
+    the end; otherwise a 16-row `tl.dot`."""
+    pid_k, pid_s = tl.program_id(0), tl.program_id(1)
+    kh = pid_k * BLOCK_KH + tl.arange(0, BLOCK_KH)
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    if BLOCK_M == 1:
+        acc_hi = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
+        acc_lo = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
+        for n0 in range(row_start, row_end, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
+                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
+            g = tl.load(g_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            acc_hi += g * hi
+            acc_lo += g * lo
+        out = tl.reshape(tl.join(tl.sum(acc_hi, axis=0), tl.sum(acc_lo, axis=0)), (1, 2 * BLOCK_KH))
+    else:
+        out = tl.zeros((BLOCK_M, 2 * BLOCK_KH), dtype=tl.float32)
+        for n0 in range(row_start, row_end, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
+                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_KH)).to(g_ptr.dtype.element_ty)
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :],
+                        mask=(offs_m[:, None] < M) & (rows[None, :] < N), other=0.0)
+            out = tl.dot(g, w, out, input_precision=PRECISION)
+    k = pid_k * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+    dest = gx_ptr + pid_s * stride_xs + offs_m[:, None] * stride_xm + k[None, :]
+    tl.store(dest, out.to(gx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (k[None, :] < K))
 
 
 @triton.jit
@@ -151,23 +231,22 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 
 # --- launchers -----------------------------------------------------------------------------------
 
-#: Fused-kernel tiles by token bucket (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Forward: BLOCK_K is the
-#: reduction step, so a W tile row is BLOCK_K/2 contiguous bytes; backward: BLOCK_K is the output width.
-#: Picked for H100/H200-class GPUs (registers and shared memory checked at compile time, see docs/nf4.md).
-#: fp32 activations take an fp32 (FMA) product whose operands live in registers: a small tile, no spills.
-_FUSED_TILES = {16: (16, 64, 128, 4, 4), 32: (32, 64, 128, 4, 3), 64: (64, 64, 128, 4, 3)}
-_BWD_TILES = {16: (16, 32, 256, 4, 3), 32: (32, 32, 256, 4, 3), 64: (64, 64, 128, 4, 3)}
-_FP32_TILE = (16, 32, 64, 4, 2)
-_INTERPRET_TILE = (16, 32, 64, 4, 1)
+#: GEMV tiles (BLOCK_N, BLOCK_KH, warps): BLOCK_KH packed bytes of each of BLOCK_N rows a step, 16 a
+#: thread (one 128-bit load). Forward: BLOCK_N output columns; backward: BLOCK_N rows reduced a step
+#: and 2·BLOCK_KH output columns. One row of x: FMA; 2..16 rows: a 16-row tl.dot.
+_GEMV_TILES = {"fwd_fma": (16, 128, 4), "fwd_dot": (32, 64, 4), "bwd_fma": (16, 128, 4), "bwd_dot": (32, 64, 4)}
+_INTERPRET_TILES = {"fwd_fma": (8, 32, 4), "fwd_dot": (16, 16, 4), "bwd_fma": (8, 32, 4), "bwd_dot": (16, 16, 4)}
+_PROGRAMS_PER_SM = 4  # splits are added until this many programs exist (memory parallelism)
 _SUM_BLOCK = 1024
+_X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _tile(m: int, tiles: dict, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _INTERPRET_TILE
-    if dtype == torch.float32:
-        return _FP32_TILE
-    return tiles[min(b for b in tiles if b >= min(m, max(tiles)))]
+def _gemv_tile(m: int, direction: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_KH, warps)."""
+    key = f"{direction}_{'fma' if m == 1 else 'dot'}"
+    tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
+    return (1 if m == 1 else 16, *tiles[key])
 
 
 def _sm_count(device: torch.device) -> int:
@@ -176,12 +255,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _splits(tiles: int, reduce_len: int, block: int, device: torch.device) -> tuple[int, int]:
-    """(splits, length per split): split the reduction when the output tiles would leave SMs idle
-    (aim: two programs an SM), each split keeping ≥ 2 steps so the loads still pipeline."""
-    want = -(-2 * _sm_count(device) // tiles)
-    most = max(1, reduce_len // (2 * block))
-    per_split = triton.cdiv(triton.cdiv(reduce_len, max(1, min(want, most))), block) * block
+def _splits(blocks: int, reduce_len: int, step: int, device: torch.device) -> tuple[int, int]:
+    """(splits, length per split, a multiple of `step`): split the reduction until the output blocks
+    times the splits give _PROGRAMS_PER_SM programs an SM, never below one step a split."""
+    want = -(-_PROGRAMS_PER_SM * _sm_count(device) // blocks)
+    most = max(1, -(-reduce_len // step))
+    per_split = triton.cdiv(triton.cdiv(reduce_len, min(want, most)), step) * step
     return triton.cdiv(reduce_len, per_split), per_split
 
 
@@ -202,8 +281,19 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
     return absmax2, code2, offset, True
 
 
-def _use_fused(m: int, k: int, blocksize: int) -> bool:
-    return m <= FUSED_MAX_M and k % blocksize == 0 and k % 2 == 0
+def _use_gemv(m: int, k: int) -> bool:
+    return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
+
+
+def _gemv_options(decode: str | None, dtype: torch.dtype) -> dict:
+    """TABLE and the launch options. Not software-pipelined: with table loads (the pipeliner would turn
+    each 4-byte table load into its own async copy through shared memory) and for fp32 activations
+    (the pipelined fp32 dot spills on sm_90)."""
+    decode = decode or GEMV_DECODE
+    if decode not in ("table", "select"):
+        raise ValueError(f"NF4 GEMV decode must be 'select' or 'table', got {decode!r}")
+    table = decode == "table"
+    return {"TABLE": table, "num_stages": 1 if table or dtype == torch.float32 else 3, "enable_fp_fusion": False}
 
 
 def _dequant_constexprs(blocksize: int) -> dict:
@@ -233,48 +323,50 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     return out
 
 
-def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) in x's dtype."""
+def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None, *,
+           decode: str | None = None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) in x's dtype. `decode` overrides GEMV_DECODE (benchmarks)."""
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m == 0 or not _use_fused(m, k, blocksize):
+    if not _use_gemv(m, k):
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
-    bm, bn, bk, warps, stages = _tile(m, _FUSED_TILES, x.dtype)
-    splits, per_split = _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, x.device)
+    bm, bn, bkh, warps = _gemv_tile(m, "fwd")
+    splits, per_split = _splits(triton.cdiv(n, bn), k // 2, bkh, x.device)
     y = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     has_bias = bias is not None and splits == 1
-    _fused_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), splits)](
-        x2, packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
+    _gemv_fwd_kernel[(triton.cdiv(n, bn), splits)](
+        x2, x2.view(_PAIR_VIEW[x.dtype]), packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
         m, n, k, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, PRECISION=_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, X_KIND=_X_KIND[x.dtype], PRECISION=_precision(x),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=warps, **_gemv_options(decode, x.dtype),
     )
     out = y[0] if splits == 1 else _reduce_splits(y, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
-def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None) -> torch.Tensor:
+def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None, *,
+                    decode: str | None = None) -> torch.Tensor:
     """grad_x = grad_y · W in grad_y's dtype."""
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
-    if m == 0 or not _use_fused(m, k, blocksize):
+    if not _use_gemv(m, k):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
-    bm, bn, bk, warps, stages = _tile(m, _BWD_TILES, grad_y.dtype)
-    splits, per_split = _splits(triton.cdiv(m, bm) * triton.cdiv(k, bk), n, bn, grad_y.device)
+    bm, bn, bkh, warps = _gemv_tile(m, "bwd")
+    splits, per_split = _splits(triton.cdiv(k // 2, bkh), n, bn, grad_y.device)
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
-    _fused_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk), splits)](
+    _gemv_bwd_kernel[(triton.cdiv(k // 2, bkh), splits)](
         g2, packed, _code(grad_y.device), absmax, a2, c2, off, gx,
         m, n, k, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
-        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh,
+        num_warps=warps, **_gemv_options(decode, grad_y.dtype),
     )
     out = gx[0] if splits == 1 else _reduce_splits(gx, None, grad_y.dtype)
     return out.reshape(*grad_y.shape[:-1], k)
