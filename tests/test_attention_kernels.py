@@ -226,11 +226,17 @@ def test_kernel_odd_shapes(s, d, group, bits, causal):
     _kernel_vs_reference(1, 2 * group, 2, s, d, torch.float16, bits, causal, None)
 
 
+@pytest.mark.parametrize("d, bits", [(128, 4), (32, 4), (80, 8), (96, 4), (80, 16)])
+def test_kernel_head_dims(d, bits):
+    """Every tile layout: 4 groups (two a nibble) at 128, one a half at 32, halves padded to 64 at 80/96."""
+    _kernel_vs_reference(1, 4, 2, 21, d, torch.float16, bits, True, None)
+
+
 def test_kernel_cross_attention_lengths():
     _kernel_vs_reference(1, 2, 1, 19, 64, torch.float16, 4, False, "bool", sk=50)
 
 
-@pytest.mark.parametrize("bits, d", [(4, 64), (8, 96), pytest.param(8, 64, marks=_SLOW), pytest.param(4, 96, marks=_SLOW)])
+@pytest.mark.parametrize("bits, d", [(4, 64), (8, 96), (4, 128), (4, 80), pytest.param(8, 64, marks=_SLOW), pytest.param(4, 96, marks=_SLOW)])
 def test_quantize_kernel_is_bit_exact(bits, d):
     from lowmem_compile.codegen import attention_kv4 as kern
 
