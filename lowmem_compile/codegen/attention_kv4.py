@@ -415,8 +415,8 @@ def _dq_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dQ,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) -> the kv_bits it is tried at: those that compile for sm_90
-# (Triton 3.6) without register spills at every head dim and mask kind and fit in shared memory
-# (docs/attention.md has the table); each costs a compile on first use. The causal split needs
+# (Triton 3.6) without register spills at D = 128 without a mask and fit in shared memory
+# (docs/attention.md has the table and the exceptions); each costs a compile on first use. The causal split needs
 # BLOCK_M % BLOCK_N == 0 for fwd/dq and BLOCK_N % BLOCK_M == 0 for dkdv.
 _ALL = (16, 8, 4)
 _CONFIGS = {
