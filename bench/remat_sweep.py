@@ -2,15 +2,18 @@
 `activation_memory_budget` (1.0 / 0.5 / 0.3 / 0.1) vs eager gradient checkpointing.
 
     python bench/remat_sweep.py                      # Llama-3-8B shape, 4 layers, seq 8192, one H200
+    python bench/remat_sweep.py --layers 32 --gpus 4 --budgets 20,30,40,50   # the full model
     python bench/remat_sweep.py --smoke              # tiny shapes on the CPU (eager inner compilers)
 
 Model: hidden 4096, MLP 14336, 32/8 heads, vocab 128256, bf16 frozen base + peft LoRA r=16 on every
 projection, random weights built on the device, bf16 autocast; forward + backward, no optimizer.
 Each configuration runs in its own process. The stock points run first; each lowmem budget is set
 to just under a stock point's measured peak as soon as that point finishes (plus `remat=full` and
-`remat=none`), so the table answers "same memory, less time?". lowmem runs with its other passes
-off, so only the partitioner differs from Inductor. Workers compile concurrently (a shared
-per-run cache) but run their steps one at a time under a lock, so timings do not overlap.
+`remat=none`), so the table answers "same memory, less time?"; `--budgets` adds lowmem points at
+fixed budgets that start at once (a 32-layer compile takes minutes: waiting for the stock points
+would not fit one run). lowmem runs with its other passes off, so only the partitioner differs from
+Inductor. Workers compile concurrently (a shared per-run cache) but run their steps one at a time per
+GPU under a lock, so timings do not overlap; `--gpus N` spreads workers over N GPUs.
 Output in $OUT (default bench/results): remat_sweep.json, remat_sweep.md, remat_sweep.png.
 """
 
@@ -111,6 +114,7 @@ def worker(cfg: dict) -> dict:
 
 def spawn(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=cfg["cache"], TORCHINDUCTOR_COMPILE_THREADS="4")
+    env["CUDA_VISIBLE_DEVICES"] = str(cfg["gpu"])
     if cfg["smoke"]:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["TRITON_INTERPRET"] = "1"
@@ -140,6 +144,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=4, help="workers compiling at once")
     ap.add_argument("--time-limit", type=float, default=280.0, help="seconds; no worker starts after it")
+    ap.add_argument("--budgets", default="", help="GiB, comma-separated: lowmem auto points started at once")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs to spread workers over (one lock each)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,14 +158,25 @@ def main() -> int:
     scratch = tempfile.mkdtemp(prefix="remat_sweep_")
     base = dict(
         device="cpu" if args.smoke else "cuda", smoke=args.smoke, layers=args.layers, seq=args.seq,
-        steps=args.steps, lock=os.path.join(scratch, "device.lock"), cache=os.path.join(scratch, "cache"),
+        steps=args.steps, cache=os.path.join(scratch, "cache"),
     )
+    gpus = 1 if args.smoke else max(1, args.gpus)
+    placed = 0
+
+    def place(cfg: dict) -> dict:
+        """The next GPU, round robin, and its lock."""
+        nonlocal placed
+        gpu, placed = placed % gpus, placed + 1
+        return dict(cfg, gpu=gpu, lock=os.path.join(scratch, f"device{gpu}.lock"))
+
     stock = [dict(base, name=n, kind="inductor", amb=a) for n, a in STOCK] + [dict(base, name="eager_gc", kind="eager_gc")]
     fixed = [dict(base, name=f"lowmem_{p}", kind="lowmem", remat=p) for p in ("none", "full")]
+    for gib in filter(None, args.budgets.split(",")):
+        fixed.append(dict(base, name=f"lowmem_auto@{gib}GiB", kind="lowmem", remat="auto", budget_bytes=int(float(gib) * GIB)))
     rows: list[dict] = []
     left = args.time_limit - 10
     with ThreadPoolExecutor(args.parallel) as pool:
-        pending = {pool.submit(spawn, c, left): c for c in stock + fixed}
+        pending = {pool.submit(spawn, c, left): c for c in map(place, stock + fixed)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -169,10 +186,10 @@ def main() -> int:
                 remaining = args.time_limit - (time.perf_counter() - t0)
                 if cfg["kind"] != "lowmem" and row.get("peak_bytes") and remaining > 60:
                     budget = int(0.97 * row["peak_bytes"])  # just under the stock point's peak
-                    c = dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=budget)
+                    c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=budget))
                     pending[pool.submit(spawn, c, remaining - 5)] = c
                 elif cfg["kind"] != "lowmem" and args.smoke and row.get("step_ms"):
-                    c = dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=1)
+                    c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=1))
                     pending[pool.submit(spawn, c, remaining - 5)] = c
     write(rows, args, time.perf_counter() - t0)
     return 0

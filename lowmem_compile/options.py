@@ -40,6 +40,10 @@ class Options:
     remat: str = "auto"
     """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""
 
+    offload: str = "off"
+    """Park saved activations in host memory between forward and backward: "off", or "layers" (the
+    saved values of every layer but the last; the cost model then plans with them off the device)."""
+
     memory_budget: int | float | None = None
     """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device memory."""
 
@@ -110,6 +114,7 @@ _CHOICES = {
     "attention": ("kv4", "kv8", "kv16", "off"),
     "nf4": ("auto", "quantize", "off"),
     "remat": ("auto", "none", "full"),
+    "offload": ("off", "layers"),
     "fused_loss": ("on", "off"),
     "logits": ("keep", "drop"),
 }

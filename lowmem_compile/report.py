@@ -68,6 +68,7 @@ class RematStats:
     predicted_peak_bytes: int | None = _rule(_MAX, None)
     predicted_peak_outputs_freed_bytes: int | None = _rule(_MAX, None)
     recomputed: int = _rule(_SUM)
+    offloaded_bytes: int = _rule(_SUM)
     added_flops: int = _rule(_SUM)
     added_seconds: float = _rule(_SUM, 0.0)
     budget_bytes: int | None = _rule(_LAST, None)
@@ -128,6 +129,7 @@ class Report:
             ("remat policy", remat["policy"]),
             ("saved for backward", _gib(remat["saved_bytes"])),
             ("values recomputed", str(remat["recomputed"])),
+            ("offloaded to host memory", _gib(remat["offloaded_bytes"])),
             ("predicted peak", "n/a" if peak is None else _gib(peak)),
         ]
         freed = remat["predicted_peak_outputs_freed_bytes"]

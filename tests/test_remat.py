@@ -143,6 +143,10 @@ def test_with_other_passes_custom_ops():
 
 def _joint_graph(family="llama", seq=24):
     """The joint graph AOTAutograd hands the partitioner, with its keyword arguments."""
+    return _joint_graph_of(tiny_model(family), seq)
+
+
+def _joint_graph_of(model, seq=24):
     captured = {}
 
     def grab(gm, joint_inputs, **kwargs):
@@ -152,7 +156,7 @@ def _joint_graph(family="llama", seq=24):
         return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     backend = aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=grab, decompositions=select_decomp_table())
-    torch.compile(tiny_model(family), backend=backend)(**batch(seq=seq)).loss.backward()
+    torch.compile(model, backend=backend)(**batch(seq=seq)).loss.backward()
     return captured
 
 
@@ -164,7 +168,7 @@ def joint():
 def test_lower_budget_never_gives_higher_peak(joint):
     planner = _Planner(joint["gm"], joint["joint_inputs"], dict(joint["kwargs"], compiler="inductor"), fused=False, rates=CPU)
     stock = planner.partition("none", {})
-    plans = [stock] + planner.auto_family(stock)
+    plans = [stock] + planner.greedy_family(stock) + [planner.layer_plan(k) for k in range(1, len(planner.layers) + 1)]
     peaks = sorted({p.peak for p in plans})
     assert len(peaks) >= 3, "the plan family should offer several peaks"
     assert min(p.peak for p in plans) < stock.peak
@@ -184,6 +188,25 @@ def test_lower_budget_never_gives_higher_peak(joint):
             part(joint["gm"], joint["joint_inputs"], **joint["kwargs"])
         results.append(part.plans[-1].peak)
     assert results[1] <= results[0] <= peaks[-1] - 1
+
+
+def test_layer_search_finds_the_fewest_layers_that_fit():
+    """The interpolating search returns what enumerating every layer count would: the smallest k
+    whose plan fits. Four layers, so that the search has an inside to bracket."""
+    captured = _joint_graph_of(tiny_model("llama", num_hidden_layers=4))
+    planner = _Planner(captured["gm"], captured["joint_inputs"], dict(captured["kwargs"], compiler="inductor"), fused=False, rates=CPU)
+    assert len(planner.layers) == 4
+    stock = planner.partition("none", {})
+    every = [stock] + [planner.layer_plan(k) for k in range(1, 5)]
+    peaks = [p.peak for p in every]
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0], peaks
+    for k in range(1, 5):
+        budget = peaks[k]  # the plan with k layers just fits, k - 1 does not (when their peaks differ)
+        found = [p for p in planner.layer_search(stock, budget) if p.peak <= budget]
+        smallest = min(j for j in range(5) if peaks[j] <= budget)
+        if smallest == 0:
+            continue  # the search starts where the stock plan does not fit
+        assert min(found, key=lambda p: p.added_seconds).name == every[smallest].name
 
 
 def test_infeasible_budget_gives_lowest_peak_and_warns(joint):

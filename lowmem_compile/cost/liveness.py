@@ -22,7 +22,7 @@ import sympy
 import torch
 import torch.fx
 
-from .sizes import is_getitem, is_view, storage_root, sym_bytes, tensor_bytes, tensor_val
+from .sizes import is_getitem, is_host_copy, is_view, storage_root, sym_bytes, tensor_bytes, tensor_val
 from .timing import is_fusible
 
 
@@ -177,6 +177,8 @@ def _alloc(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr] | None:
     """Bytes a call produces. A multi-output op's elements are counted at their getitems, except the
     ones nobody reads, which are transient at the op itself."""
     val = node.meta.get("val")
+    if is_host_copy(node):
+        return None
     if isinstance(val, (tuple, list)):
         read = {u.args[1] for u in node.users if is_getitem(u)}
         parts = [sizes.of(v) for i, v in enumerate(val) if isinstance(v, torch.Tensor) and i not in read]
@@ -225,8 +227,8 @@ def simulate_step(
             pre[p] = sizes.of(tensor_val(p))
             continue
         root = storage_root(fw_node)
-        if root.op == "placeholder" or root in user_roots:
-            continue  # resident, or held by the caller anyway
+        if root.op == "placeholder" or root in user_roots or is_host_copy(root):
+            continue  # resident, held by the caller anyway, or in host memory until its reload
         if root in first_view:  # another view of a storage already counted: extend its lifetime
             siblings[first_view[root]].append(p)
             continue
@@ -243,7 +245,7 @@ def simulate_step(
         base_expr=resident_expr + held_expr,
         siblings=siblings,
     )
-    saved = [sizes.of(tensor_val(r)) for r in saved_roots - user_roots]
+    saved = [sizes.of(tensor_val(r)) for r in saved_roots - user_roots if not is_host_copy(r)]
     if fw_peak >= held_int + bw_peak:
         peak_values = fw_live
     else:

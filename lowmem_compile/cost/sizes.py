@@ -59,5 +59,11 @@ def tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def is_host_copy(node: torch.fx.Node) -> bool:
+    """True for `lowmem::offload`: its result lives in host memory, which no device budget counts."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.name() == "lowmem::offload"
+
+
 def is_getitem(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem

@@ -32,13 +32,15 @@ class DeviceRates:
     """FLOP/s of fp32 matmuls."""
     bandwidth: float
     """Bytes/s of memory traffic."""
+    host_link: float
+    """Bytes/s of one direction of the host <-> device link (pinned copies)."""
 
     def flops_rate(self, dtype: torch.dtype) -> float:
         return self.matmul_flops_16bit if dtype in (torch.bfloat16, torch.float16) else self.matmul_flops_32bit
 
 
-H200 = DeviceRates("H200", matmul_flops_16bit=790e12, matmul_flops_32bit=60e12, bandwidth=4.3e12)
-CPU = DeviceRates("cpu (nominal)", matmul_flops_16bit=0.2e12, matmul_flops_32bit=0.2e12, bandwidth=20e9)
+H200 = DeviceRates("H200", matmul_flops_16bit=790e12, matmul_flops_32bit=60e12, bandwidth=4.3e12, host_link=50e9)
+CPU = DeviceRates("cpu (nominal)", matmul_flops_16bit=0.2e12, matmul_flops_32bit=0.2e12, bandwidth=20e9, host_link=20e9)
 
 
 def rates_for(device: torch.device) -> DeviceRates:
@@ -48,7 +50,11 @@ def rates_for(device: torch.device) -> DeviceRates:
     props = torch.cuda.get_device_properties(device)
     scale = props.multi_processor_count / 132  # the H200 has 132 SMs
     return DeviceRates(
-        props.name, H200.matmul_flops_16bit * scale, H200.matmul_flops_32bit * scale, H200.bandwidth * min(1.0, scale)
+        props.name,
+        H200.matmul_flops_16bit * scale,
+        H200.matmul_flops_32bit * scale,
+        H200.bandwidth * min(1.0, scale),
+        H200.host_link,
     )
 
 

@@ -10,11 +10,16 @@ tags `torch.utils.checkpoint` policies set), then predicts the step's peak with
 * `none`: the stock plan, unchanged (it already recomputes cheap pointwise chains);
 * `full`: inside each repeated layer (a `ModuleList` element) everything is recomputed and only the
   layer's inputs are saved, like per-layer gradient checkpointing;
-* `auto`: the candidate plans are the stock plan, `full`, and the stock plan with the first k saved
-  values forced to recompute, in order of recompute seconds per byte freed (a greedy knapsack). Of
-  the plans whose predicted peak fits the budget it takes the one with the least added time; when
-  none fits, the lowest peak, with a warning. The candidate set does not depend on the budget, so a
-  lower budget never yields a higher predicted peak.
+* `auto`: when the stock plan's predicted peak exceeds the budget, two families of candidates: the
+  stock plan with the first saved values forced to recompute, in order of recompute seconds per
+  byte freed (a greedy knapsack: cheap, small savings), and `full` on the first k layers only (the
+  earliest layers, whose recompute runs last in the backward, when the least is live: savings in
+  steps of one layer's activations, up to `full`). Of the plans whose predicted peak fits it takes
+  the one with the least added time; when none fits, the lowest peak, with a warning. The layer
+  count k is searched, not enumerated: the smallest k that fits, by interpolating the peak between
+  the bracketing plans (a few partitions, where the 33 plans of a 32-layer model would each cost
+  a partition). Peaks fall and added times grow with k, so the search picks what enumerating all
+  k would, and a lower budget never yields a higher predicted peak.
 
 User `torch.utils.checkpoint` regions keep their own tags; random, mutating and effectful ops are
 never forced to recompute. Invariant: whatever the tags, the partition is torch's, so gradients are
@@ -23,6 +28,7 @@ exact; only memory and time change.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import warnings
@@ -43,11 +49,13 @@ from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompu
 from ..options import Options
 from ..report import GraphReport, RematStats
 from ..sources import source_hash
+from . import offload
 
 #: Share of free device memory left unplanned when no budget is given (allocator slack, workspaces).
 FREE_MEMORY_MARGIN = 0.10
-#: Fractions of the candidates' saved bytes forced to recompute in the `auto` plan family.
-AUTO_STEPS = (0.25, 0.5, 0.75, 1.0)
+#: Fractions of the candidates' saved bytes forced to recompute in `auto`'s greedy family (past
+#: half, measured plans only rose in peak: recomputing more values made the min-cut save their inputs).
+AUTO_STEPS = (0.25, 0.5)
 _LAYER_RE = re.compile(r"[.\[]\d+\]?(?=$|[.\[])")
 
 
@@ -64,6 +72,7 @@ class Plan:
     recomputed: list[str]
     added_flops: int
     added_seconds: float
+    offloaded_bytes: int = 0
 
     @property
     def peak(self) -> int:
@@ -120,14 +129,20 @@ def layer_of(node: torch.fx.Node) -> str | None:
 class _Planner:
     """Partitions one joint graph under tag sets and scores each result with the cost model."""
 
-    def __init__(self, gm, joint_inputs, kwargs, *, fused: bool, rates: DeviceRates) -> None:
+    def __init__(
+        self, gm, joint_inputs, kwargs, *, fused: bool, rates: DeviceRates, offload_to: torch.device | None = None
+    ) -> None:
         gm.graph.eliminate_dead_code()
         gm.recompile()
         self.gm, self.joint_inputs, self.kwargs = gm, joint_inputs, kwargs
         self.fused, self.rates = fused, rates
+        self.offload_to = offload_to
+        """With a device, every plan parks its earlier layers' saved values in host memory."""
         self.forward = _forward_nodes(gm.graph)
         self.forward_names = {n.name for n in self.forward}
         self.by_name = {n.name: n for n in gm.graph.nodes}
+        self.layers = list(dict.fromkeys(layer for n in gm.graph.nodes if n in self.forward and (layer := layer_of(n))))
+        """The repeated layers in forward order."""
 
     def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
         graph = torch.fx.Graph()
@@ -140,6 +155,10 @@ class _Planner:
                 node.meta["recompute"] = tags[node.name]
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
+        moved = 0
+        if self.offload_to is not None and self.layers:
+            last_layer = next(n for n in fw.graph.nodes if layer_of(n) == self.layers[-1])
+            moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to)
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
@@ -154,25 +173,53 @@ class _Planner:
             saved_names=[n.name for n in saved_values(fw, num_out)],
             recomputed=[n.name for n in recomputed],
             added_flops=sum(node_flops(n) for n in recomputed),
-            added_seconds=recompute_time(recomputed, self.rates),
+            added_seconds=recompute_time(recomputed, self.rates) + moved / self.rates.host_link,
+            offloaded_bytes=moved,
         )
 
-    def full_tags(self) -> dict[str, CheckpointPolicy]:
-        """Recompute everything inside each layer; save what flows into a layer from outside it."""
+    def full_tags(self, layers: int | None = None) -> dict[str, CheckpointPolicy]:
+        """Recompute everything inside each of the first `layers` layers (all by default); save what
+        flows into those layers from outside them."""
+        chosen = set(self.layers if layers is None else self.layers[:layers])
         tags: dict[str, CheckpointPolicy] = {}
         for node in self.forward:
-            layer = layer_of(node)
-            if layer is None:
-                continue
-            if _can_force_recompute(node):
+            if layer_of(node) in chosen and _can_force_recompute(node):
                 for n in _recompute_unit(node):
                     tags[n.name] = CheckpointPolicy.MUST_RECOMPUTE
         for node in self.forward:
             layer = layer_of(node)
             for user in node.users:
-                if user in self.forward and layer_of(user) not in (None, layer) and "recompute" not in node.meta:
+                into = layer_of(user)
+                if user in self.forward and into in chosen and into != layer and "recompute" not in node.meta:
                     tags[node.name] = CheckpointPolicy.MUST_SAVE
         return tags
+
+    def layer_plan(self, k: int) -> Plan:
+        """`full` on the first k layers, the stock plan elsewhere."""
+        name = "full" if k == len(self.layers) else f"full[{k}/{len(self.layers)} layers]"
+        return self.partition(name, self.full_tags(k))
+
+    def layer_search(self, stock: Plan, budget: int) -> list[Plan]:
+        """The layer plans evaluated while finding the smallest k whose peak fits `budget` (stock is
+        k = 0 and does not fit): `full` first, then interpolation inside the bracket."""
+        n = len(self.layers)
+        if n == 0:
+            return []
+        full = self.layer_plan(n)
+        plans = [full]
+        lo, hi = (0, stock), (n, full)
+        if full.peak > budget:
+            return plans
+        while hi[0] - lo[0] > 1:
+            share = (lo[1].peak - budget) / max(lo[1].peak - hi[1].peak, 1)
+            k = min(max(lo[0] + math.ceil(share * (hi[0] - lo[0])), lo[0] + 1), hi[0] - 1)
+            plan = self.layer_plan(k)
+            plans.append(plan)
+            if plan.peak <= budget:
+                hi = (k, plan)
+            else:
+                lo = (k, plan)
+        return plans
 
     def candidates(self, stock: Plan) -> list[tuple[float, list[str], int]]:
         """Values the stock plan saves that could be recomputed: (seconds per byte, tag names, bytes),
@@ -200,8 +247,8 @@ class _Planner:
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         return sorted(out, key=lambda c: (c[0], order[self.by_name[c[1][0]]]))
 
-    def auto_family(self, stock: Plan) -> list[Plan]:
-        """Stock with growing prefixes of the candidates recomputed, plus `full`."""
+    def greedy_family(self, stock: Plan) -> list[Plan]:
+        """Stock with growing prefixes of the candidates recomputed."""
         cands = self.candidates(stock)
         total = sum(c[2] for c in cands)
         plans, done, tags, acc, i = [], set(), {}, 0, 0
@@ -213,7 +260,6 @@ class _Planner:
             if i and i not in done:
                 done.add(i)
                 plans.append(self.partition(f"auto[{i}/{len(cands)}]", dict(tags)))
-        plans.append(self.partition("full", self.full_tags()))
         return plans
 
 
@@ -275,7 +321,10 @@ class RematPartitioner(CustomPartitionerFn):
         kwargs.setdefault("compiler", "inductor")
         device = _device_of(joint_inputs)
         budget, budget_source = self.budget(device)
-        planner = _Planner(gm, joint_inputs, kwargs, fused=self.options.inner == "inductor", rates=rates_for(device))
+        offload_to = device if self.options.offload == "layers" else None
+        planner = _Planner(
+            gm, joint_inputs, kwargs, fused=self.options.inner == "inductor", rates=rates_for(device), offload_to=offload_to
+        )
         policy = self.options.remat
         notes: list[str] = []
         if policy == "full":
@@ -283,13 +332,15 @@ class RematPartitioner(CustomPartitionerFn):
         else:
             plans = [planner.partition("none", {})]
             if policy == "auto" and budget is not None and plans[0].peak > budget:
-                plans += planner.auto_family(plans[0])
+                plans += planner.greedy_family(plans[0]) + planner.layer_search(plans[0], budget)
         plan, miss = choose(plans, budget if policy == "auto" else None)
         if miss:
             warnings.warn(f"lowmem remat: {miss}", stacklevel=2)
             notes.append(miss)
         if budget is not None and plan.peak > budget and policy != "auto":
             notes.append(f"remat={policy} plan peaks at {plan.peak / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget")
+        if offload_to is not None and not planner.layers:
+            notes.append("offload=layers: no repeated layers found (a ModuleList of blocks); nothing offloaded")
         notes.append(
             f"plan {plan.name} of {len(plans)} evaluated; recompute adds ~{plan.added_seconds * 1e3:.2f} ms "
             f"({plan.added_flops / 1e9:.1f} GFLOP){'; budget from ' + budget_source if budget is not None else ''}"
@@ -304,6 +355,7 @@ class RematPartitioner(CustomPartitionerFn):
                 predicted_peak_bytes=plan.peak,
                 predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed,
                 recomputed=len(plan.recomputed),
+                offloaded_bytes=plan.offloaded_bytes,
                 added_flops=plan.added_flops,
                 added_seconds=plan.added_seconds,
                 budget_bytes=budget,
@@ -329,4 +381,4 @@ class RematPartitioner(CustomPartitionerFn):
         extra = self.options.cache_key()
         if self.options.memory_budget is None and torch.cuda.is_available():
             extra += f"|free={torch.cuda.mem_get_info()[0] >> 30}GiB"
-        return source_hash(sys.modules[__name__], sizes, timing, liveness, extra=extra)
+        return source_hash(sys.modules[__name__], offload, sizes, timing, liveness, extra=extra)
