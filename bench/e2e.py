@@ -112,11 +112,14 @@ RECIPES: dict[str, Recipe] = {
     "unsloth": Recipe(loader="unsloth"),
 }
 LOWMEM_RECIPE = Recipe(compiler="lowmem")
-#: Built-in lowmem variants: the defaults (frozen linears quantized to NF4 by `quantize_` first), and
-#: every pass off with the bf16 weights (what the pipeline costs by itself; compare with `inductor`).
+#: Built-in lowmem variants: the defaults (frozen linears quantized to NF4 by `quantize_` first);
+#: every pass off with the bf16 weights (what the pipeline costs by itself; compare with `inductor`);
+#: and the least memory (layers recomputed, their inputs in host memory, no logits returned: what
+#: this loop, like the peers' fused-loss paths, never reads).
 LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
     "lowmem": {},
     "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
+    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop"},
 }
 DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 
