@@ -81,10 +81,10 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seq", type=int, default=128)
+def add_run_args(p: argparse.ArgumentParser, steps: int, seq: int) -> None:
+    """The model and training flags (shared with bench/kv_bits_loss.py)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -92,6 +92,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p, steps=50, seq=128)
     p.add_argument("--options", type=json.loads, default={}, help='lowmem options as JSON, e.g. \'{"attention": "kv4"}\'')
     p.add_argument("--no-eager", action="store_true", help="on CUDA, skip the eager run used for comparison")
     p.add_argument("--bf16-base", action="store_true", help="keep the frozen base weights in 16 bits (no quantize_)")
