@@ -94,7 +94,20 @@ def _variants(cuda, scale):
         out["sdpa_math"] = _sdpa(SDPBackend.MATH, scale)
     for bits in (16, 8, 4):
         out[f"ours_kv{bits}"] = _ours(bits, scale)
+    for bits in (16, 4):
+        out[f"ours_kv{bits}_keypad"] = _ours_keypad(bits, scale)
     return out
+
+
+def _ours_keypad(bits, scale):
+    """Ours with HF's lowered padding mask: causal + a [B, 1, 1, S] bool key mask, last eighth padded."""
+
+    def f(q, k, v):
+        s = k.shape[2]
+        mask = torch.arange(s, device=q.device).expand(q.shape[0], 1, 1, s) < s - s // 8
+        return torch.ops.lowmem.attention(q, k, v, mask, causal=True, scale=scale, kv_bits=bits)[0]
+
+    return f
 
 
 def _fwd_bwd(f, qkv, do):

@@ -53,6 +53,18 @@ def _mask(kind, b, hq, s, sk):
         m = torch.ones(b, 1, 1, sk, dtype=torch.bool)
         m[0, ..., : sk // 3] = False
         return m
+    if kind == "padding_heads":  # one key vector a query head; whole key blocks masked; one head masks every key
+        m = torch.ones(b, hq, 1, sk, dtype=torch.bool)
+        m[0, 0] = False
+        m[0, 1:, :, :40] = False
+        m[-1, :, :, sk - 5 :] = False
+        return m
+    if kind == "padding_additive":  # HF's finfo.min padding, -inf, and small biases on the other keys
+        m = torch.randn(b, 1, 1, sk, generator=g) * 0.5
+        m[0, ..., :40] = torch.finfo(torch.float32).min
+        m[0, ..., 40:43] = float("-inf")
+        m[-1, ..., sk - 5 :] = float("-inf")
+        return m
     return None
 
 
@@ -190,6 +202,7 @@ def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=No
     assert torch.equal(finite, torch.isfinite(got[1])) and rel_err(got[1][finite], ref[1][finite]) < tol
     for name, a, r in zip(("dQ", "dK", "dV"), grads, ref_grads):
         assert rel_err(a, r) < 2 * tol, name
+    return got, grads
 
 
 _SLOW = pytest.mark.slow
@@ -208,6 +221,16 @@ _SLOW = pytest.mark.slow
 )
 def test_kernel_matches_reference_fp16(bits, causal, mask_kind):
     _kernel_vs_reference(1, 4, 2, 45, 64, torch.float16, bits, causal, mask_kind)
+
+
+@pytest.mark.parametrize("bits, causal, mask_kind", [(16, True, "padding_heads"), (4, False, "padding_additive")])
+def test_kernel_key_padding_masks(bits, causal, mask_kind):
+    """Key masks are read as one vector a key block: per-head vectors, key blocks masked whole (their
+    dK/dV programs skip every query block), HF's finfo.min rows (which average every key) and -inf."""
+    got, grads = _kernel_vs_reference(2, 4, 2, 70, 64, torch.float16, bits, causal, mask_kind)
+    if mask_kind == "padding_heads":  # head 0 of batch 0 attends to nothing: O and dQ are exactly 0
+        assert not got[0][0, 0].any() and not grads[0][0, 0].any() and torch.isinf(got[1][0, 0]).all()
+        assert got[0][0, 1].abs().sum() > 0
 
 
 def test_kernel_fp32_exact_kv16():
@@ -264,11 +287,15 @@ def test_gpu_bf16_against_float64(d, bits):
 
 
 @pytest.mark.gpu
-def test_gpu_padding_mask_bf16():
+@pytest.mark.parametrize(
+    "mask_kind, causal, bits",
+    [("padding", True, 16), ("padding_heads", True, 4), ("padding_additive", False, 16), ("bool", False, 16), ("additive", True, 8)],
+)
+def test_gpu_masks_bf16(mask_kind, causal, bits):
+    """Every mask path at an odd length (unaligned mask rows): key vectors and general tiles."""
     q, k, v = (t.cuda() for t in _inputs(2, 8, 2, 777, 128, torch.bfloat16))
-    mask = _mask("padding", 2, 8, 777, 777).cuda()
+    mask = _mask(mask_kind, 2, 8, 777, 777).cuda()
     grad_out = torch.randn(q.shape, device="cuda").bfloat16()
-    want = _float64_reference(q, k, v, mask, True, 0.088, grad_out)
-    got = _op(q, k, v, mask, True, 0.088, 16, grad_out)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-2
+    want = _float64_reference(q, k, v, mask, causal, 0.088, grad_out)
+    got = _op(q, k, v, mask, causal, 0.088, bits, grad_out)
+    _assert_accurate(got, want, bits, exact_tol=1e-2)

@@ -18,6 +18,12 @@ nothing to any product.
 Each program splits its loop into the blocks that need no mask (fully visible: below the causal
 diagonal and inside the sequence) and the few that do (on the diagonal, or past the end).
 
+Masks (MASK_KIND): 0 none; 1 the same for every query row (a key-padding mask, e.g. the [B, 1, 1, Sk]
+term HF's causal + padding mask lowers to): one [BLOCK_N] vector a key block, broadcast over the
+rows (a dK/dV program loads it once per query head and skips a key block masked whole); 2 any other
+(the fallback): a [rows, cols] tile, which enters as the dot's accumulator and has its own configs.
+Bool masks arrive as uint8, additive ones as floats.
+
 Kernels: `_quantize_kernel` (K smoothed by its sequence mean, computed by torch, then groups
 quantized; V as is), `_fwd_kernel` (one program per query block and query head; it reads its KV
 head, so K/V are never repeated), `_delta_kernel` (rowsum(dO ∘ O)), `_dkdv_kernel` (one program
@@ -30,8 +36,7 @@ a query row, shared with the next layer's input) and lse (4 bytes a query row).
 
 Accepts: q [B, Hq, S, D], k/v [B, Hkv, S, D], fp16 or bf16 (fp32 only under the interpreter, where
 dots are exact), D in SUPPORTED_HEAD_DIMS, any sequence length, causal (Sq == Sk) or not, a mask
-(bool or additive) broadcastable to [B, Hq, Sq, Sk]: key-padding masks of shape [B, 1, 1, Sk]
-are read with zero strides; any other shape is read tile by tile (the fallback, more bytes).
+(bool or additive) broadcastable to [B, Hq, Sq, Sk].
 """
 
 from __future__ import annotations
@@ -107,18 +112,39 @@ def _load_kv(base, sbase, offs_n, n_ok, stride_n, stride_d, stride_sn, ROWS: tl.
 
 
 @triton.jit
-def _apply_mask(s, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
-    """Scores in log2 units with a bool (1) or additive (2) mask tile applied; an additive entry
-    below -1e29 (HF's finfo.min) sets the score to -1024 (natural units), as ops/attention.py says."""
-    ok = m_ok[:, None] & n_ok[None, :]
-    ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-    if MASK_KIND == 1:
-        s = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, s, float("-inf"))
-    if MASK_KIND == 2:
-        add = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        masked = tl.where(add == float("-inf"), add, -1024.0 * 1.4426950408889634)
-        s = tl.where(add < -1e29, masked, s + add * 1.4426950408889634)
-    return s
+def _key_mask(mask_base, offs_n, n_ok, stride_mn, EVEN: tl.constexpr):
+    """One key block of a row-broadcast (key-padding) mask: a [BLOCK_N] vector, the same for every
+    query row, so it costs BLOCK_N pointers where a tile costs BLOCK_M x BLOCK_N. EVEN: every key
+    is in range, so the load needs no predicate."""
+    ptrs = mask_base + offs_n * stride_mn
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=n_ok, other=0)
+
+
+@triton.jit
+def _masked_dot(a, b, mask_base, rows, cols, ok, stride_r, stride_c, qk_scale):
+    """Scores a·b · qk_scale (log2 units) under a [rows, cols] tile of a general mask (the fallback,
+    one pointer a score; 0 where not `ok`). The tile's -inf entries enter as the dot's accumulator:
+    that pins the tile to the dot's layout (applied only after the dot, the compiler kept the scores
+    in two layouts at once and spilled 200-900 bytes of registers)."""
+    m = tl.load(mask_base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=ok, other=0)
+    if m.dtype == tl.uint8:
+        return tl.dot(a, b, tl.where(m != 0, 0.0, float("-inf"))) * qk_scale
+    add = m.to(tl.float32)
+    return _masked(tl.dot(a, b, tl.where(add == float("-inf"), add, 0.0)) * qk_scale, m)
+
+
+@triton.jit
+def _masked(s, m):
+    """Scores in log2 units with mask values `m` applied (a tile, or a key vector broadcast along the
+    rows): bool masks arrive as uint8 (0 = masked, -inf); an additive entry below -1e29 (HF's
+    finfo.min) sets the score to -1024 (natural units), as ops/attention.py says, -inf stays -inf."""
+    if m.dtype == tl.uint8:
+        return tl.where(m != 0, s, float("-inf"))
+    add = m.to(tl.float32)
+    fill = tl.where(add == float("-inf"), add, -1024.0 * 1.4426950408889634)
+    return tl.where(add < -1e29, fill, s + add * 1.4426950408889634)
 
 
 @triton.jit
@@ -201,9 +227,12 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, o
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
         k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASK_KIND != 0:
-            s = _apply_mask(s, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, MASK_KIND)
+        if MASK_KIND == 2:
+            s = _masked_dot(q, tl.trans(k), mask_base, offs_m, offs_n, m_ok[:, None] & n_ok[None, :], stride_mm, stride_mn, qk_scale)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK_KIND == 1:
+            s = _masked(s, _key_mask(mask_base, offs_n, n_ok, stride_mn, not MASKED)[None, :])
         if MASKED:
             ok = n_ok[None, :]
             if CAUSAL:
@@ -266,10 +295,11 @@ def _delta_kernel(Out, dO, Delta, SQ, D: tl.constexpr, BLOCK_D: tl.constexpr, BL
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, n_ok, d, d_ok, lo, hi, SQ,
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, key_mask, offs_n, n_ok, d, d_ok, lo, hi, SQ,
                  qk_scale, stride_qm, stride_qd, stride_mm, stride_mn, D: tl.constexpr, CAUSAL: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query blocks [lo, hi) into the dK, dV accumulators of one key block (scores transposed)."""
+    """Query blocks [lo, hi) into the dK, dV accumulators of one key block (scores transposed);
+    `key_mask`: the block's key-padding vector (MASK_KIND 1), loaded once by the caller."""
     dtype = k.dtype
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -285,9 +315,12 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
             do = tl.load(do_ptrs, mask=ok, other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        if MASK_KIND != 0:
-            s_t = tl.trans(_apply_mask(tl.trans(s_t), mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, MASK_KIND))
+        if MASK_KIND == 2:
+            s_t = _masked_dot(k, tl.trans(q), mask_base, offs_n, offs_m, n_ok[:, None] & m_ok[None, :], stride_mn, stride_mm, qk_scale)
+        else:
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        if MASK_KIND == 1:
+            s_t = _masked(s_t, key_mask[:, None])
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASKED:
             keep = m_ok[None, :]
@@ -336,18 +369,26 @@ def _dkdv_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dK, dV,
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dO + bh * SQ * D
         mask_base = Mask + b * stride_mb + h * stride_mh
+        q_end = SQ
+        key_mask = n_ok
+        if MASK_KIND == 1:
+            # one vector for every query block; a block whose keys are all masked (-inf: padding)
+            # has P = 0 in every row, so its dK, dV are exactly 0 and its query loop is skipped
+            key_mask = _key_mask(mask_base, offs_n, n_ok, stride_mn, False)
+            seen = tl.where(n_ok, _masked(tl.zeros([BLOCK_N], tl.float32), key_mask), float("-inf"))
+            q_end = tl.where(tl.max(seen, axis=0) == float("-inf"), 0, SQ)
         if CAUSAL:
             dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, offs_n, n_ok, d, d_ok,
-                start_n, tl.minimum(full_start, SQ), SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
+                dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+                start_n, tl.minimum(full_start, q_end), SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
                 D, CAUSAL, MASK_KIND, True, EVEN_D, BLOCK_M)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, offs_n, n_ok, d, d_ok,
-            full_start, full_end, SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
+            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+            full_start, tl.minimum(full_end, q_end), SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
             D, CAUSAL, MASK_KIND, False, EVEN_D, BLOCK_M)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, offs_n, n_ok, d, d_ok,
-            full_end, SQ, SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
+            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+            full_end, q_end, SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
             D, CAUSAL, MASK_KIND, True, EVEN_D, BLOCK_M)
     ptrs = pid_bh * SK * D + offs_n[:, None] * D + d[None, :]
     ok = n_ok[:, None] & d_ok[None, :]
@@ -368,9 +409,12 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_ba
         n_ok = offs_n < SK
         k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
         v = _load_kv(v_base, vs_base, offs_n, n_ok, stride_vn, stride_vd, stride_vsn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASK_KIND != 0:
-            s = _apply_mask(s, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, MASK_KIND)
+        if MASK_KIND == 2:
+            s = _masked_dot(q, tl.trans(k), mask_base, offs_m, offs_n, m_ok[:, None] & n_ok[None, :], stride_mm, stride_mn, qk_scale)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK_KIND == 1:
+            s = _masked(s, _key_mask(mask_base, offs_n, n_ok, stride_mn, not MASKED)[None, :])
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             keep = n_ok[None, :]
@@ -415,14 +459,20 @@ def _dq_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dQ,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) -> the kv_bits it is tried at: those that compile for sm_90
-# (Triton 3.6) without register spills at D = 128 without a mask and fit in shared memory
-# (docs/attention.md has the table and the exceptions); each costs a compile on first use. The causal split needs
-# BLOCK_M % BLOCK_N == 0 for fwd/dq and BLOCK_N % BLOCK_M == 0 for dkdv.
+# (Triton 3.6) without register spills and fit in shared memory (docs/attention.md has the tables and
+# the exceptions); each costs a compile on first use. _CONFIGS serve no mask and key-padding masks,
+# _TILE_MASK_CONFIGS general masks (a tile of mask pointers leaves room for smaller tiles only). The
+# causal split needs BLOCK_M % BLOCK_N == 0 for fwd/dq and BLOCK_N % BLOCK_M == 0 for dkdv.
 _ALL = (16, 8, 4)
 _CONFIGS = {
     "fwd": {(128, 64, 8, 3): _ALL, (128, 128, 8, 2): (16, 8), (64, 64, 4, 3): _ALL},
     "dq": {(128, 64, 8, 3): _ALL, (128, 32, 8, 2): _ALL},
     "dkdv": {(16, 128, 8, 2): _ALL, (16, 128, 8, 3): _ALL, (16, 64, 8, 2): _ALL},
+}
+_TILE_MASK_CONFIGS = {
+    "fwd": {(128, 32, 8, 3): _ALL, (128, 32, 8, 2): _ALL},
+    "dq": {(128, 32, 8, 2): _ALL},
+    "dkdv": {(16, 32, 4, 2): _ALL},
 }
 _INTERPRET_CONFIGS = {"fwd": {(32, 16, 4, 1): _ALL}, "dq": {(32, 16, 4, 1): _ALL}, "dkdv": {(16, 32, 4, 1): _ALL}}
 _KEY = ["SQ", "SK", "D", "KV_BITS", "CAUSAL", "MASK_KIND", "GQA"]
@@ -433,17 +483,28 @@ def config_key(c: triton.Config) -> tuple[int, int, int, int]:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
+def tried(kind: str, kv_bits: int, mask_kind: int) -> list[tuple[int, int, int, int]]:
+    """The configs `kind`'s autotuner tries at this kv_bits and MASK_KIND (2: a general mask)."""
+    if _INTERPRET:
+        table = _INTERPRET_CONFIGS[kind]
+    else:
+        table = (_TILE_MASK_CONFIGS if mask_kind == 2 else _CONFIGS)[kind]
+    return [c for c, bits in table.items() if kv_bits in bits]
+
+
 def _autotune(kind: str, kernel):
-    """`kernel` autotuned over its configs, each tried only at the kv_bits it is listed for."""
-    table = (_INTERPRET_CONFIGS if _INTERPRET else _CONFIGS)[kind]
-    if any((n % m if kind == "dkdv" else m % n) for m, n, _, _ in table):
-        raise ValueError(f"attention {kind} configs break the causal split's block divisibility: {list(table)}")
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+    """`kernel` autotuned over its configs, each tried only at the kv_bits and mask kinds it is listed for."""
+    tables = [_INTERPRET_CONFIGS] if _INTERPRET else [_CONFIGS, _TILE_MASK_CONFIGS]
+    keys = list(dict.fromkeys(c for t in tables for c in t[kind]))
+    if any((n % m if kind == "dkdv" else m % n) for m, n, _, _ in keys):
+        raise ValueError(f"attention {kind} configs break the causal split's block divisibility: {keys}")
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in keys]
 
-    def at_bits(configs, named_args, **kwargs):
-        return [c for c in configs if kwargs["KV_BITS"] in table[config_key(c)]]
+    def prune(configs, named_args, **kwargs):
+        keep = tried(kind, kwargs["KV_BITS"], kwargs["MASK_KIND"])
+        return [c for c in configs if config_key(c) in keep]
 
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": at_bits})(kernel)
+    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _fwd = _autotune("fwd", _fwd_kernel)
@@ -452,14 +513,17 @@ _dkdv = _autotune("dkdv", _dkdv_kernel)
 
 
 def _mask_args(mask, q, sk):
-    """(tensor, 4 strides, kind) with broadcast dims at stride 0; kind 0 none, 1 bool, 2 additive."""
+    """(tensor, 4 strides, kind) with broadcast dims at stride 0; kind 0 none, 1 the same for every
+    query row (a key-padding mask: read as one vector a key block), 2 any other (read tile by tile).
+    Bool masks go as uint8, which is how the kernels tell them from additive ones."""
     if mask is None:
         return q, (0, 0, 0, 0), 0
     b, hq, sq = q.shape[:3]
     full = mask.expand(b, hq, sq, sk)
+    kind = 1 if full.stride(2) == 0 or sq == 1 else 2
     if mask.dtype == torch.bool:
-        return full.view(torch.uint8), full.stride(), 1
-    return full, full.stride(), 2
+        full = full.view(torch.uint8)
+    return full, full.stride(), kind
 
 
 def _kv_args(t, scales, kv_bits):

@@ -12,8 +12,8 @@ What the backward of attention needs from K and V is kept in this format instead
   codes are `floor((x - min) / scale + 0.5)` clamped to [0, 2^bits - 1], computed with the rounded
   scale and min, so that dequantization `code * scale + min` is exactly what the kernels compute.
 - 4-bit codes are packed two a byte, *split by halves*: byte j holds element j in the low nibble and
-  element j + D/2 in the high nibble. A kernel thus dequantizes a [rows, D/2] half at a time with
-  no interleaving, and groups never straddle the halves (group_size divides D/2).
+  element j + D/2 in the high nibble. A kernel joins the two nibbles of its [rows, D/2] bytes into
+  one [rows, D] tile in registers, and groups never straddle the halves (group_size divides D/2).
   8-bit codes are one byte an element, in order.
 
 Bytes a row at head dim D, group G: D/2 + 4*D/G (4 bits) or D + 4*D/G (8 bits), against 2*D in
