@@ -5,6 +5,8 @@ far below the 1 MiB threshold, so the tests lower it. fp32 models: 1e-4 relative
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -74,6 +76,23 @@ def test_gradients_equal_eager_and_offloaded_bytes_leave_the_device(monkeypatch,
     # nothing of the last layer moves: its values are the first the backward reads
     last_layer = [layer for n in base.fw.graph.nodes if (layer := layer_of(n))][-1]
     assert all(layer_of(h.args[0]) != last_layer for h in hosts)
+
+
+def test_auto_offloads_only_plans_that_do_not_fit(monkeypatch):
+    """Offloading costs time: under `auto` a plan is offloaded only when its peak misses the budget."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    moved = {}
+    for budget in (2**40, 1):
+        ref = tiny_model("llama", num_hidden_layers=3)
+        model = twin(ref)
+        inputs = batch()
+        ref(**inputs).loss.backward()
+        compiled, part, _ = _compile(model, {"remat": "auto", "memory_budget": budget, "offload": "layers", **PASSES_OFF})
+        with pytest.warns(UserWarning, match="infeasible") if budget == 1 else contextlib.nullcontext():
+            compiled(**inputs).loss.backward()
+        _check_grads(model, ref)
+        moved[budget] = part.report.stats["remat"].offloaded_bytes
+    assert moved[2**40] == 0 and moved[1] > 0
 
 
 def test_offload_below_threshold_moves_nothing():

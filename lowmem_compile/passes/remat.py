@@ -44,7 +44,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from ..cost import liveness, sizes, timing
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
-from ..cost.sizes import is_getitem, is_view, storage_root, tensor_bytes, tensor_val
+from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_val
 from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
@@ -130,14 +130,25 @@ class _Planner:
     """Partitions one joint graph under tag sets and scores each result with the cost model."""
 
     def __init__(
-        self, gm, joint_inputs, kwargs, *, fused: bool, rates: DeviceRates, offload_to: torch.device | None = None
+        self,
+        gm,
+        joint_inputs,
+        kwargs,
+        *,
+        fused: bool,
+        rates: DeviceRates,
+        offload_to: torch.device | None = None,
+        offload_above: int | None = None,
     ) -> None:
         gm.graph.eliminate_dead_code()
         gm.recompile()
         self.gm, self.joint_inputs, self.kwargs = gm, joint_inputs, kwargs
         self.fused, self.rates = fused, rates
         self.offload_to = offload_to
-        """With a device, every plan parks its earlier layers' saved values in host memory."""
+        """With a device, plans park their earlier layers' saved values in host memory: every plan,
+        or with `offload_above` only those whose peak would otherwise exceed it (offloading costs
+        time, so `auto` uses it where recomputing alone does not fit)."""
+        self.offload_above = offload_above
         self.forward = _forward_nodes(gm.graph)
         self.forward_names = {n.name for n in self.forward}
         self.by_name = {n.name: n for n in gm.graph.nodes}
@@ -155,11 +166,12 @@ class _Planner:
                 node.meta["recompute"] = tags[node.name]
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
+        memory = simulate_step(fw, bw, num_out, fused=self.fused)
         moved = 0
-        if self.offload_to is not None and self.layers:
+        if self.offload_to is not None and self.layers and (self.offload_above is None or memory.peak > self.offload_above):
             last_layer = next(n for n in fw.graph.nodes if layer_of(n) == self.layers[-1])
             moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to)
-        memory = simulate_step(fw, bw, num_out, fused=self.fused)
+            memory = simulate_step(fw, bw, num_out, fused=self.fused) if moved else memory
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
@@ -228,7 +240,10 @@ class _Planner:
         out_node = stock.fw.graph.find_nodes(op="output")[0]
         user_outputs = {storage_root(o).name for o in out_node.args[0][: stock.num_fwd_outputs] if isinstance(o, torch.fx.Node)}
         units: dict[torch.fx.Node, int] = {}
+        fw_nodes = {n.name: n for n in stock.fw.graph.nodes}
         for name in stock.saved_names:
+            if is_host_copy(fw_nodes[name]):  # offloaded: recomputing it is still a choice
+                name = fw_nodes[name].args[0].name
             node = self.by_name.get(name)
             if node is None or node not in self.forward:
                 continue
@@ -321,11 +336,17 @@ class RematPartitioner(CustomPartitionerFn):
         kwargs.setdefault("compiler", "inductor")
         device = _device_of(joint_inputs)
         budget, budget_source = self.budget(device)
+        policy = self.options.remat
         offload_to = device if self.options.offload == "layers" else None
         planner = _Planner(
-            gm, joint_inputs, kwargs, fused=self.options.inner == "inductor", rates=rates_for(device), offload_to=offload_to
+            gm,
+            joint_inputs,
+            kwargs,
+            fused=self.options.inner == "inductor",
+            rates=rates_for(device),
+            offload_to=offload_to,
+            offload_above=budget if policy == "auto" else None,
         )
-        policy = self.options.remat
         notes: list[str] = []
         if policy == "full":
             plans = [planner.partition("full", planner.full_tags())]
