@@ -472,8 +472,10 @@ _CONFIGS = {
 _TILE_MASK_CONFIGS = {
     "fwd": {(128, 32, 8, 3): _ALL, (128, 32, 8, 2): _ALL},
     "dq": {(128, 32, 8, 2): _ALL},
-    "dkdv": {(16, 32, 4, 2): _ALL},
+    "dkdv": {(16, 32, 8, 2): _ALL},
 }
+#: Configs left out at padded head dims (80, 96: BLOCK_D = 128, two halves padded to 64), where they spill.
+_PADDED_D_SPILLS = {"fwd": {(128, 128, 8, 2)}, "dq": set(), "dkdv": {(16, 128, 8, 3)}}
 _INTERPRET_CONFIGS = {"fwd": {(32, 16, 4, 1): _ALL}, "dq": {(32, 16, 4, 1): _ALL}, "dkdv": {(16, 32, 4, 1): _ALL}}
 _KEY = ["SQ", "SK", "D", "KV_BITS", "CAUSAL", "MASK_KIND", "GQA"]
 
@@ -483,13 +485,13 @@ def config_key(c: triton.Config) -> tuple[int, int, int, int]:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def tried(kind: str, kv_bits: int, mask_kind: int) -> list[tuple[int, int, int, int]]:
-    """The configs `kind`'s autotuner tries at this kv_bits and MASK_KIND (2: a general mask)."""
+def tried(kind: str, kv_bits: int, mask_kind: int, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The configs `kind`'s autotuner tries at this kv_bits, MASK_KIND (2: a general mask) and head dim."""
     if _INTERPRET:
-        table = _INTERPRET_CONFIGS[kind]
-    else:
-        table = (_TILE_MASK_CONFIGS if mask_kind == 2 else _CONFIGS)[kind]
-    return [c for c, bits in table.items() if kv_bits in bits]
+        return list(_INTERPRET_CONFIGS[kind])
+    table = (_TILE_MASK_CONFIGS if mask_kind == 2 else _CONFIGS)[kind]
+    padded = head_dim != triton.next_power_of_2(head_dim)
+    return [c for c, bits in table.items() if kv_bits in bits and not (padded and c in _PADDED_D_SPILLS[kind])]
 
 
 def _autotune(kind: str, kernel):
@@ -501,7 +503,7 @@ def _autotune(kind: str, kernel):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in keys]
 
     def prune(configs, named_args, **kwargs):
-        keep = tried(kind, kwargs["KV_BITS"], kwargs["MASK_KIND"])
+        keep = tried(kind, kwargs["KV_BITS"], kwargs["MASK_KIND"], kwargs["D"])
         return [c for c in configs if config_key(c) in keep]
 
     return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
