@@ -127,7 +127,7 @@ def _masked_dot(a, b, mask_base, rows, cols, ok, stride_r, stride_c, qk_scale):
     """Scores a·b · qk_scale (log2 units) under a [rows, cols] tile of a general mask (the fallback,
     one pointer a score; 0 where not `ok`). The tile's -inf entries enter as the dot's accumulator:
     that pins the tile to the dot's layout (applied only after the dot, the compiler kept the scores
-    in two layouts at once and spilled 200-900 bytes of registers)."""
+    in two layouts at once and spilled 200-1000 bytes of registers)."""
     m = tl.load(mask_base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=ok, other=0)
     if m.dtype == tl.uint8:
         return tl.dot(a, b, tl.where(m != 0, 0.0, float("-inf"))) * qk_scale
@@ -370,7 +370,7 @@ def _dkdv_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dK, dV,
         do_base = dO + bh * SQ * D
         mask_base = Mask + b * stride_mb + h * stride_mh
         q_end = SQ
-        key_mask = n_ok
+        key_mask = n_ok  # a placeholder: read only at MASK_KIND 1
         if MASK_KIND == 1:
             # one vector for every query block; a block whose keys are all masked (-inf: padding)
             # has P = 0 in every row, so its dK, dV are exactly 0 and its query loop is skipped
