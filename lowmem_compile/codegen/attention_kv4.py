@@ -216,6 +216,21 @@ def _query_block(Q, K, KS, V, VS, Mask, stride_qb, stride_qh, stride_qm, stride_
 
 
 @triton.jit
+def _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, qk_scale,
+            MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
+    """Q Kᵀ in log2 units for one key block with the user's mask applied (not the causal or length
+    bounds, which forward and dQ apply their own ways): a general mask enters the dot as its
+    accumulator, a key-padding vector is broadcast over the rows."""
+    if MASK_KIND == 2:
+        s = _masked_dot(q, tl.trans(k), mask_base, offs_m, offs_n, m_ok[:, None] & n_ok[None, :], stride_mm, stride_mn, qk_scale)
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK_KIND == 1:
+        s = _masked(s, _key_mask(mask_base, offs_n, n_ok, stride_mn, not MASKED)[None, :])
+    return s
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, lo, hi, SK, qk_scale,
                 stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
                 BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, KV_BITS: tl.constexpr,
@@ -227,12 +242,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, o
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
         k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
-        if MASK_KIND == 2:
-            s = _masked_dot(q, tl.trans(k), mask_base, offs_m, offs_n, m_ok[:, None] & n_ok[None, :], stride_mm, stride_mn, qk_scale)
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASK_KIND == 1:
-            s = _masked(s, _key_mask(mask_base, offs_n, n_ok, stride_mn, not MASKED)[None, :])
+        s = _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, qk_scale, MASK_KIND, MASKED)
         if MASKED:
             ok = n_ok[None, :]
             if CAUSAL:
@@ -409,12 +419,7 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_ba
         n_ok = offs_n < SK
         k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
         v = _load_kv(v_base, vs_base, offs_n, n_ok, stride_vn, stride_vd, stride_vsn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
-        if MASK_KIND == 2:
-            s = _masked_dot(q, tl.trans(k), mask_base, offs_m, offs_n, m_ok[:, None] & n_ok[None, :], stride_mm, stride_mn, qk_scale)
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASK_KIND == 1:
-            s = _masked(s, _key_mask(mask_base, offs_n, n_ok, stride_mn, not MASKED)[None, :])
+        s = _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, qk_scale, MASK_KIND, MASKED)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             keep = n_ok[None, :]
