@@ -46,8 +46,14 @@ def lowmem_backend(
 
         # AOTAutograd's cache would skip the partitioner and leave the report's remat entry empty;
         # Inductor's own cache of the partitioned graphs still applies.
+        patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
+        if opts.offload != "off":
+            # An offload copy reads its source on a side stream after the forward has moved on; the
+            # caching allocator waits for that (record_stream), Inductor's in-graph buffer reuse
+            # would not: a later kernel could overwrite the source mid-copy.
+            patches["allow_buffer_reuse"] = False
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            compiled = compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if opts.report:
         from .report import last_report
 
