@@ -30,13 +30,13 @@ from ..ops import offload as offload_ops
 MIN_BYTES = 1 << 20
 
 
-def choose(fw: torch.fx.GraphModule, num_fwd_outputs: int, last_layer_start: torch.fx.Node | None) -> list[torch.fx.Node]:
+def choose(fw: torch.fx.GraphModule, num_fwd_outputs: int, last_layer_start: torch.fx.Node) -> list[torch.fx.Node]:
     """The saved forward values to park in host memory (see the module docstring)."""
     out = fw.graph.find_nodes(op="output")[0].args[0]
     user = {storage_root(o) for o in out[:num_fwd_outputs] if isinstance(o, torch.fx.Node)}
     saved = [o for o in out[num_fwd_outputs:] if isinstance(o, torch.fx.Node)]
     order = {n: i for i, n in enumerate(fw.graph.nodes)}
-    limit = order[last_layer_start] if last_layer_start is not None else len(order)
+    limit = order[last_layer_start]
     sharing = Counter(storage_root(o) for o in saved)
     chosen = []
     for node in saved:

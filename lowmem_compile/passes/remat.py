@@ -169,9 +169,11 @@ class _Planner:
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
         moved = 0
         if self.offload_to is not None and self.layers and (self.offload_above is None or memory.peak > self.offload_above):
-            last_layer = next(n for n in fw.graph.nodes if layer_of(n) == self.layers[-1])
-            moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to)
-            memory = simulate_step(fw, bw, num_out, fused=self.fused) if moved else memory
+            # the forward's first node of the last layer (none if the partition dropped the layer tags)
+            last_layer = next((n for n in fw.graph.nodes if layer_of(n) == self.layers[-1]), None)
+            if last_layer is not None:
+                moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to)
+                memory = simulate_step(fw, bw, num_out, fused=self.fused) if moved else memory
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
