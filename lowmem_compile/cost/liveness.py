@@ -176,9 +176,9 @@ def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
 def _alloc(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr] | None:
     """Bytes a call produces. A multi-output op's elements are counted at their getitems, except the
     ones nobody reads, which are transient at the op itself."""
-    val = node.meta.get("val")
     if is_host_copy(node):
         return None
+    val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
         read = {u.args[1] for u in node.users if is_getitem(u)}
         parts = [sizes.of(v) for i, v in enumerate(val) if isinstance(v, torch.Tensor) and i not in read]

@@ -30,9 +30,9 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _offload(x: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
     if x.device.type != "cuda":
-        return x.to("cpu", copy=True).contiguous()
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x)
     stream = _copy_stream(x.device)
     stream.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(stream):

@@ -68,7 +68,7 @@ def apply(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, values: list[torch
         with fw.graph.inserting_after(node):
             host = fw.graph.call_function(offload_ops.offload.default, (node,))
         with val.fake_mode:
-            host.meta["val"] = torch.empty(val.shape, dtype=val.dtype, device="cpu")
+            host.meta["val"] = offload_ops.offload.default(val)
         outs[outs.index(node)] = host
         placeholder._rename(host.name)
         placeholder.meta["val"] = host.meta["val"]

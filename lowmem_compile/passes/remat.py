@@ -191,10 +191,10 @@ class _Planner:
             offloaded_bytes=moved,
         )
 
-    def full_tags(self, layers: int | None = None) -> dict[str, CheckpointPolicy]:
-        """Recompute everything inside each of the first `layers` layers (all by default); save what
-        flows into those layers from outside them."""
-        chosen = set(self.layers if layers is None else self.layers[:layers])
+    def full_tags(self, layers: int) -> dict[str, CheckpointPolicy]:
+        """Recompute everything inside each of the first `layers` layers; save what flows into those
+        layers from outside them."""
+        chosen = set(self.layers[:layers])
         tags: dict[str, CheckpointPolicy] = {}
         for node in self.forward:
             if layer_of(node) in chosen and _can_force_recompute(node):
@@ -351,7 +351,7 @@ class RematPartitioner(CustomPartitionerFn):
         )
         notes: list[str] = []
         if policy == "full":
-            plans = [planner.partition("full", planner.full_tags())]
+            plans = [planner.layer_plan(len(planner.layers))]
         else:
             plans = [planner.partition("none", {})]
             if policy == "auto" and budget is not None and plans[0].peak > budget:
