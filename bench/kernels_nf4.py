@@ -117,13 +117,13 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
 
 def _forced(decode, fn, t, q):
     """Run one strategy regardless of the per-shape choice: the GEMV with `decode`, or (None) dequant + cuBLAS."""
-    saved = nf4_matmul.GEMV_MAX_M
-    nf4_matmul.GEMV_MAX_M = 16 if decode else 0
+    saved = nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL
+    nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL = (16, 0) if decode else (0, 0)
     try:
         return fn(t, q.packed, q.absmax, q.shape, 64, *(() if fn is nf4_matmul.linear_backward else (None,)),
                   q.absmax2, q.code2, q.offset, decode=decode)
     finally:
-        nf4_matmul.GEMV_MAX_M = saved
+        nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL = saved
 
 
 def _dequant_bandwidth(device, dtype, shapes) -> dict:

@@ -65,8 +65,10 @@ def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
     (torch.float16, (16,), 50, 1088, True),   # 16 rows, split reduction + bias in the epilogue
     (torch.float32, (1,), 19, 2048, False),   # one row, many splits
 ])
-def test_gemv_matches_reference(decode, nested, dtype, lead, n, k, bias):
+def test_gemv_matches_reference(decode, nested, dtype, lead, n, k, bias, monkeypatch):
     """The GEMV kernels (M <= 16) in both directions against a float64 product of the dequantized W."""
+    monkeypatch.setattr(nf4_matmul, "GEMV_MAX_M", 16)
+    monkeypatch.setattr(nf4_matmul, "GEMV_BWD_MIN_NUMEL", 0)
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     p, a, s, bs, a2, c2, off = _args(q)
     assert nf4_matmul._use_gemv(torch.Size(lead).numel(), k)

@@ -35,13 +35,16 @@ import triton.language as tl
 
 from ..formats import nf4 as nf4_format
 
-#: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS. 16: the GEMV reads 3.6x
-#: fewer weight bytes than cuBLAS, and past 16 rows tl.dot tiles double and the weight is no longer
-#: the only traffic. To be confirmed on the GPU (bench/kernels_nf4.py times both paths at M=1, 16).
-GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
-#: How the GEMV turns a nibble into its code value: "select" (a 15-way select tree in registers)
-#: or "table" (a load from the 64-byte table, an L1 hit). Both are timed by bench/kernels_nf4.py.
-GEMV_DECODE = os.environ.get("LOWMEM_NF4_GEMV_DECODE", "select")
+#: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS. 1: on the H200 (bench/
+#: kernels_nf4.py) dequant + cuBLAS beat both GEMV decodes at 16 tokens on every Llama-3-8B shape,
+#: and the table GEMV beat it at one token in the forward.
+GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "1"))
+#: The backward GEMV runs only on weights with more elements than this: at one token it lost to
+#: dequant + cuBLAS on 4096x4096 and 1024x4096 and won on 4096x14336 and 14336x4096.
+GEMV_BWD_MIN_NUMEL = 4096 * 4096
+#: How the GEMV turns a nibble into its code value: "table" (a load from the 64-byte table, an L1 hit)
+#: or "select" (a 15-way select tree in registers). The table was faster at every measured shape.
+GEMV_DECODE = os.environ.get("LOWMEM_NF4_GEMV_DECODE", "table")
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -281,8 +284,9 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
     return absmax2, code2, offset, True
 
 
-def _use_gemv(m: int, k: int) -> bool:
-    return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
+def _use_gemv(m: int, k: int, n: int | None = None) -> bool:
+    """GEMV or dequant + cuBLAS; `n` is given for the backward (its own size threshold)."""
+    return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0 and (n is None or n * k > GEMV_BWD_MIN_NUMEL)
 
 
 def _gemv_options(decode: str | None, dtype: torch.dtype) -> dict:
@@ -354,7 +358,7 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
-    if not _use_gemv(m, k):
+    if not _use_gemv(m, k, n):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
