@@ -27,6 +27,7 @@ Output in `--out`: e2e.jsonl, e2e.md (table), e2e_peak_memory.png (bar plot), e2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -316,9 +317,17 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, Any]) -> None:
-    import contextlib
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Hold an exclusive lock on `path` (shared with other GPU jobs, e.g. `flock PATH cmd`)."""
+    import fcntl
 
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, Any]) -> None:
     import torch
 
     cuda = args.device == "cuda"
@@ -328,8 +337,10 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
         else contextlib.nullcontext()
     )
     losses, times = [], []
-    with budget:
+    with budget, contextlib.ExitStack() as held:
         for i in range(args.warmup + args.steps):
+            if i == 1 and args.gpu_lock:
+                held.enter_context(_exclusive(args.gpu_lock))  # the compile ran unlocked; the steps may not overlap
             if i == args.warmup and cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -378,6 +389,8 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
     cmd += ["--seqs", ",".join(map(str, args.seq_list if job is None else [job.seq]))]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
+    if args.gpu_lock:
+        cmd += ["--gpu-lock", args.gpu_lock]
     if model_dir is not None:
         cmd += ["--model-dir", model_dir]
     if job is None:
@@ -658,6 +671,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder (model folder, worker caches)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run, then error rows")
+    p.add_argument(
+        "--gpu-lock", default=None, metavar="PATH",
+        help="lock file held exclusively for every step after the first (compiles overlap other GPU jobs)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ Tolerance: fp32 models, so 1e-4 relative on gradients (reassociation only)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -216,6 +217,21 @@ def test_infeasible_budget_gives_lowest_peak_and_warns(joint):
     stats = part.report.stats["remat"]
     assert any("GiB over" in n for n in stats.notes)
     assert stats.predicted_peak_bytes == part.plans[-1].peak > 1000
+
+
+def test_peak_note_accounts_for_the_whole_peak(joint):
+    """The values the report names at the predicted peak add up to it: resident + live (+ the outputs
+    held through the backward when the peak is there), listed largest first."""
+    part = RematPartitioner(Options(inner="eager", remat="none"), STORE.new_graph(nodes=0))
+    part(joint["gm"], joint["joint_inputs"], **joint["kwargs"])
+    memory = part.plans[-1].memory
+    where, *values = memory.peak_values
+    assert where[0].startswith("@") and values
+    assert memory.resident + sum(size for _, size in values) == memory.peak
+    note = next(n for n in part.report.stats["remat"].notes if n.startswith("peak in the"))
+    named = re.findall(r"(\S+) (\d+) MiB", note.split(": ", 1)[1])
+    sizes = [int(mib) for name, mib in named if name != "more"]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == round(max(v for _, v in values) / 2**20)
 
 
 def test_user_checkpoint_regions():

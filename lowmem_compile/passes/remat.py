@@ -311,6 +311,16 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _peak_note(memory, top: int = 6) -> str:
+    """Where the predicted peak is and its largest live values: what a user would shrink next."""
+    where, *values = memory.peak_values or [("?", 0)]
+    phase = "forward" if memory.forward_peak >= memory.backward_peak else "backward"
+    parts = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in values[:top])
+    rest = sum(size for _, size in values[top:])
+    more = f", {len(values) - top} more {rest / 2**20:.0f} MiB" if len(values) > top else ""
+    return f"peak in the {phase} {where[0]}: {parts}{more} above {memory.resident / 2**30:.2f} GiB resident"
+
+
 class RematPartitioner(CustomPartitionerFn):
     """Forward/backward split for one compiled graph; records its plan in the graph's report."""
 
@@ -368,6 +378,7 @@ class RematPartitioner(CustomPartitionerFn):
             f"plan {plan.name} of {len(plans)} evaluated; recompute adds ~{plan.added_seconds * 1e3:.2f} ms "
             f"({plan.added_flops / 1e9:.1f} GFLOP){'; budget from ' + budget_source if budget is not None else ''}"
         )
+        notes.append(_peak_note(plan.memory))
         longest = self._longest_sequence(plan, budget, notes)
         self.plans.append(plan)
         self.report.add(
