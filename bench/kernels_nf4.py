@@ -2,11 +2,12 @@
 
 For each weight (K -> N) and token count M: forward y = x Wᵀ and backward grad_x = grad_y W, bf16,
 timed as GPU time (median of `triton.testing.do_bench`; CUDA-graph replay for M <= 16 so launch
-overhead does not hide the kernel). Columns: cuBLAS bf16 `F.linear`, ours (auto choice), ours GEMV
-with the select-tree decode and with the table decode (M <= 16), ours dequant+cuBLAS, bitsandbytes
-(if importable). Also the dequant kernel alone in TB/s on the
-4096x14336 weight, against a plain bf16 copy of the same output size. Correctness is checked first
-against the reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
+overhead does not hide the kernel). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
+choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), ours dequant+cuBLAS
+forced, bitsandbytes (if importable). Then the host time of one call (op, direct kernel call,
+cuBLAS) where the GPU work is short, the dequant kernel alone in TB/s on the 4096x14336 weight
+against a plain bf16 copy of the same output size. Correctness is checked first against the
+reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
 
     python bench/kernels_nf4.py            # H100/H200, writes $OUT/kernels_nf4.{json,md}
     python bench/kernels_nf4.py --smoke    # tiny shapes on the CPU under TRITON_INTERPRET=1
@@ -19,6 +20,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -33,7 +35,7 @@ from lowmem_compile.codegen import nf4_matmul  # noqa: E402
 from lowmem_compile.formats.nf4 import NF4Weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
-TOKENS = [1, 16, 256, 2048, 8192]
+TOKENS = [1, 2, 4, 8, 16, 256, 2048, 8192]
 
 
 def _time_ms(fn, graph: bool) -> float:
@@ -84,17 +86,16 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             fwd = {
                 "cublas": lambda: torch.nn.functional.linear(x, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear(x, *args, None, **nested),
-                "dequant_mm": lambda: _forced(None, nf4_matmul.linear, x, q),
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear, x, q),
             }
             bwd = {
                 "cublas": lambda: torch.matmul(gy, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear_backward(gy, *args, **nested),
-                "dequant_mm": lambda: _forced(None, nf4_matmul.linear_backward, gy, q),
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear_backward, gy, q),
             }
             if m <= 16:
-                for decode in ("select", "table"):
-                    fwd[f"gemv_{decode}"] = lambda d=decode: _forced(d, nf4_matmul.linear, x, q)
-                    bwd[f"gemv_{decode}"] = lambda d=decode: _forced(d, nf4_matmul.linear_backward, gy, q)
+                fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
+                bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
             if bnb_state is not None:
                 import bitsandbytes as bnb
 
@@ -112,18 +113,42 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
                 row["ours_vs_cublas"] = row["cublas_ms"] / row["ours_ms"]
                 rows.append(row)
         save({"rows": rows, "errors": errors})
-    return {"rows": rows, "errors": errors, "dequant": _dequant_bandwidth(device, dtype, shapes)}
+    return {"rows": rows, "errors": errors, "dequant": _dequant_bandwidth(device, dtype, shapes),
+            "host_us": _host_us(device, dtype)}
 
 
-def _forced(decode, fn, t, q):
-    """Run one strategy regardless of the per-shape choice: the GEMV with `decode`, or (None) dequant + cuBLAS."""
-    saved = nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL
-    nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL = (16, 0) if decode else (0, 0)
-    try:
-        return fn(t, q.packed, q.absmax, q.shape, 64, *(() if fn is nf4_matmul.linear_backward else (None,)),
-                  q.absmax2, q.code2, q.offset, decode=decode)
-    finally:
-        nf4_matmul.GEMV_MAX_M, nf4_matmul.GEMV_BWD_MIN_NUMEL = saved
+def _forced(strategy, fn, t, q):
+    """Run one strategy regardless of the per-shape choice: "gemv" or "dequant" (+ cuBLAS)."""
+    bias = () if fn is nf4_matmul.linear_backward else (None,)
+    return fn(t, q.packed, q.absmax, q.shape, 64, *bias, q.absmax2, q.code2, q.offset, strategy=strategy)
+
+
+def _host_us(device, dtype) -> dict:
+    """Host time of one call, µs (wall clock of 200 back-to-back calls; the GPU work of each is shorter,
+    so this is what the Python side costs): the op, the kernel entry point, cuBLAS."""
+    k, n = (4096, 4096) if not SMOKE else (128, 64)
+    q = NF4Weight.from_float(torch.randn(n, k, device=device), 64, double_quant=True)
+    out = {}
+    for m in (1, 256):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = q.dequantize(dtype)
+        calls = {
+            "op": lambda: torch.ops.lowmem.nf4_linear(x, q.packed, q.absmax, [n, k], 64, None, q.absmax2, q.code2, q.offset),
+            "direct": lambda: nf4_matmul.linear(x, q.packed, q.absmax, (n, k), 64, None, q.absmax2, q.code2, q.offset),
+            "cublas": lambda: torch.nn.functional.linear(x, w),
+        }
+        for name, fn in calls.items():
+            reps = 2 if SMOKE else 200
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[f"M{m}_{name}"] = (time.perf_counter() - t0) / reps * 1e6
+    return out
 
 
 def _dequant_bandwidth(device, dtype, shapes) -> dict:
@@ -142,7 +167,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     opts = parser.parse_args()
     if opts.smoke:
-        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (96, 48)], [1, 16, 80]
+        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (96, 48)], [1, 3, 16, 80]
     else:
         device, dtype, shapes, tokens = "cuda", torch.bfloat16, SHAPES, TOKENS
     out_dir = os.environ.get("OUT", "bench/results")
@@ -157,7 +182,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gemv_max_m": nf4_matmul.GEMV_MAX_M, "gemv_decode": nf4_matmul.GEMV_DECODE, "dtype": str(dtype),
+        "gemv_max_m": nf4_matmul.GEMV_MAX_M, "dtype": str(dtype),
     }
     table = _table(result)
     with open(os.path.join(out_dir, "kernels_nf4.json"), "w") as f:
@@ -171,13 +196,14 @@ def main() -> None:
 
 
 def _table(result) -> str:
-    cols = ["cublas_ms", "ours_ms", "gemv_select_ms", "gemv_table_ms", "dequant_mm_ms", "bnb_ms"]
+    cols = ["cublas_ms", "ours_ms", "gemv_ms", "dequant_mm_ms", "bnb_ms"]
     lines = ["| K->N | M | dir | " + " | ".join(c[:-3] + " (us)" for c in cols) + " | ours/cuBLAS speed |",
              "|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:
         cells = [f"{r[c] * 1e3:.1f}" if c in r else "-" for c in cols]
         lines.append(f"| {r['K']}->{r['N']} | {r['M']} | {r['dir']} | " + " | ".join(cells) + f" | {r['ours_vs_cublas']:.2f}x |")
-    d = result["dequant"]
+    d, h = result["dequant"], result["host_us"]
+    lines.append("\nhost µs a call (4096x4096): " + ", ".join(f"{key} {v:.1f}" for key, v in h.items()))
     lines.append(f"\ndequant {d['shape'][0]}x{d['shape'][1]}: {d['ms'] * 1e3:.1f} us, {d['tb_s']:.2f} TB/s "
                  f"(bf16 copy {d['copy_tb_s']:.2f} TB/s); {result['meta']['gpu']}, torch {result['meta']['torch']}, "
                  f"triton {result['meta']['triton']}")

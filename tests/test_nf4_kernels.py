@@ -39,8 +39,9 @@ def test_dequant_kernel_bit_exact(nested, shape, blocksize, dtype):
 @pytest.mark.parametrize("lead,n,k,bias", [((3, 5), 48, 192, True), ((1,), 40, 1024, True), ((2, 40), 24, 128, False),
                                            ((9,), 20, 100, True)])
 def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
-    """Shapes cover: GEMV (15 rows: tl.dot), GEMV with split reduction and bias (K=1024), dequant+matmul
-    (80 tokens), K % 32 != 0 (dequant). The dequant shapes above cover partial and full programs."""
+    """The op's per-shape choice. Shapes cover: GEMV (15 rows: tl.dot), one-token GEMV with split
+    reduction and bias (K=1024), dequant+matmul (80 tokens), K % 32 != 0 (dequant at 9 tokens). The
+    dequant shapes above cover partial and full programs."""
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     w64 = q.dequantize(dtype).double()
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
@@ -56,39 +57,62 @@ def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
     assert rel_err(gx, g.double() @ w64) < TOL[dtype]
 
 
-@pytest.mark.parametrize("decode", ["select", "table"])
+def _gemv_splits(m, n, k):
+    """(forward splits, backward splits) the GEMV launchers use for this shape."""
+    return tuple(nf4_matmul._gemv_plan(m, n, k, d, torch.device(DEVICE))[5] for d in ("fwd", "bwd"))
+
+
+GEMV_CASES = [  # dtype, leading dims, N, K, bias; what each adds
+    (torch.float16, (1,), 37, 96, True),       # one token (FMA), odd N, K not a multiple of the step
+    (torch.bfloat16, (1, 1), 45, 160, True),   # one token in bf16 (no dot), leading dims
+    (torch.float32, (3,), 21, 224, False),     # 3 tokens (dot, fp32), K % 64 != 0 (blocksize 32)
+    (torch.float16, (16,), 50, 1088, True),    # 16 tokens, the whole mma tile
+    (torch.float32, (1,), 3, 1024, True),      # one token, forward split into 8 + bias in the sum kernel
+    (torch.float16, (4, 4), 20, 2048, True),   # 16 tokens, forward split + bias, batch dims
+    (torch.float16, (1,), 130, 64, False),     # one token, backward split over rows
+    (torch.float16, (3,), 2048, 64, False),    # 3 tokens, backward (dot) split over rows
+]
+
+
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("dtype,lead,n,k,bias", [
-    (torch.float16, (1,), 37, 96, True),     # one row (FMA), odd N, K not a multiple of the K step
-    (torch.bfloat16, (1, 1), 45, 160, True),  # one row in bf16 (no dot), leading dims
-    (torch.float32, (2, 3), 21, 224, False),  # 6 rows (tl.dot), K % blocksize != 0
-    (torch.float16, (16,), 50, 1088, True),   # 16 rows, split reduction + bias in the epilogue
-    (torch.float32, (1,), 19, 2048, False),   # one row, many splits
-])
-def test_gemv_matches_reference(decode, nested, dtype, lead, n, k, bias, monkeypatch):
-    """The GEMV kernels (M <= 16) in both directions against a float64 product of the dequantized W."""
-    monkeypatch.setattr(nf4_matmul, "GEMV_MAX_M", 16)
-    monkeypatch.setattr(nf4_matmul, "GEMV_BWD_MIN_NUMEL", 0)
+@pytest.mark.parametrize("dtype,lead,n,k,bias", GEMV_CASES)
+def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
+    """The GEMV kernels (M <= 16) in both directions against a float64 product of the dequantized W
+    (in x's dtype where the kernel rounds W to it: the dot; fp32 for the one-token FMA kernel)."""
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     p, a, s, bs, a2, c2, off = _args(q)
-    assert nf4_matmul._use_gemv(torch.Size(lead).numel(), k)
-    w64 = q.dequantize(torch.float32).double()
+    m = torch.Size(lead).numel()
+    w64 = q.dequantize(torch.float32 if m == 1 else dtype).double()
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE) if bias else None
-    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, decode=decode)
+    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
     expected = torch.nn.functional.linear(x.double(), w64, None if b is None else b.to(dtype).double())
     assert y.dtype == dtype and y.shape == (*lead, n)
     assert rel_err(y, expected) < TOL[dtype]
     g = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
-    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, decode=decode)
+    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="gemv")
     assert gx.dtype == dtype and gx.shape == (*lead, k)
     assert rel_err(gx, g.double() @ w64) < TOL[dtype]
 
 
-def test_gemv_bad_decode_raises():
+def test_gemv_cases_cover_the_splits():
+    """The cases above reach both split reductions of both kernels (the sum kernel, bias included)."""
+    splits = {(torch.Size(lead).numel(), n, k): _gemv_splits(torch.Size(lead).numel(), n, k)
+              for _, lead, n, k, _ in GEMV_CASES}
+    assert splits[(1, 3, 1024)][0] > 1 and splits[(16, 20, 2048)][0] > 1
+    assert splits[(1, 130, 64)][1] > 1 and splits[(3, 2048, 64)][1] > 1
+
+
+def test_per_shape_choice_and_bad_strategy():
+    assert nf4_matmul._use_gemv(1, 4096, None) and nf4_matmul._use_gemv(16, 4096, None)
+    assert not nf4_matmul._use_gemv(17, 4096, None) and not nf4_matmul._use_gemv(1, 4112, None)
+    assert not nf4_matmul._use_gemv(4, 4096, "dequant")
     q = _weight(16, 64, False)
-    with pytest.raises(ValueError, match="decode"):
-        nf4_matmul.linear(torch.randn(1, 64, device=DEVICE), q.packed, q.absmax, q.shape, 64, decode="lut")
+    with pytest.raises(ValueError, match="strategy"):
+        nf4_matmul.linear(torch.randn(1, 64, device=DEVICE), q.packed, q.absmax, q.shape, 64, strategy="fused")
+    with pytest.raises(ValueError, match="K % 32"):
+        nf4_matmul.linear(torch.randn(1, 48, device=DEVICE), *_weight(16, 48, False, 32).tensors().values(),
+                          (16, 48), 32, strategy="gemv")
 
 
 def test_op_autograd_saves_only_the_packed_weight():
@@ -127,6 +151,7 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("m", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("nested", [False, True])
 def test_bf16_on_gpu(m, nested):
+    """The per-shape choice in bf16 (GEMV up to 16 tokens, dequant + cuBLAS above)."""
     q = _weight(1024, 4096, nested)
     p, a, s, bs, a2, c2, off = _args(q)
     assert torch.equal(nf4_matmul.dequantize(p, a, s, bs, torch.bfloat16, a2, c2, off), q.dequantize(torch.bfloat16))
@@ -135,3 +160,21 @@ def test_bf16_on_gpu(m, nested):
     assert rel_err(nf4_matmul.linear(x, p, a, s, bs, None, a2, c2, off), x.double() @ w64.T) < TOL[torch.bfloat16]
     g = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     assert rel_err(nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off), g.double() @ w64) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (1000, 4128)])
+def test_gemv_bf16_on_gpu(m, n, k):
+    """The GEMV kernels in bf16 at Llama shapes (and one with ragged N and K): the tl.dot path with
+    its permuted reduction, the splits, nested absmax and bias."""
+    q = _weight(n, k, True)
+    p, a, s, bs, a2, c2, off = _args(q)
+    w64 = q.dequantize(torch.float32 if m == 1 else torch.bfloat16).double()
+    x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)[1]  # a view at an offset
+    b = torch.randn(n, device="cuda")
+    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
+    assert rel_err(y, x.double() @ w64.T + b.bfloat16().double()) < TOL[torch.bfloat16]
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="gemv")
+    assert rel_err(gx, g.double() @ w64) < TOL[torch.bfloat16]

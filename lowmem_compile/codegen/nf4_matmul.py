@@ -5,22 +5,25 @@
 
 Two strategies, chosen per shape by :func:`_use_gemv` (M = tokens = product of leading dims):
 
-* GEMV (M ≤ GEMV_MAX_M, memory-bound): split-K. Each program owns a block of W rows and a slice of
-  the reduction; it loads 16 packed bytes a thread from each row (coalesced, each byte read once, in
-  both directions: the backward walks the same row-major tiles and reduces over the rows), decodes
-  both nibbles in registers with one absmax load per 16 bytes, and multiplies: fp32 FMAs for one row
-  of x, `tl.dot` on a 16-row tile otherwise (2..16 rows would cost 2·M FMAs a weight element, more
-  than the decode). W is read as 0.5 byte an element (+ 4/blocksize absmax, 1/blocksize nested)
-  against 2 in bf16. The splits write fp32 partials that one small kernel sums (deterministic).
+* GEMV (M ≤ GEMV_MAX_M, memory-bound): each program streams 16-byte chunks of W rows (32 NF4
+  values, one absmax), one chunk a thread a row per step, every load 16 bytes wide and coalesced,
+  each byte read once. The nibbles index the 16 code values held in shared memory (`tl.gather`);
+  everything is computed in the load layout, so no tile goes through shared memory to change
+  layout. One token: fp32 FMAs, the chunk summed in registers and scaled once. 2..16 tokens: a
+  16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
+  fragment of each thread is exactly the 16 bytes it loaded (see `_kperm`). The backward reduces
+  over W's rows: a program owns a strip of columns and a range of rows. Splits of the reduction
+  write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
   transient buffer (freed right after the matmul, so the caching allocator hands the same block to
   the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once.
 
-Every W element is code[nibble] · absmax in fp32, rounded once to the activation dtype, as the
-reference does: the dequantized W is bit-identical to bitsandbytes'. A double-quantized absmax is
-code2[q] · absmax2 + offset in two fp32 roundings (launches disable fp contraction for that).
-The GEMV needs K % 32 == 0 (a 16-byte chunk never straddles a row or an NF4 block); other shapes
-take the dequant path. Activations: bf16, fp16, fp32; any leading dims; optional bias.
+The dequantized W (dequant kernel, and the GEMV's tl.dot operand) is code[nibble] · absmax in fp32
+rounded once to the activation dtype, bit-identical to the reference and to bitsandbytes; a
+double-quantized absmax is code2[q] · absmax2 + offset in two fp32 roundings (those launches
+disable fp contraction). The one-token GEMV keeps the weights in fp32 (differences at the level of
+that rounding). The GEMV needs K % 32 == 0 (a 16-byte chunk never straddles a row or an NF4 block);
+other shapes take the dequant path. Activations: bf16, fp16, fp32; any leading dims; optional bias.
 """
 
 from __future__ import annotations
@@ -35,16 +38,8 @@ import triton.language as tl
 
 from ..formats import nf4 as nf4_format
 
-#: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS. 1: on the H200 (bench/
-#: kernels_nf4.py) dequant + cuBLAS beat both GEMV decodes at 16 tokens on every Llama-3-8B shape,
-#: and the table GEMV beat it at one token in the forward.
-GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "1"))
-#: The backward GEMV runs only on weights with more elements than this: at one token it lost to
-#: dequant + cuBLAS on 4096x4096 and 1024x4096 and won on 4096x14336 and 14336x4096.
-GEMV_BWD_MIN_NUMEL = 4096 * 4096
-#: How the GEMV turns a nibble into its code value: "table" (a load from the 64-byte table, an L1 hit)
-#: or "select" (a 15-way select tree in registers). The table was faster at every measured shape.
-GEMV_DECODE = os.environ.get("LOWMEM_NF4_GEMV_DECODE", "table")
+#: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS (at most 16: one mma tile).
+GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -61,40 +56,26 @@ def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NE
     return scale
 
 
-_CODE = tl.constexpr(nf4_format.NF4_CODE)
+@triton.jit
+def _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, ok,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """Decode the 16-byte chunks beginning at byte `start` [C] (masked by `ok`): the code values of
+    their 32 elements [C, 32] fp32 (unscaled, element order) and the chunk's absmax [C].
+
+    The chunk layout keeps one chunk's bytes in one thread (a 16-byte load) and the per-chunk values
+    (start, mask, absmax) one a thread, so the scale is one load a chunk and no value changes layout.
+    The lookup is one gather from the 16 code values (`code`, in shared memory once lowered)."""
+    C: tl.constexpr = start.shape[0]
+    byte = tl.load(packed_ptr + start[:, None] + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start // (BLOCKSIZE // 2), ok, NESTED)
+    index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (C * 32,))  # high nibble first
+    return tl.reshape(tl.gather(code, index, 0), (C, 32)), scale
 
 
 @triton.jit
-def _select_code(v):
-    """NF4 code value of nibble `v` (int32) through a select tree on its bits: no memory access."""
-    b0, b1, b2 = (v & 1) != 0, (v & 2) != 0, (v & 4) != 0
-    q0 = tl.where(b1, tl.where(b0, _CODE[3], _CODE[2]), tl.where(b0, _CODE[1], _CODE[0]))
-    q1 = tl.where(b1, tl.where(b0, _CODE[7], _CODE[6]), tl.where(b0, _CODE[5], _CODE[4]))
-    q2 = tl.where(b1, tl.where(b0, _CODE[11], _CODE[10]), tl.where(b0, _CODE[9], _CODE[8]))
-    q3 = tl.where(b1, tl.where(b0, _CODE[15], _CODE[14]), tl.where(b0, _CODE[13], _CODE[12]))
-    return tl.where((v & 8) != 0, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
-
-
-@triton.jit
-def _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, kh, N, KH,
-            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr):
-    """(high, low) nibbles of the packed bytes [rows, kh] as fp32 weights, 0 outside [N, KH].
-
-    kh runs in whole 16-byte chunks (16 | KH, 16-aligned starts), so a thread's 16 bytes load as one
-    vector and share one NF4 block: the scale index is computed from the chunk start, which makes the
-    16 scale loads of a chunk one (identical addresses)."""
-    mask = (rows < N) & (kh < KH)
-    flat = rows * KH + kh
-    byte = tl.load(packed_ptr + flat, mask=mask, other=0).to(tl.int32)
-    chunk = rows * KH + (kh // 16) * 16
-    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, chunk // (BLOCKSIZE // 2), mask, NESTED)
-    if TABLE:
-        hi = tl.load(code_ptr + (byte >> 4))
-        lo = tl.load(code_ptr + (byte & 0xF))
-    else:
-        hi = _select_code(byte >> 4)
-        lo = _select_code(byte & 0xF)
-    return hi * scale, lo * scale
+def _halves(codes):
+    """[C, 32] element-order codes -> (high nibbles, low nibbles), each [C, 16]."""
+    return tl.split(tl.reshape(codes, (codes.shape[0], 16, 2)))
 
 
 @triton.jit
@@ -114,41 +95,76 @@ def _unpair(word, X_KIND: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                     y_ptr, M, N, K, KH, stride_xm, stride_ym, stride_ys, KH_PER_SPLIT,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     X_KIND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KH: tl.constexpr):
-    """y[m, n] (or split pid_s's fp32 partial) = Σ_k x[m, k] · W[n, k] over this split's bytes of each row.
+def _kperm(t, TPR: tl.constexpr):
+    """Reorder the reduction index of a step [B, 32·TPR] (TPR 16-byte chunks of a row) for tl.dot.
 
-    BLOCK_M == 1: fp32 FMAs into a [BLOCK_N, BLOCK_KH] accumulator in the load layout (x read as
-    element pairs `xw_ptr`), one reduction at the end. Otherwise a 16-row `tl.dot` on W in x's dtype."""
+    mma.m16n8k16's operand fragment gives lane t (of the 4 sharing a row) the element pairs
+    p ≡ t (mod 4) of the reduction. Feeding the dot pair 4·i + t from byte 16·t + i (i < 16) makes
+    lane t's pairs exactly the 16 contiguous bytes it loaded, so W enters the mma from the registers
+    it was decoded in. x gets the same order (a sum does not care about the order of its terms)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (t.shape[0], TPR, 16, 2)), (0, 2, 1, 3)), (t.shape[0], 32 * TPR))
+
+
+@triton.jit
+def _opaque(v):
+    """`v` unchanged, behind a reduction over a one-element axis. Triton sizes the mma operand's
+    register fragments (kWidth) from the narrowest load that feeds the operand through elementwise
+    ops; the nested absmax index (uint8) would make it 4 instead of 2, and W would then go through
+    shared memory to change layout. A reduction is not elementwise, so that search stops here."""
+    return tl.max(v[:, None], axis=1)
+
+
+@triton.jit
+def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                     y_ptr, M, N, KH, stride_xm, stride_ym, stride_ys, KH_PER_SPLIT,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TPR: tl.constexpr):
+    """y[m, n] (or split pid_s's fp32 partial) = Σ_k x[m, k] · W[n, k] over this split's bytes of ROWS rows.
+
+    A step covers TPR chunks (16·TPR bytes) of each of the ROWS rows: chunk q of the step is chunk
+    q % TPR of row q // TPR. BLOCK_M == 1: FMAs on the fp32 codes, each chunk summed and then scaled
+    (one x load serves the thread's rows). Otherwise one tl.dot of the 16 rows of x (masked to M)
+    with the scaled W in x's dtype, reduction index permuted by `_kperm` (TPR = 4 there)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    CH: tl.constexpr = ROWS * TPR
+    STEP: tl.constexpr = 16 * TPR
+    q = tl.arange(0, CH)
+    row = pid_n * ROWS + q // TPR
+    chunk = 16 * (q % TPR)
+    row_start = row.to(tl.int64) * KH
     kh_start = pid_s * KH_PER_SPLIT
     kh_end = tl.minimum(kh_start + KH_PER_SPLIT, KH)
+    code = tl.load(code_ptr + tl.arange(0, 16))
     if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
-        for kh0 in range(kh_start, kh_end, BLOCK_KH):
-            kh = kh0 + tl.arange(0, BLOCK_KH)
-            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
-                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
-            xe, xo = _unpair(tl.load(xw_ptr + kh, mask=kh < KH, other=0), X_KIND)
-            acc += hi * xe[None, :] + lo * xo[None, :]
-        out = tl.sum(acc, axis=1)[None, :]
+        acc = tl.zeros((CH,), dtype=tl.float32)
+        for k0 in range(kh_start, kh_end, STEP):
+            kc = k0 + chunk
+            ok = (row < N) & (kc < kh_end)
+            codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_start + kc,
+                                       ok, BLOCKSIZE, NESTED)
+            hi, lo = _halves(codes)
+            # Unmasked (clamped into x, the chunk dropped below) so that the thread's rows, which share
+            # these x words, share one load: masked loads are not merged.
+            xw = tl.load(xw_ptr + tl.minimum(kc, KH - 16)[:, None] + tl.arange(0, 16)[None, :])
+            xe, xo = _unpair(xw, X_KIND)
+            acc += tl.where(ok, tl.sum(hi * xe + lo * xo, axis=1) * scale, 0.0)
+        out = tl.sum(tl.reshape(acc, (ROWS, TPR)), axis=1)[None, :]
     else:
         offs_m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kh0 in range(kh_start, kh_end, BLOCK_KH):
-            kh = kh0 + tl.arange(0, BLOCK_KH)
-            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
-                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
-            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_KH)).to(x_ptr.dtype.element_ty)  # high nibble first
-            k = 2 * kh0 + tl.arange(0, 2 * BLOCK_KH)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K),
-                        other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+        for k0 in range(kh_start, kh_end, STEP):
+            kc = k0 + chunk
+            ok = (row < N) & (kc < kh_end)
+            codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_start + kc,
+                                       ok, BLOCKSIZE, NESTED)
+            scale = _opaque(scale)
+            w = _kperm(tl.reshape((codes * scale[:, None]).to(x_ptr.dtype.element_ty), (ROWS, 32 * TPR)), TPR)
+            k = 2 * k0 + tl.arange(0, 32 * TPR)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                        mask=(offs_m[:, None] < M) & (k[None, :] < 2 * kh_end), other=0.0)
+            acc = tl.dot(_kperm(x, TPR), tl.trans(w), acc, input_precision=PRECISION)
         out = acc
+    rows = pid_n * ROWS + tl.arange(0, ROWS)
     offs_m = tl.arange(0, BLOCK_M)
     if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
         out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
@@ -158,43 +174,54 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
 
 @triton.jit
 def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, gx_ptr,
-                     M, N, K, KH, stride_gm, stride_xm, stride_xs, ROWS_PER_SPLIT,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, TABLE: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
-    """grad_x[m, k] (or split pid_s's fp32 partial) = Σ_n grad_y[m, n] · W[n, k] over this split's rows.
+                     M, N, KH, stride_gm, stride_xm, stride_xs, ROWS_PER_SPLIT,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ROWS: tl.constexpr, TPR: tl.constexpr):
+    """grad_x[m, k] (or split pid_s's fp32 partial) = Σ_n grad_y[m, n] · W[n, k] over this split's rows,
+    for a strip of 32·TPR columns (TPR chunks of each row).
 
-    Same row-major byte tiles as the forward (each row's bytes contiguous, read once); the sum runs
-    over the tile's rows. BLOCK_M == 1: FMAs into [BLOCK_N, BLOCK_KH] accumulators, one reduction at
-    the end; otherwise a 16-row `tl.dot`."""
+    A step covers ROWS rows of the strip, the same chunk layout as the forward. BLOCK_M == 1: FMAs
+    into per-chunk accumulators (grad_y · absmax once a chunk), summed over the rows at the end.
+    Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here, so the
+    operand changes layout through shared memory)."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
-    kh = pid_k * BLOCK_KH + tl.arange(0, BLOCK_KH)
+    CH: tl.constexpr = ROWS * TPR
+    q = tl.arange(0, CH)
+    kc = pid_k * 16 * TPR + 16 * (q % TPR)
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
+    code = tl.load(code_ptr + tl.arange(0, 16))
     offs_m = tl.arange(0, BLOCK_M)
     if BLOCK_M == 1:
-        acc_hi = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
-        acc_lo = tl.zeros((BLOCK_N, BLOCK_KH), dtype=tl.float32)
-        for n0 in range(row_start, row_end, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
-                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
-            g = tl.load(g_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-            acc_hi += g * hi
-            acc_lo += g * lo
-        out = tl.reshape(tl.join(tl.sum(acc_hi, axis=0), tl.sum(acc_lo, axis=0)), (1, 2 * BLOCK_KH))
+        acc_hi = tl.zeros((CH, 16), dtype=tl.float32)
+        acc_lo = tl.zeros((CH, 16), dtype=tl.float32)
+        for n0 in range(row_start, row_end, ROWS):
+            row = n0 + q // TPR
+            ok = (row < row_end) & (kc < KH)
+            codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                       row.to(tl.int64) * KH + kc, ok, BLOCKSIZE, NESTED)
+            hi, lo = _halves(codes)
+            gs = (tl.load(g_ptr + row, mask=row < row_end, other=0.0).to(tl.float32) * scale)[:, None]
+            acc_hi += gs * hi
+            acc_lo += gs * lo
+        hi = tl.sum(tl.reshape(acc_hi, (ROWS, TPR, 16)), axis=0)
+        lo = tl.sum(tl.reshape(acc_lo, (ROWS, TPR, 16)), axis=0)
+        out = tl.reshape(tl.join(hi, lo), (1, 32 * TPR))
     else:
-        out = tl.zeros((BLOCK_M, 2 * BLOCK_KH), dtype=tl.float32)
-        for n0 in range(row_start, row_end, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            hi, lo = _gemv_w(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
-                             kh[None, :], N, KH, BLOCKSIZE, NESTED, TABLE)
-            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_KH)).to(g_ptr.dtype.element_ty)
+        out = tl.zeros((BLOCK_M, 32 * TPR), dtype=tl.float32)
+        for n0 in range(row_start, row_end, ROWS):
+            row = n0 + q // TPR
+            ok = (row < row_end) & (kc < KH)
+            codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                       row.to(tl.int64) * KH + kc, ok, BLOCKSIZE, NESTED)
+            w = (codes * scale[:, None]).to(g_ptr.dtype.element_ty)
+            rows = n0 + tl.arange(0, ROWS)
             g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :],
-                        mask=(offs_m[:, None] < M) & (rows[None, :] < N), other=0.0)
-            out = tl.dot(g, w, out, input_precision=PRECISION)
-    k = pid_k * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+                        mask=(offs_m[:, None] < M) & (rows[None, :] < row_end), other=0.0)
+            out = tl.dot(g, tl.reshape(w, (ROWS, 32 * TPR)), out, input_precision=PRECISION)
+    k = pid_k * 32 * TPR + tl.arange(0, 32 * TPR)
     dest = gx_ptr + pid_s * stride_xs + offs_m[:, None] * stride_xm + k[None, :]
-    tl.store(dest, out.to(gx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (k[None, :] < K))
+    tl.store(dest, out.to(gx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (k[None, :] < 2 * KH))
 
 
 @triton.jit
@@ -234,37 +261,50 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 
 # --- launchers -----------------------------------------------------------------------------------
 
-#: GEMV tiles (BLOCK_N, BLOCK_KH, warps): BLOCK_KH packed bytes of each of BLOCK_N rows a step, 16 a
-#: thread (one 128-bit load). Forward: BLOCK_N output columns; backward: BLOCK_N rows reduced a step
-#: and 2·BLOCK_KH output columns. One row of x: FMA; 2..16 rows: a 16-row tl.dot.
-_GEMV_TILES = {"fwd_fma": (16, 128, 4), "fwd_dot": (32, 64, 4), "bwd_fma": (16, 128, 4), "bwd_dot": (32, 64, 4)}
-_INTERPRET_TILES = {"fwd_fma": (8, 32, 4), "fwd_dot": (16, 16, 4), "bwd_fma": (8, 32, 4), "bwd_dot": (16, 16, 4)}
-_PROGRAMS_PER_SM = 4  # splits are added until this many programs exist (memory parallelism)
+#: GEMV tiles (ROWS, TPR, warps): a step covers TPR 16-byte chunks of each of ROWS rows, one chunk a
+#: thread. One token (FMA): a step spans 2 KB of a row across the program (TPR = 128), each thread
+#: holds 4 rows at the same columns, so one x load serves 4 rows. 2..16 tokens (tl.dot): TPR = 4 is
+#: the mma fragment's 4 lanes a row (`_kperm`); 32 rows are the dot's N. Backward: strips of 128
+#: (FMA) or 64 (dot) bytes of 16 or 32 rows a step.
+_GEMV_TILES = {"fwd_fma": (4, 128, 4), "fwd_dot": (32, 4, 2), "bwd_fma": (16, 8, 4), "bwd_dot": (32, 4, 4)}
+_INTERPRET_TILES = {"fwd_fma": (2, 4, 4), "fwd_dot": (16, 4, 4), "bwd_fma": (4, 2, 4), "bwd_dot": (16, 2, 4)}
+#: Splits of the reduction are added until this many warps an SM exist (memory parallelism), while
+#: the fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes.
+_WARPS_PER_SM = 16
+_PARTIAL_SHARE = 2
 _SUM_BLOCK = 1024
 _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
 def _gemv_tile(m: int, direction: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_KH, warps)."""
+    """(BLOCK_M, ROWS, TPR, warps)."""
     key = f"{direction}_{'fma' if m == 1 else 'dot'}"
     tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
     return (1 if m == 1 else 16, *tiles[key])
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _splits(blocks: int, reduce_len: int, step: int, device: torch.device) -> tuple[int, int]:
-    """(splits, length per split, a multiple of `step`): split the reduction until the output blocks
-    times the splits give _PROGRAMS_PER_SM programs an SM, never below one step a split."""
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device) // blocks)
-    most = max(1, -(-reduce_len // step))
-    per_split = triton.cdiv(triton.cdiv(reduce_len, min(want, most)), step) * step
-    return triton.cdiv(reduce_len, per_split), per_split
+def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> tuple[int, ...]:
+    """(BLOCK_M, ROWS, TPR, warps, programs along the output, splits, reduction length per split).
+
+    The reduction (forward: a row's bytes; backward: the rows) is split until the programs hold
+    _WARPS_PER_SM warps an SM, while the fp32 partials stay under 1/_PARTIAL_SHARE of the weight's
+    bytes and each split keeps at least one step; a split's length is a multiple of the step."""
+    bm, rows, tpr, warps = _gemv_tile(m, direction)
+    if direction == "fwd":
+        blocks, reduce_len, step, most = triton.cdiv(n, rows), k // 2, 16 * tpr, k // (_PARTIAL_SHARE * 8 * bm)
+    else:
+        blocks, reduce_len, step, most = triton.cdiv(k // 2, 16 * tpr), n, rows, n // (_PARTIAL_SHARE * 8 * bm)
+    want = min(-(-_WARPS_PER_SM * _sm_count(device) // (blocks * warps)), max(1, most), -(-reduce_len // step))
+    per_split = triton.cdiv(triton.cdiv(reduce_len, want), step) * step
+    return bm, rows, tpr, warps, blocks, triton.cdiv(reduce_len, per_split), per_split
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,20 +324,22 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
     return absmax2, code2, offset, True
 
 
-def _use_gemv(m: int, k: int, n: int | None = None) -> bool:
-    """GEMV or dequant + cuBLAS; `n` is given for the backward (its own size threshold)."""
-    return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0 and (n is None or n * k > GEMV_BWD_MIN_NUMEL)
+def _use_gemv(m: int, k: int, strategy: str | None) -> bool:
+    if strategy not in (None, "gemv", "dequant"):
+        raise ValueError(f"NF4 strategy must be 'gemv', 'dequant' or None (per shape), got {strategy!r}")
+    if strategy == "gemv" and not (0 < m <= 16 and k % 32 == 0):
+        raise ValueError(f"the NF4 GEMV needs 1..16 tokens and K % 32 == 0, got M={m}, K={k}")
+    if strategy is not None:
+        return strategy == "gemv"
+    return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
 
 
-def _gemv_options(decode: str | None, dtype: torch.dtype) -> dict:
-    """TABLE and the launch options. Not software-pipelined: with table loads (the pipeliner would turn
-    each 4-byte table load into its own async copy through shared memory) and for fp32 activations
-    (the pipelined fp32 dot spills on sm_90)."""
-    decode = decode or GEMV_DECODE
-    if decode not in ("table", "select"):
-        raise ValueError(f"NF4 GEMV decode must be 'select' or 'table', got {decode!r}")
-    table = decode == "table"
-    return {"TABLE": table, "num_stages": 1 if table or dtype == torch.float32 else 3, "enable_fp_fusion": False}
+def _gemv_options(m: int, dtype: torch.dtype, warps: int) -> dict:
+    """Launch options. The one-token kernel may contract into FMAs (its weights stay fp32, nothing to
+    match bit for bit); the dot kernels round W like the reference, so no contraction there (the
+    nested absmax is two roundings). fp32 activations are not software-pipelined (the pipelined fp32
+    dot spills on sm_90)."""
+    return {"num_warps": warps, "num_stages": 1 if dtype == torch.float32 else 2, "enable_fp_fusion": m == 1}
 
 
 def _dequant_constexprs(blocksize: int) -> dict:
@@ -327,50 +369,55 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     return out
 
 
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """`t` (contiguous [M, K]) viewed as words of two elements, for the one-token kernel's x loads."""
+    if t.storage_offset() % 2:  # the word view needs an even element offset
+        t = t.clone()
+    return t.view(_PAIR_VIEW[t.dtype])
+
+
 def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None, *,
-           decode: str | None = None) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) in x's dtype. `decode` overrides GEMV_DECODE (benchmarks)."""
+           strategy: str | None = None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant") overrides the per-shape choice."""
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if not _use_gemv(m, k):
+    if not _use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
-    bm, bn, bkh, warps = _gemv_tile(m, "fwd")
-    splits, per_split = _splits(triton.cdiv(n, bn), k // 2, bkh, x.device)
+    bm, rows, tpr, warps, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
     y = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     has_bias = bias is not None and splits == 1
-    _gemv_fwd_kernel[(triton.cdiv(n, bn), splits)](
-        x2, x2.view(_PAIR_VIEW[x.dtype]), packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
-        m, n, k, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
+    _gemv_fwd_kernel[(blocks, splits)](
+        x2, _pairs(x2) if m == 1 else x2, packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
+        m, n, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, X_KIND=_X_KIND[x.dtype], PRECISION=_precision(x),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=warps, **_gemv_options(decode, x.dtype),
+        BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(m, x.dtype, warps),
     )
     out = y[0] if splits == 1 else _reduce_splits(y, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
 def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None, *,
-                    decode: str | None = None) -> torch.Tensor:
-    """grad_x = grad_y · W in grad_y's dtype."""
+                    strategy: str | None = None) -> torch.Tensor:
+    """grad_x = grad_y · W in grad_y's dtype. `strategy` as in :func:`linear`."""
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
-    if not _use_gemv(m, k, n):
+    if not _use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
-    bm, bn, bkh, warps = _gemv_tile(m, "bwd")
-    splits, per_split = _splits(triton.cdiv(k // 2, bkh), n, bn, grad_y.device)
+    bm, rows, tpr, warps, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
-    _gemv_bwd_kernel[(triton.cdiv(k // 2, bkh), splits)](
+    _gemv_bwd_kernel[(strips, splits)](
         g2, packed, _code(grad_y.device), absmax, a2, c2, off, gx,
-        m, n, k, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
-        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh,
-        num_warps=warps, **_gemv_options(decode, grad_y.dtype),
+        m, n, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
+        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, ROWS=rows, TPR=tpr,
+        **_gemv_options(m, grad_y.dtype, warps),
     )
     out = gx[0] if splits == 1 else _reduce_splits(gx, None, grad_y.dtype)
     return out.reshape(*grad_y.shape[:-1], k)
