@@ -5,9 +5,11 @@
 
 Reports per sequence length: TFLOP/s of fwd+bwd (causal FLOPs: 3.5 x 2·B·Hq·S²·D) of SDPA flash,
 SDPA cuDNN and ours at kv16/kv8/kv4, side by side; accuracy of O, dQ, dK, dV against an fp32
-reference (cosine, relative L1) with the bars of docs/attention.md (column `bar`); and the bytes
-kept for the backward (saved tensors, counted by storage) by ours against HF's masked SDPA path
-(which repeats K/V to the query-head count). Writes $OUT/attention.json and $OUT/attention.md.
+reference (cosine, relative L1) with the bars of docs/attention.md (column `bar`; on an H200 the
+2048 row runs dK/dV split over the query heads, the 8192 row unsplit); the kernel configs the
+autotuners picked and the dK/dV split per length; and the bytes kept for the backward (saved
+tensors, counted by storage) by ours against HF's masked SDPA path (which repeats K/V to the
+query-head count). Writes $OUT/attention.json and $OUT/attention.md; the TFLOP/s table prints last.
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ def _ours_keypad(bits, scale):
         return torch.ops.lowmem.attention(q, k, v, mask, causal=True, scale=scale, kv_bits=bits)[0]
 
     return f
+
+
+def _chosen(q, hkv, keypad):
+    """The configs (BLOCK_M, BLOCK_N, warps, stages) the autotuners picked for the last call (None where
+    no kernel ran: the op's CPU reference), and the dK/dV split the launcher takes."""
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    tuners = (("fwd", kern._fwd), ("dq", kern._dq), ("dkdv", kern._dkdv))
+    out = {kind: list(kern.config_key(t.best_config)) if hasattr(t, "best_config") else None for kind, t in tuners}
+    out["dkdv_split"] = kern.split_for(q, hkv, q.shape[2], True, 1 if keypad else 0)
+    return out
 
 
 def _fwd_bwd(f, qkv, do):
@@ -218,6 +231,8 @@ def main():
                 step()
                 ms = _time_ms(step, cuda)
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+                if name.startswith("ours_"):
+                    row[name]["kernels"] = _chosen(qkv[0], cfg["hkv"], name.endswith("keypad"))
             except Exception as e:  # a backend this build lacks (e.g. cuDNN attention), or a kernel that fails
                 row[name] = {"error": f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[-1][:300]}
                 print(f"{name} at {s}: {row[name]['error']}", file=sys.stderr)
@@ -252,18 +267,27 @@ def _write(result):
         json.dump(result, f, indent=1, default=str)
     names = list(dict.fromkeys(n for row in result["tflops"].values() for n in row))  # baselines, then kv16/8/4
     lines = [f"# attention fwd+bwd, {result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}", ""]
-    lines += ["| seq | " + " | ".join(names) + " | kv16/flash | kv16/cudnn | kv8/kv16 | kv4/kv16 |", "|" + "---|" * (len(names) + 5)]
+    lines += ["Kernel configs picked (BLOCK_M, BLOCK_N, warps, stages) and the dK/dV split:", "",
+              "| seq | variant | fwd | dq | dkdv | split |", "|---|---|---|---|---|---|"]
     for s, row in result["tflops"].items():
-        cells = [f"{row[n]['tflops']:.1f}" if "tflops" in row.get(n, {}) else "n/a" for n in names]
-        ratio = lambda a, b: f"{row[a]['tflops'] / row[b]['tflops']:.2f}" if "tflops" in row.get(a, {}) and "tflops" in row.get(b, {}) else "n/a"  # noqa: E731
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {ratio('ours_kv16', 'sdpa_flash')} | {ratio('ours_kv16', 'sdpa_cudnn')} | {ratio('ours_kv8', 'ours_kv16')} | {ratio('ours_kv4', 'ours_kv16')} |")
-    lines += ["", "TFLOP/s (causal fwd+bwd). Accuracy against fp32 (cosine / rel L1):", "", "| seq | bits | O | dQ | dK | dV | bar |", "|---|---|---|---|---|---|---|"]
+        for n, r in row.items():
+            if "kernels" in r:
+                k = r["kernels"]
+                cells = [str(tuple(k[kind])) if k[kind] else "-" for kind in ("fwd", "dq", "dkdv")]
+                lines.append(f"| {s} | {n} | " + " | ".join(cells) + f" | {k['dkdv_split']} |")
+    lines += ["", "Accuracy against fp32 (cosine / rel L1):", "", "| seq | bits | O | dQ | dK | dV | bar |", "|---|---|---|---|---|---|---|"]
     for s, rows in result["accuracy"].items():
         for bits, m in rows.items():
             lines.append(f"| {s} | {bits} | " + " | ".join(f"{m[n]['cos']:.5f} / {m[n]['rel_l1']:.4f}" for n in ("O", "dQ", "dK", "dV")) + f" | {'ok' if m['ok'] else 'FAIL'} |")
     b = result["bytes"]
     lines += [] if not b else ["", f"Bytes kept for the backward at seq {b['seq']}: K+V ours kv4 {b['kv_ours_kv4']} vs bf16 {b['kv_bf16_at_kv_heads']} "
               f"({b['kv_ratio']:.3f}x); whole site ours {b['site_ours_kv4']} vs HF masked SDPA {b['site_stock_hf_masked_sdpa']} ({b['site_ratio']:.3f}x)"]
+    lines += ["", "TFLOP/s (causal fwd+bwd):", "", "| seq | " + " | ".join(names) + " | kv16/flash | kv16/cudnn | kv8/kv16 | kv4/kv16 |",
+              "|" + "---|" * (len(names) + 5)]
+    for s, row in result["tflops"].items():
+        cells = [f"{row[n]['tflops']:.1f}" if "tflops" in row.get(n, {}) else "n/a" for n in names]
+        ratio = lambda a, b: f"{row[a]['tflops'] / row[b]['tflops']:.2f}" if "tflops" in row.get(a, {}) and "tflops" in row.get(b, {}) else "n/a"  # noqa: E731
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {ratio('ours_kv16', 'sdpa_flash')} | {ratio('ours_kv16', 'sdpa_cudnn')} | {ratio('ours_kv8', 'ours_kv16')} | {ratio('ours_kv4', 'ours_kv16')} |")
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "attention.md"), "w") as f:
         f.write(text + "\n")

@@ -2,7 +2,8 @@
 
 Bars: kv16 relative error < 1e-2 for O, dQ, dK, dV (fp16/bf16 level); kv4 cosine >= 0.99 for O and
 >= 0.98 for the gradients; kv8 cosine >= 0.999. Kernels run under Triton's interpreter on CPU in
-fp16 and fp32 (bf16 dots are wrong there) and must equal the reference op to fp16 rounding.
+fp16 and fp32 (bf16 dots are wrong there, and its bf16 casts truncate) and must equal the reference
+op to fp16 rounding; the dequantization kernel must equal the format's exactly.
 """
 
 import math
@@ -180,7 +181,9 @@ def test_fake_impl_with_symbolic_sizes():
 # ---- Triton kernels (interpreter on CPU) -------------------------------------------------------
 
 
-def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=None):
+def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=None, splits=(None,)):
+    """Kernel forward, then its backward at each dK/dV split (None: the launcher's rule), against the
+    reference op on the same inputs: (forward outputs, [(dQ, dK, dV) per split])."""
     from lowmem_compile.codegen import attention_kv4 as kern
 
     sk = s if sk is None else sk
@@ -193,16 +196,19 @@ def _kernel_vs_reference(b, hq, hkv, s, d, dtype, bits, causal, mask_kind, sk=No
     saved = (k, got[3], v, got[5]) if bits == 16 else got[2:]
     ref_saved = (k, ref[3], v, ref[5]) if bits == 16 else ref[2:]
     ref_grads = ops._bwd_reference(grad_out, q, *ref_saved, ref[0], ref[1], mask, causal=causal, scale=scale, kv_bits=bits)
-    grads = kern.backward(grad_out, q, *saved, got[0], got[1], mask, causal, scale, bits)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     if bits != 16:
         assert torch.equal(got[2], ref[2]) or (got[2] != ref[2]).float().mean() < 1e-3
     assert rel_err(got[0], ref[0]) < tol
     finite = torch.isfinite(ref[1])
     assert torch.equal(finite, torch.isfinite(got[1])) and rel_err(got[1][finite], ref[1][finite]) < tol
-    for name, a, r in zip(("dQ", "dK", "dV"), grads, ref_grads):
-        assert rel_err(a, r) < 2 * tol, name
-    return got, grads
+    all_grads = []
+    for split in splits:
+        grads = kern.backward(grad_out, q, *saved, got[0], got[1], mask, causal, scale, bits, split=split)
+        for name, a, r in zip(("dQ", "dK", "dV"), grads, ref_grads):
+            assert rel_err(a, r) < 2 * tol, (name, split)
+        all_grads.append(grads)
+    return got, all_grads
 
 
 _SLOW = pytest.mark.slow
@@ -227,7 +233,7 @@ def test_kernel_matches_reference_fp16(bits, causal, mask_kind):
 def test_kernel_key_padding_masks(bits, causal, mask_kind):
     """Key masks are read as one vector a key block: per-head vectors, key blocks masked whole (their
     dK/dV programs skip every query block), HF's finfo.min rows (which average every key) and -inf."""
-    got, grads = _kernel_vs_reference(2, 4, 2, 70, 64, torch.float16, bits, causal, mask_kind)
+    got, (grads,) = _kernel_vs_reference(2, 4, 2, 70, 64, torch.float16, bits, causal, mask_kind)
     if mask_kind == "padding_heads":  # head 0 of batch 0 attends to nothing: O and dQ are exactly 0
         assert not got[0][0, 0].any() and not grads[0][0, 0].any() and torch.isinf(got[1][0, 0]).all()
         assert got[0][0, 1].abs().sum() > 0
@@ -257,6 +263,50 @@ def test_kernel_head_dims(d, bits):
 
 def test_kernel_cross_attention_lengths():
     _kernel_vs_reference(1, 2, 1, 19, 64, torch.float16, 4, False, "bool", sk=50)
+
+
+@pytest.mark.parametrize(
+    "b, bits, causal, mask_kind, split",
+    [(2, 4, True, "padding", 2), (1, 8, False, None, 4), (1, 16, True, "padding_heads", 4), (1, 4, False, "additive", 2)],
+)
+def test_kernel_dkdv_split(b, bits, causal, mask_kind, split):
+    """dK/dV with a key block's 4 query heads spread over `split` programs (fp32 partials, summed)
+    equals the unsplit kernel to rounding (fp32 at 16 bits; fp16 at 4/8 bits, since fp32 data keeps
+    bf16 scales, which the interpreter truncates), and both the reference op: two KV heads and two
+    batches (the transient K/V's and the partials' indexing), a length no block divides, key-padding
+    masks with key blocks masked whole, a general mask."""
+    dtype, tol = (torch.float32, 1e-6) if bits == 16 else (torch.float16, 1e-3)
+    _, (whole, parts) = _kernel_vs_reference(b, 8, 2, 45, 32, dtype, bits, causal, mask_kind, splits=(1, split))
+    for name, a, b in zip(("dQ", "dK", "dV"), parts, whole):
+        assert rel_err(a, b) < tol, name
+
+
+def test_dkdv_split_rule_and_bad_split():
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    # H200, 8 KV heads of 4 query heads, BLOCK_N = 128: S = 1024, 2048, 4096 (causal); 2048 not causal
+    assert [kern.dkdv_split(8, 4, n, True, 132) for n in (8, 16, 32)] == [4, 2, 1]
+    assert kern.dkdv_split(8, 4, 16, False, 132) == 2 and kern.dkdv_split(8, 1, 2, True, 132) == 1
+    assert kern.dkdv_split(1, 6, 4, True, 132) == 6  # never enough: every head its own program
+    q, k, v = _inputs(1, 4, 2, 8, 32, torch.float32)
+    fwd = kern.forward(q, k, v, None, True, 0.2, 16)
+    with pytest.raises(ValueError, match="split 3 does not divide the 2 query heads"):
+        kern.backward(torch.randn(q.shape), q, k, fwd[3], v, fwd[5], fwd[0], fwd[1], None, True, 0.2, 16, split=3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d", [32, 80, 96, 128])
+def test_dequantize_kernel_is_exact(bits, d):
+    """The transient K/V the attention kernels read equals the format's dequantization bit for bit:
+    fp16 codes/scales to fp16, bf16 scales to fp32 (bf16 output is checked on the GPU), at a length
+    no row block divides, two batches, three heads."""
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    x = torch.randn(2, 3, 37, d) * 3 + 1
+    for scales_dtype, dtype in ((torch.float16, torch.float16), (torch.bfloat16, torch.float32)):
+        codes, scales = kv4.quantize(x, bits, scales_dtype)
+        want = kv4.dequantize(codes, scales, bits, dtype)
+        assert torch.equal(kern.dequantize(codes, scales, bits, dtype), want) and want.abs().sum() > 0
 
 
 @pytest.mark.parametrize("bits, d", [(4, 64), (8, 96), (4, 128), (4, 80), pytest.param(8, 64, marks=_SLOW), pytest.param(4, 96, marks=_SLOW)])
@@ -299,3 +349,31 @@ def test_gpu_masks_bf16(mask_kind, causal, bits):
     want = _float64_reference(q, k, v, mask, causal, 0.088, grad_out)
     got = _op(q, k, v, mask, causal, 0.088, bits, grad_out)
     _assert_accurate(got, want, bits, exact_tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_dequantize_exact_bf16(bits):
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    x = (torch.randn(2, 8, 1000, 128, device="cuda") * 3 + 1).bfloat16()
+    codes, scales = kern.quantize(x, bits, smooth=True)
+    want = kv4.dequantize(codes, scales, bits, torch.bfloat16)
+    assert torch.equal(kern.dequantize(codes, scales, bits, torch.bfloat16), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [16, 4])
+def test_gpu_dkdv_split_bf16(bits):
+    """The launcher splits dK/dV at 2048 tokens on 8 KV heads (more programs than SMs otherwise
+    unbalanced); every split equals the unsplit kernel within bf16 rounding of the sum."""
+    from lowmem_compile.codegen import attention_kv4 as kern
+
+    q, k, v = (t.cuda() for t in _inputs(1, 32, 8, 2048, 128, torch.bfloat16))
+    grad_out = torch.randn(q.shape, device="cuda").bfloat16()
+    fwd = kern.forward(q, k, v, None, True, 0.088, bits)
+    saved = (k, fwd[3], v, fwd[5]) if bits == 16 else fwd[2:]
+    grads = {s: kern.backward(grad_out, q, *saved, fwd[0], fwd[1], None, True, 0.088, bits, split=s) for s in (1, 2, 4, None)}
+    for s in (2, 4, None):
+        for name, a, b in zip(("dQ", "dK", "dV"), grads[s], grads[1]):
+            assert rel_err(a, b) < 4e-3, (name, s)

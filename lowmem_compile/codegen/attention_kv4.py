@@ -1,22 +1,21 @@
-"""Flash attention, forward and backward, GQA-native, reading K/V in 4, 8 or 16 bits.
+"""Flash attention, forward and backward, GQA-native, on K/V kept in 4, 8 or 16 bits.
 
 Computes O = softmax(Q Kᵀ · scale + mask) V row block by row block with an online softmax (base-2
 exponentials, log2(e) folded into the scale, fp32 accumulators), and its gradients from (O, lse) by
 recomputing P: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K · scale, dK = dSᵀ Q · scale.
 
-Every operand is one tile across the whole head dim ([rows, BLOCK_D], BLOCK_D the next power of two),
-so every product is one dot into one accumulator. K/V tiles are built in registers from what is
-stored (formats/kv4.py): 16 bits are loaded as they are; 8-bit codes as a [rows, NG, TG] tile of
-their NG groups, dequantized as code · step + min with each group's scales broadcast along its row;
-4-bit bytes are loaded once as the [rows, NG/2, TG] groups of the first half, and their low and high
-nibbles joined so that the high nibbles become groups NG/2.. (byte j holds elements j and j + D/2).
-A tile's columns are thus the NG groups of GROUP elements, each padded to TG = BLOCK_D / NG columns
-(`_cols`): the plain head dim at D = 32, 64, 128, two halves padded to 64 at D = 80, 96. Q, dO and
-every output use the same column map and padded columns are zero in every operand, so they add
-nothing to any product.
+At 4 and 8 bits, what is kept (formats/kv4.py: codes, per-group step and minimum) is expanded once a
+pass by `_dequantize_kernel` into a transient 16-bit K and V [B, Hkv, S, D], the values
+code · step + min that every kernel then reads: the forward right after quantizing (so it runs on
+the values the backward will see), the backward from the saved codes. The attention kernels read
+16-bit K/V only. Expanding tile by tile inside their loops instead repeats the expansion of every
+K/V tile once per query block and query head (S²/BLOCK_M work beside the dots); the transient is
+O(S·D), as large as K and V themselves, and lives only inside one op call.
 
-Each program splits its loop into the blocks that need no mask (fully visible: below the causal
-diagonal and inside the sequence) and the few that do (on the diagonal, or past the end).
+Every operand is one tile across the whole head dim ([rows, BLOCK_D], BLOCK_D the next power of two,
+columns past D loaded as zero), so every product is one dot into one accumulator. Each program splits
+its loop into the blocks that need no mask (fully visible: below the causal diagonal and inside the
+sequence) and the few that do (on the diagonal, or past the end).
 
 Masks (MASK_KIND): 0 none; 1 the same for every query row (a key-padding mask, e.g. the [B, 1, 1, Sk]
 term HF's causal + padding mask lowers to): one [BLOCK_N] vector a key block, broadcast over the
@@ -25,14 +24,16 @@ rows (a dK/dV program loads it once per query head and skips a key block masked 
 Bool masks arrive as uint8, additive ones as floats.
 
 Kernels: `_quantize_kernel` (K smoothed by its sequence mean, computed by torch, then groups
-quantized; V as is), `_fwd_kernel` (one program per query block and query head; it reads its KV
-head, so K/V are never repeated), `_delta_kernel` (rowsum(dO ∘ O)), `_dkdv_kernel` (one program
-per key block and KV head, looping over the query heads of its group: dK and dV summed over the
-group in registers, no atomics) and `_dq_kernel` (one program per query block and query head).
+quantized; V as is), `_dequantize_kernel`, `_fwd_kernel` (one program per query block and query
+head; it reads its KV head, so K/V are never repeated), `_delta_kernel` (rowsum(dO ∘ O)),
+`_dkdv_kernel` (one program per key block and KV head, looping over the query heads of its group:
+dK and dV summed over the group in registers, no atomics; or over a share of them, see
+`dkdv_split`) and `_dq_kernel` (one program per query block and query head).
 
-Bytes kept for the backward per KV head and row: D/2 + 4·D/G (4 bits) or D + 4·D/G (8 bits) for K
-and again for V, against 2·D each in bf16 (G = 32 at D = 64, 128: 0.3125x at 4 bits); plus O (2·D
-a query row, shared with the next layer's input) and lse (4 bytes a query row).
+Order of programs: causal programs differ in work (a query block sees the keys up to it, a key block
+the queries from it on) and the GPU starts them in grid order, heads fastest here; forward and dQ
+walk query blocks from the last, dK/dV key blocks from the first, so the longest start first and
+the short ones fill the tail (a longest-first list schedule).
 
 Accepts: q [B, Hq, S, D], k/v [B, Hkv, S, D], fp16 or bf16 (fp32 only under the interpreter, where
 dots are exact), D in SUPPORTED_HEAD_DIMS, any sequence length, causal (Sq == Sk) or not, a mask
@@ -59,56 +60,14 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _cols(BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr):
-    """(head-dim index, is real) of every tile column: NG groups of GROUP, each padded to BLOCK_D / NG."""
+def _load_rows(base, offs, ok, stride_r, stride_c, D: tl.constexpr, BLOCK_D: tl.constexpr, FULL: tl.constexpr):
+    """Rows `offs` of a [rows, D] operand as one [len(offs), BLOCK_D] tile, columns past D zero.
+    FULL: every row is in range and BLOCK_D == D, so the load needs no mask (vectorised, fewer registers)."""
     c = tl.arange(0, BLOCK_D)
-    TG: tl.constexpr = BLOCK_D // NG
-    if TG == GROUP:
-        d = c
-        ok = c < BLOCK_D
-    else:
-        d = (c // TG) * GROUP + c % TG
-        ok = c % TG < GROUP
-    return d, ok
-
-
-@triton.jit
-def _load_kv(base, sbase, offs_n, n_ok, stride_n, stride_d, stride_sn, ROWS: tl.constexpr,
-             BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, KV_BITS: tl.constexpr,
-             DTYPE: tl.constexpr, FULL: tl.constexpr):
-    """Rows `offs_n` of K or V as one [ROWS, BLOCK_D] tile in DTYPE (columns as `_cols`, padding 0).
-
-    FULL: every row is in range and nothing is padded, so no load needs a mask (fewer registers,
-    vectorised). Scales are loaded once a group as a [rows, NG] tile and broadcast along the group."""
-    TG: tl.constexpr = BLOCK_D // NG
-    rows = base + offs_n * stride_n
-    if KV_BITS == 16:
-        d, d_ok = _cols(BLOCK_D, NG, GROUP)
-        ptrs = rows[:, None] + d[None, :] * stride_d
-        if FULL:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    else:
-        NB: tl.constexpr = NG * KV_BITS // 8  # groups of bytes: all NG at 8 bits, the first half's at 4
-        j = tl.arange(0, TG)
-        ptrs = rows[:, None, None] + (tl.arange(0, NB)[:, None] * GROUP + j[None, :])[None, :, :] * stride_d
-        sptrs = sbase + offs_n[:, None] * stride_sn + 2 * tl.arange(0, NG)[None, :]
-        if FULL:
-            codes = tl.load(ptrs)
-            step = tl.load(sptrs)
-            low = tl.load(sptrs + 1)
-        else:
-            codes = tl.load(ptrs, mask=n_ok[:, None, None] & (j < GROUP)[None, None, :], other=0)
-            step = tl.load(sptrs, mask=n_ok[:, None], other=0.0)
-            low = tl.load(sptrs + 1, mask=n_ok[:, None], other=0.0)
-        if KV_BITS == 4:
-            codes = tl.reshape(tl.permute(tl.join(codes & 15, codes >> 4), (0, 3, 1, 2)), (ROWS, NG, TG))
-        x = codes.to(tl.float32) * step.to(tl.float32)[:, :, None] + low.to(tl.float32)[:, :, None]
-        if TG != GROUP:
-            x = tl.where((j < GROUP)[None, None, :], x, 0.0)
-        x = tl.reshape(x, (ROWS, BLOCK_D))
-    return x.to(DTYPE)
+    ptrs = base + offs[:, None] * stride_r + c[None, :] * stride_c
+    if FULL:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=ok[:, None] & (c < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -189,30 +148,53 @@ def _quantize_kernel(X, Mean, Codes, Scales, stride_xb, stride_xh, stride_xn, st
 
 
 @triton.jit
-def _query_block(Q, K, KS, V, VS, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
-                 stride_ksb, stride_ksh, stride_vb, stride_vh, stride_vsb, stride_vsh, stride_mb, stride_mh,
-                 HQ, SQ, SK, GQA: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What a forward and a dQ program share: its query block and Q tile, the bases of its KV head and
-    mask, and the key range split into blocks without masks [0, full_end) and with [full_end, masked_end)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+def _dequantize_kernel(Codes, Scales, Out, S, D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
+                       TG: tl.constexpr, KV_BITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One [BLOCK_S, D] tile of K or V, as [rows, NG, TG] groups, from codes and (step, min) per group:
+    code · step + min in fp32, cast to Out's dtype (formats/kv4.py's math; the product of a code and a
+    16-bit step is exact in fp32, so a fused multiply-add gives the same value). 4 bits: groups NG/2..
+    are the high nibbles of the bytes of groups 0.."""
+    pid_s, pid_bh = tl.program_id(0), tl.program_id(1)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    rows = pid_bh * S + offs_s
+    g = tl.arange(0, NG)[:, None]
+    j = tl.arange(0, TG)[None, :]
+    ok = s_ok[:, None, None] & (j < GROUP)[None, :, :]
+    NB: tl.constexpr = NG * KV_BITS // 8  # groups of bytes: all NG at 8 bits, the first half's at 4
+    ROW_BYTES: tl.constexpr = D * KV_BITS // 8
+    raw = tl.load(Codes + rows[:, None, None] * ROW_BYTES + ((g % NB) * GROUP + j)[None, :, :], mask=ok, other=0)
+    codes = (raw >> ((g // NB) * 4)[None, :, :]) & ((1 << KV_BITS) - 1)
+    sptrs = Scales + rows[:, None] * (2 * NG) + 2 * tl.arange(0, NG)[None, :]
+    step = tl.load(sptrs, mask=s_ok[:, None], other=0.0).to(tl.float32)
+    low = tl.load(sptrs + 1, mask=s_ok[:, None], other=0.0).to(tl.float32)
+    x = codes.to(tl.float32) * step[:, :, None] + low[:, :, None]
+    tl.store(Out + rows[:, None, None] * D + (g * GROUP + j)[None, :, :], x.to(Out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _query_block(Q, K, V, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+                 stride_vb, stride_vh, stride_mb, stride_mh, HQ, SQ, SK, GQA: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a forward and a dQ program share: its query block (grid axis 1, from the last block: the
+    longest causal rows start first) and Q tile, the bases of its KV head and mask, and the key range
+    split into blocks without masks [0, full_end) and with [full_end, masked_end)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // GQA
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < SQ
-    d, d_ok = _cols(BLOCK_D, NG, GROUP)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, stride_qd, D, BLOCK_D, False)
     if CAUSAL:
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, SK)
     else:
         full_end = (SK // BLOCK_N) * BLOCK_N
         masked_end = SK
-    return (pid_bh, offs_m, m_ok, d, d_ok, q, K + b * stride_kb + hk * stride_kh, KS + b * stride_ksb + hk * stride_ksh,
-            V + b * stride_vb + hk * stride_vh, VS + b * stride_vsb + hk * stride_vsh, Mask + b * stride_mb + h * stride_mh,
-            full_end, masked_end)
+    return (pid_bh, offs_m, m_ok, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+            Mask + b * stride_mb + h * stride_mh, full_end, masked_end)
 
 
 @triton.jit
@@ -231,17 +213,17 @@ def _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, q
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, lo, hi, SK, qk_scale,
-                stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-                BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, KV_BITS: tl.constexpr,
-                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, m_ok, lo, hi, SK, qk_scale,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """Key blocks [lo, hi) into the online softmax; MASKED blocks apply causal and length bounds."""
     dtype = q.dtype
-    FULL: tl.constexpr = BLOCK_D // NG == GROUP and not MASKED
+    FULL: tl.constexpr = BLOCK_D == D and not MASKED
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
-        k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
+        k = _load_rows(k_base, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, FULL)
         s = _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, qk_scale, MASK_KIND, MASKED)
         if MASKED:
             ok = n_ok[None, :]
@@ -253,40 +235,36 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, o
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_kv(v_base, vs_base, offs_n, n_ok, stride_vn, stride_vd, stride_vsn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
+        v = _load_rows(v_base, offs_n, n_ok, stride_vn, stride_vd, D, BLOCK_D, FULL)
         acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, KS, V, VS, Mask, Out, Lse,
+def _fwd_kernel(Q, K, V, Mask, Out, Lse,
                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_ksb, stride_ksh, stride_ksn, stride_vb, stride_vh, stride_vn, stride_vd,
-                stride_vsb, stride_vsh, stride_vsn, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                 HQ, SQ, SK, sm_scale,
-                GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-                KV_BITS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh, offs_m, m_ok, d, d_ok, q, k_base, ks_base, v_base, vs_base, mask_base, full_end, masked_end = _query_block(
-        Q, K, KS, V, VS, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_ksb, stride_ksh,
-        stride_vb, stride_vh, stride_vsb, stride_vsh, stride_mb, stride_mh, HQ, SQ, SK, GQA, BLOCK_D, NG, GROUP, CAUSAL,
-        BLOCK_M, BLOCK_N)
+                GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh, offs_m, m_ok, q, k_base, v_base, mask_base, full_end, masked_end = _query_block(
+        Q, K, V, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_mb, stride_mh, HQ, SQ, SK, GQA, D, BLOCK_D, CAUSAL, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, 0, full_end, SK, qk_scale,
-        stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-        BLOCK_D, NG, GROUP, KV_BITS, CAUSAL, MASK_KIND, False, BLOCK_N)
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, m_ok, 0, full_end, SK, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D, BLOCK_D, CAUSAL, MASK_KIND, False, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, full_end, masked_end, SK, qk_scale,
-        stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-        BLOCK_D, NG, GROUP, KV_BITS, CAUSAL, MASK_KIND, True, BLOCK_N)
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, m_ok, full_end, masked_end, SK, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D, BLOCK_D, CAUSAL, MASK_KIND, True, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    d = tl.arange(0, BLOCK_D)
     o_ptrs = Out + pid_bh * SQ * D + offs_m[:, None] * D + d[None, :]
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=m_ok[:, None] & (d < D)[None, :])
     lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(Lse + pid_bh * SQ + offs_m, lse, mask=m_ok)
 
@@ -305,24 +283,18 @@ def _delta_kernel(Out, dO, Delta, SQ, D: tl.constexpr, BLOCK_D: tl.constexpr, BL
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, key_mask, offs_n, n_ok, d, d_ok, lo, hi, SQ,
-                 qk_scale, stride_qm, stride_qd, stride_mm, stride_mn, D: tl.constexpr, CAUSAL: tl.constexpr,
-                 MASK_KIND: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, key_mask, offs_n, n_ok, lo, hi, SQ,
+                 qk_scale, stride_qm, stride_qd, stride_mm, stride_mn, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query blocks [lo, hi) into the dK, dV accumulators of one key block (scores transposed);
     `key_mask`: the block's key-padding vector (MASK_KIND 1), loaded once by the caller."""
     dtype = k.dtype
+    FULL: tl.constexpr = BLOCK_D == D and not MASKED
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < SQ
-        q_ptrs = q_base + offs_m[:, None] * stride_qm + d[None, :] * stride_qd
-        do_ptrs = do_base + offs_m[:, None] * D + d[None, :]
-        if EVEN_D and not MASKED:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptrs, mask=ok, other=0.0)
-            do = tl.load(do_ptrs, mask=ok, other=0.0)
+        q = _load_rows(q_base, offs_m, m_ok, stride_qm, stride_qd, D, BLOCK_D, FULL)
+        do = _load_rows(do_base, offs_m, m_ok, D, 1, D, BLOCK_D, FULL)
         lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         if MASK_KIND == 2:
@@ -345,35 +317,35 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dK, dV,
+def _dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_ksb, stride_ksh, stride_ksn, stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_vsb, stride_vsh, stride_vsn, stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                  HKV, SQ, SK, sm_scale,
-                 GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-                 KV_BITS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+                 GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 MASK_KIND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (SPLIT · B · Hkv, key blocks): program (part · B·Hkv + KV head, key block) sums the query
+    heads [part, part + 1) · GQA/SPLIT of its group into slab `program_id(0)` of dK, dV (at SPLIT > 1
+    fp32 partials, summed by the launcher). Key blocks from the first: the longest causal ones start first."""
+    pid = tl.program_id(0)
+    n_bh = tl.num_programs(0) // SPLIT
+    part, pid_bh = pid // n_bh, pid % n_bh
     b, hk = pid_bh // HKV, pid_bh % HKV
-    start_n = pid_n * BLOCK_N
+    start_n = tl.program_id(1) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SK
-    d, d_ok = _cols(BLOCK_D, NG, GROUP)
     dtype = Q.dtype.element_ty
-    k = _load_kv(K + b * stride_kb + hk * stride_kh, KS + b * stride_ksb + hk * stride_ksh, offs_n, n_ok,
-                 stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, False)
-    v = _load_kv(V + b * stride_vb + hk * stride_vh, VS + b * stride_vsb + hk * stride_vsh, offs_n, n_ok,
-                 stride_vn, stride_vd, stride_vsn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, False)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, False)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, n_ok, stride_vn, stride_vd, D, BLOCK_D, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    EVEN_D: tl.constexpr = BLOCK_D == D
     if CAUSAL:
         full_start = start_n + BLOCK_N
     else:
         full_start = 0
     full_end = tl.maximum(full_start, (SQ // BLOCK_M) * BLOCK_M)
-    for g in range(GQA):
+    HEADS: tl.constexpr = GQA // SPLIT
+    for g in range(part * HEADS, part * HEADS + HEADS):
         h = hk * GQA + g
         bh = b * HKV * GQA + h
         q_base = Q + b * stride_qb + h * stride_qh
@@ -389,36 +361,37 @@ def _dkdv_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dK, dV,
             q_end = tl.where(tl.max(seen, axis=0) == float("-inf"), 0, SQ)
         if CAUSAL:
             dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+                dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok,
                 start_n, tl.minimum(full_start, q_end), SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
-                D, CAUSAL, MASK_KIND, True, EVEN_D, BLOCK_M)
+                D, BLOCK_D, CAUSAL, MASK_KIND, True, BLOCK_M)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok,
             full_start, tl.minimum(full_end, q_end), SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
-            D, CAUSAL, MASK_KIND, False, EVEN_D, BLOCK_M)
+            D, BLOCK_D, CAUSAL, MASK_KIND, False, BLOCK_M)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok, d, d_ok,
+            dk, dv, k, v, q_base, do_base, Lse + bh * SQ, Delta + bh * SQ, mask_base, key_mask, offs_n, n_ok,
             full_end, q_end, SQ, qk_scale, stride_qm, stride_qd, stride_mm, stride_mn,
-            D, CAUSAL, MASK_KIND, True, EVEN_D, BLOCK_M)
-    ptrs = pid_bh * SK * D + offs_n[:, None] * D + d[None, :]
-    ok = n_ok[:, None] & d_ok[None, :]
+            D, BLOCK_D, CAUSAL, MASK_KIND, True, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    ptrs = pid * SK * D + offs_n[:, None] * D + d[None, :]
+    ok = n_ok[:, None] & (d < D)[None, :]
     tl.store(dK + ptrs, (dk * sm_scale).to(dK.dtype.element_ty), mask=ok)
     tl.store(dV + ptrs, dv.to(dV.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, lo, hi, SK, qk_scale,
-               stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-               BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, KV_BITS: tl.constexpr,
-               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, m_ok, lo, hi, SK, qk_scale,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Key blocks [lo, hi) into the dQ accumulator of one query block."""
     dtype = q.dtype
-    FULL: tl.constexpr = BLOCK_D // NG == GROUP and not MASKED
+    FULL: tl.constexpr = BLOCK_D == D and not MASKED
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
-        k = _load_kv(k_base, ks_base, offs_n, n_ok, stride_kn, stride_kd, stride_ksn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
-        v = _load_kv(v_base, vs_base, offs_n, n_ok, stride_vn, stride_vd, stride_vsn, BLOCK_N, BLOCK_D, NG, GROUP, KV_BITS, dtype, FULL)
+        k = _load_rows(k_base, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, FULL)
+        v = _load_rows(v_base, offs_n, n_ok, stride_vn, stride_vd, D, BLOCK_D, FULL)
         s = _scores(q, k, mask_base, offs_m, offs_n, m_ok, n_ok, stride_mm, stride_mn, qk_scale, MASK_KIND, MASKED)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -433,56 +406,45 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_ba
 
 
 @triton.jit
-def _dq_kernel(Q, K, KS, V, VS, Mask, dO, Lse, Delta, dQ,
+def _dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-               stride_ksb, stride_ksh, stride_ksn, stride_vb, stride_vh, stride_vn, stride_vd,
-               stride_vsb, stride_vsh, stride_vsn, stride_mb, stride_mh, stride_mm, stride_mn,
+               stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                HQ, SQ, SK, sm_scale,
-               GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-               KV_BITS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh, offs_m, m_ok, d, d_ok, q, k_base, ks_base, v_base, vs_base, mask_base, full_end, masked_end = _query_block(
-        Q, K, KS, V, VS, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_ksb, stride_ksh,
-        stride_vb, stride_vh, stride_vsb, stride_vsh, stride_mb, stride_mh, HQ, SQ, SK, GQA, BLOCK_D, NG, GROUP, CAUSAL,
-        BLOCK_M, BLOCK_N)
+               GQA: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh, offs_m, m_ok, q, k_base, v_base, mask_base, full_end, masked_end = _query_block(
+        Q, K, V, Mask, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_mb, stride_mh, HQ, SQ, SK, GQA, D, BLOCK_D, CAUSAL, BLOCK_M, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
     ptrs = pid_bh * SQ * D + offs_m[:, None] * D + d[None, :]
-    ok = m_ok[:, None] & d_ok[None, :]
+    ok = m_ok[:, None] & (d < D)[None, :]
     do = tl.load(dO + ptrs, mask=ok, other=0.0)
     lse2 = tl.load(Lse + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * SQ + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     dq = _dq_blocks(
-        dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, 0, full_end, SK, qk_scale,
-        stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-        BLOCK_D, NG, GROUP, KV_BITS, CAUSAL, MASK_KIND, False, BLOCK_N)
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, m_ok, 0, full_end, SK, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D, BLOCK_D, CAUSAL, MASK_KIND, False, BLOCK_N)
     dq = _dq_blocks(
-        dq, q, do, lse2, delta, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, full_end, masked_end, SK,
-        qk_scale, stride_kn, stride_kd, stride_ksn, stride_vn, stride_vd, stride_vsn, stride_mm, stride_mn,
-        BLOCK_D, NG, GROUP, KV_BITS, CAUSAL, MASK_KIND, True, BLOCK_N)
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, m_ok, full_end, masked_end, SK, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, D, BLOCK_D, CAUSAL, MASK_KIND, True, BLOCK_N)
     tl.store(dQ + ptrs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) -> the kv_bits it is tried at: those that compile for sm_90
-# (Triton 3.6) without register spills and fit in shared memory (docs/attention.md has the tables and
-# the exceptions); each costs a compile on first use. _CONFIGS serve no mask and key-padding masks,
-# _TILE_MASK_CONFIGS general masks (a tile of mask pointers leaves room for smaller tiles only). The
-# causal split needs BLOCK_M % BLOCK_N == 0 for fwd/dq and BLOCK_N % BLOCK_M == 0 for dkdv.
-_ALL = (16, 8, 4)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): those that compile for sm_90 (Triton 3.6) without register
+# spills and fit in shared memory (docs/attention.md has the tables and the exceptions); each costs a
+# compile on first use. _CONFIGS serve no mask and key-padding masks, _TILE_MASK_CONFIGS general masks
+# (a tile of mask pointers leaves room for smaller tiles only). The causal split needs
+# BLOCK_M % BLOCK_N == 0 for fwd/dq and BLOCK_N % BLOCK_M == 0 for dkdv.
 _CONFIGS = {
-    "fwd": {(128, 64, 8, 3): _ALL, (128, 128, 8, 2): (16, 8), (64, 64, 4, 3): _ALL},
-    "dq": {(128, 64, 8, 3): _ALL, (128, 32, 8, 2): _ALL},
-    "dkdv": {(16, 128, 8, 2): _ALL, (16, 128, 8, 3): _ALL, (16, 64, 8, 2): _ALL},
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
+    "dkdv": [(16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)],
 }
-_TILE_MASK_CONFIGS = {
-    "fwd": {(128, 32, 8, 3): _ALL, (128, 32, 8, 2): _ALL},
-    "dq": {(128, 32, 8, 2): _ALL},
-    "dkdv": {(16, 32, 8, 2): _ALL},
-}
-#: Configs left out at padded head dims (80, 96: BLOCK_D = 128, two halves padded to 64), where they spill.
-_PADDED_D_SPILLS = {"fwd": {(128, 128, 8, 2)}, "dq": set(), "dkdv": {(16, 128, 8, 3)}}
-_INTERPRET_CONFIGS = {"fwd": {(32, 16, 4, 1): _ALL}, "dq": {(32, 16, 4, 1): _ALL}, "dkdv": {(16, 32, 4, 1): _ALL}}
-_KEY = ["SQ", "SK", "D", "KV_BITS", "CAUSAL", "MASK_KIND", "GQA"]
+_TILE_MASK_CONFIGS = {"fwd": [(128, 32, 8, 3), (128, 32, 8, 2)], "dq": [(128, 32, 8, 2)], "dkdv": [(16, 32, 8, 2)]}
+_INTERPRET_CONFIGS = {"fwd": [(32, 16, 4, 1)], "dq": [(32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)]}
+_KEY = ["SQ", "SK", "D", "CAUSAL", "MASK_KIND", "GQA"]
 
 
 def config_key(c: triton.Config) -> tuple[int, int, int, int]:
@@ -490,17 +452,15 @@ def config_key(c: triton.Config) -> tuple[int, int, int, int]:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def tried(kind: str, kv_bits: int, mask_kind: int, head_dim: int) -> list[tuple[int, int, int, int]]:
-    """The configs `kind`'s autotuner tries at this kv_bits, MASK_KIND (2: a general mask) and head dim."""
+def tried(kind: str, mask_kind: int) -> list[tuple[int, int, int, int]]:
+    """The configs `kind`'s autotuner tries at this MASK_KIND (2: a general mask)."""
     if _INTERPRET:
         return list(_INTERPRET_CONFIGS[kind])
-    table = (_TILE_MASK_CONFIGS if mask_kind == 2 else _CONFIGS)[kind]
-    padded = head_dim != triton.next_power_of_2(head_dim)
-    return [c for c, bits in table.items() if kv_bits in bits and not (padded and c in _PADDED_D_SPILLS[kind])]
+    return list((_TILE_MASK_CONFIGS if mask_kind == 2 else _CONFIGS)[kind])
 
 
 def _autotune(kind: str, kernel):
-    """`kernel` autotuned over its configs, each tried only at the kv_bits and mask kinds it is listed for."""
+    """`kernel` autotuned over its configs, each tried only at the mask kinds it is listed for."""
     tables = [_INTERPRET_CONFIGS] if _INTERPRET else [_CONFIGS, _TILE_MASK_CONFIGS]
     keys = list(dict.fromkeys(c for t in tables for c in t[kind]))
     if any((n % m if kind == "dkdv" else m % n) for m, n, _, _ in keys):
@@ -508,15 +468,43 @@ def _autotune(kind: str, kernel):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in keys]
 
     def prune(configs, named_args, **kwargs):
-        keep = tried(kind, kwargs["KV_BITS"], kwargs["MASK_KIND"], kwargs["D"])
+        keep = tried(kind, kwargs["MASK_KIND"])
         return [c for c in configs if config_key(c) in keep]
 
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+    key = _KEY + ["SPLIT"] if kind == "dkdv" else _KEY
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _fwd = _autotune("fwd", _fwd_kernel)
 _dq = _autotune("dq", _dq_kernel)
 _dkdv = _autotune("dkdv", _dkdv_kernel)
+
+
+def dkdv_split(kv_programs: int, gqa: int, key_blocks: int, causal: bool, sms: int) -> int:
+    """Programs a key block's query heads are spread over in dK/dV: the fewest (a divisor of `gqa`)
+    that give the grid at least `sms` times the work of its longest program.
+
+    `kv_programs` = B · Hkv, `key_blocks` = cdiv(Sk, BLOCK_N) (`split_for` fills them in for a call).
+    Causal, key block n of N sees N - n query blocks, so a grid of kv_programs · split · N programs
+    holds kv_programs · split · (N + 1) / 2 longest programs' worth of work (kv_programs · split · N
+    without causality). Below `sms` the longest program outlasts an even share of the work however
+    the rest is placed; at or above it, the longest-first order leaves the tail to short programs.
+    H200 (132 SMs), B = 1, 8 KV heads of 4 query heads, BLOCK_N = 128: 4 at 1024, 2 at 2048 (68
+    units unsplit), 1 from 4096 on."""
+    per_program = (key_blocks + 1) / 2 if causal else key_blocks
+    for split in range(1, gqa + 1):
+        if gqa % split == 0 and kv_programs * split * per_program >= sms:
+            return split
+    return gqa
+
+
+def split_for(q: torch.Tensor, hkv: int, sk: int, causal: bool, mask_kind: int) -> int:
+    """`dkdv_split` for this call: B · Hkv KV programs a key block, key blocks of the largest BLOCK_N the
+    autotuner tries (the fewest blocks, so the split holds at every BLOCK_N it may pick), the device's
+    SMs (1 under the interpreter, which runs one program at a time)."""
+    block_n = max(n for _, n, _, _ in tried("dkdv", mask_kind))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
+    return dkdv_split(q.shape[0] * hkv, q.shape[1] // hkv, triton.cdiv(sk, block_n), causal, sms)
 
 
 def _mask_args(mask, q, sk):
@@ -533,19 +521,13 @@ def _mask_args(mask, q, sk):
     return full, full.stride(), kind
 
 
-def _kv_args(t, scales, kv_bits):
-    if kv_bits == 16:
-        return (t, t, *t.stride(), 0, 0, 0)
-    return (t, scales, *t.stride(), *scales.stride()[:3])
-
-
 def quantize(x: torch.Tensor, kv_bits: int, smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """K (smooth=True) or V [B, H, S, D] -> (codes, scales), the layout of formats/kv4.py."""
     b, h, s, d = x.shape
     group = kv4.group_size(d)
     codes = x.new_empty(b, h, s, kv4.code_cols(d, kv_bits), dtype=torch.uint8)
     scales = x.new_empty(b, h, s, d // group, 2, dtype=kv4.scale_dtype(x.dtype))
-    mean = x.float().mean(dim=2).contiguous() if smooth else scales
+    mean = x.mean(dim=2, dtype=torch.float32) if smooth else scales  # no fp32 copy of x
     block_s = 32 if _INTERPRET else 64
     _quantize_kernel[(triton.cdiv(s, block_s), b * h)](
         x, mean, codes, scales, *x.stride(), h, s, D=d, NG=d // group, GROUP=group,
@@ -553,50 +535,72 @@ def quantize(x: torch.Tensor, kv_bits: int, smooth: bool) -> tuple[torch.Tensor,
     return codes, scales
 
 
-def _meta(q, hkv, kv_bits, causal, mask_kind):
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(codes, scales) of `quantize` -> K or V [B, H, S, D] in `dtype`: kv4.dequantize's values, the
+    transient 16-bit copy the attention kernels read."""
+    b, h, s, cols = codes.shape
+    d = cols * 8 // kv_bits
+    ng = scales.shape[3]
+    out = torch.empty(b, h, s, d, dtype=dtype, device=codes.device)
+    block_s = 32 if _INTERPRET else 64
+    _dequantize_kernel[(triton.cdiv(s, block_s), b * h)](
+        codes.contiguous(), scales.contiguous(), out, s, D=d, NG=ng, GROUP=d // ng,
+        TG=triton.next_power_of_2(d // ng), KV_BITS=kv_bits, BLOCK_S=block_s)
+    return out
+
+
+def _meta(q, hkv, causal, mask_kind):
     d = q.shape[-1]
-    group = kv4.group_size(d)
-    return dict(GQA=q.shape[1] // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), NG=d // group, GROUP=group,
-                KV_BITS=kv_bits, CAUSAL=causal, MASK_KIND=mask_kind)
+    return dict(GQA=q.shape[1] // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal, MASK_KIND=mask_kind)
 
 
 def forward(q, k, v, mask, causal: bool, scale: float, kv_bits: int):
-    """(out, lse, k_q, k_scale, v_q, v_scale), as `lowmem::attention` defines them."""
+    """(out, lse, k_q, k_scale, v_q, v_scale), as `lowmem::attention` defines them; at 4/8 bits the
+    kernel runs on the dequantized codes (a transient 16-bit K and V)."""
     b, hq, sq, _ = q.shape
-    sk = k.shape[2]
+    hkv, sk = k.shape[1], k.shape[2]
     if kv_bits == 16:
         packed = kv4.no_codes(k)
-        kq, ks, vq, vs = k, None, v, None
     else:
         packed = (*quantize(k, kv_bits, True), *quantize(v, kv_bits, False))
-        kq, ks, vq, vs = packed
+        k, v = dequantize(*packed[:2], kv_bits, q.dtype), dequantize(*packed[2:], kv_bits, q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     mask_t, mask_strides, mask_kind = _mask_args(mask, q, sk)
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-    _fwd[grid](q, *_kv_args(kq, ks, kv_bits)[:2], vq, _kv_args(vq, vs, kv_bits)[1], mask_t, out, lse,
-               *q.stride(), *_kv_args(kq, ks, kv_bits)[2:], *_kv_args(vq, vs, kv_bits)[2:], *mask_strides,
-               hq, sq, sk, scale, **_meta(q, k.shape[1], kv_bits, causal, mask_kind))
+    _fwd[lambda m: (b * hq, triton.cdiv(sq, m["BLOCK_M"]))](
+        q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, hq, sq, sk, scale,
+        **_meta(q, hkv, causal, mask_kind))
     return (out, lse, *packed)
 
 
-def backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal: bool, scale: float, kv_bits: int):
-    """(dq, dk, dv) from what the forward saved; dk, dv at the KV-head count."""
+def backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal: bool, scale: float, kv_bits: int,
+             split: int | None = None):
+    """(dq, dk, dv) from what the forward saved; dk, dv at the KV-head count. At 4/8 bits the kernels
+    run on the dequantized codes (a transient 16-bit K and V, freed on return). `split`: programs a
+    key block's query heads are spread over in dK/dV (a divisor of Hq/Hkv; None: `dkdv_split`)."""
     b, hq, sq, d = q.shape
     hkv, sk = k_q.shape[1], k_q.shape[2]
     grad_out, out = grad_out.contiguous(), out.contiguous()
     delta = torch.empty_like(lse)
     _delta_kernel[(triton.cdiv(sq, 64), b * hq)](out, grad_out, delta, sq, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=64)
-    ks, vs = (None, None) if kv_bits == 16 else (k_scale, v_scale)
-    kargs, vargs = _kv_args(k_q, ks, kv_bits), _kv_args(v_q, vs, kv_bits)
+    if kv_bits == 16:
+        k, v = k_q, v_q
+    else:
+        k, v = dequantize(k_q, k_scale, kv_bits, q.dtype), dequantize(v_q, v_scale, kv_bits, q.dtype)
     mask_t, mask_strides, mask_kind = _mask_args(mask, q, sk)
-    meta = _meta(q, hkv, kv_bits, causal, mask_kind)
-    strides = (*q.stride(), *kargs[2:], *vargs[2:], *mask_strides)
+    meta = _meta(q, hkv, causal, mask_kind)
+    split = split_for(q, hkv, sk, causal, mask_kind) if split is None else split
+    if meta["GQA"] % split:
+        raise ValueError(f"attention dK/dV: split {split} does not divide the {meta['GQA']} query heads of a KV head")
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(b, hkv, sk, d, dtype=q.dtype, device=q.device)
+    # SPLIT > 1: one fp32 partial a share of the group's heads, summed below
+    dk = torch.empty((split,) * (split > 1) + (b, hkv, sk, d), dtype=torch.float32 if split > 1 else q.dtype, device=q.device)
     dv = torch.empty_like(dk)
-    _dkdv[lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * hkv)](
-        q, *kargs[:2], vargs[0], vargs[1], mask_t, grad_out, lse, delta, dk, dv, *strides, hkv, sq, sk, scale, **meta)
-    _dq[lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * hq)](
-        q, *kargs[:2], vargs[0], vargs[1], mask_t, grad_out, lse, delta, dq, *strides, hq, sq, sk, scale, **meta)
+    _dkdv[lambda m: (split * b * hkv, triton.cdiv(sk, m["BLOCK_N"]))](
+        q, k, v, mask_t, grad_out, lse, delta, dk, dv, *strides, hkv, sq, sk, scale, SPLIT=split, **meta)
+    _dq[lambda m: (b * hq, triton.cdiv(sq, m["BLOCK_M"]))](
+        q, k, v, mask_t, grad_out, lse, delta, dq, *strides, hq, sq, sk, scale, **meta)
+    if split > 1:
+        dk, dv = dk.sum(0).to(q.dtype), dv.sum(0).to(q.dtype)
     return dq, dk, dv

@@ -1,6 +1,7 @@
 """K/V quantization for the attention backward: 4 or 8 bits, per-group 16-bit scale and minimum.
 
-What the backward of attention needs from K and V is kept in this format instead of 16 bits:
+What the backward of attention needs from K and V is kept in this format instead of 16 bits (each
+pass of the attention op expands it once into a transient 16-bit K and V, the values below):
 
 - K is *smoothed* first: its per-channel mean over the sequence is removed per (batch, KV head).
   Every query row's scores then shift by the same constant q·mean, which softmax ignores, so the
@@ -12,9 +13,10 @@ What the backward of attention needs from K and V is kept in this format instead
   codes are `floor((x - min) / scale + 0.5)` clamped to [0, 2^bits - 1], computed with the rounded
   scale and min, so that dequantization `code * scale + min` is exactly what the kernels compute.
 - 4-bit codes are packed two a byte, *split by halves*: byte j holds element j in the low nibble and
-  element j + D/2 in the high nibble. A kernel joins the two nibbles of its [rows, D/2] bytes into
-  one [rows, D] tile in registers, and groups never straddle the halves (group_size divides D/2).
-  8-bit codes are one byte an element, in order.
+  element j + D/2 in the high nibble. Groups never straddle the halves (group_size divides D/2), so
+  a group's codes are one nibble of a run of `group_size` bytes: the dequantization kernel reads
+  group g of the second half from the high nibbles of group g's bytes. 8-bit codes are one byte an
+  element, in order.
 
 Bytes a row at head dim D, group G: D/2 + 4*D/G (4 bits) or D + 4*D/G (8 bits), against 2*D in
 bf16: 0.3125x at D=128, G=32 for 4 bits (codes 0.25x + scales 0.0625x), 0.5625x for 8 bits.

@@ -16,7 +16,9 @@ themselves die after the forward. At kv_bits=16 these four outputs are empty and
 The forward runs on the *dequantized* K/V, the same values the backward recomputes P from, so lse
 and P are consistent and the gradients are the exact gradients of the function the forward computed
 (docs/attention.md measures the alternative, exact forward + quantized backward, which is worse for
-dK). lse is then that of the smoothed keys' scores; it is an internal of the pair of ops.
+dK). lse is then that of the smoothed keys' scores; it is an internal of the pair of ops. On CUDA
+each op expands the codes once into a transient 16-bit K and V (as large as k and v, freed when it
+returns) that its kernels read; what is kept between the two stays 4/8-bit.
 
 The reference below is the specification: fp32 math, chunked over query rows so it never holds more
 than a [chunk, Sk] block of scores per head.
