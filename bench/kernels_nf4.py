@@ -132,9 +132,10 @@ def _host_us(device, dtype) -> dict:
     for m in (1, 256):
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = q.dequantize(dtype)
+        nested = (q.absmax2, q.code2, q.offset)
         calls = {
-            "op": lambda: torch.ops.lowmem.nf4_linear(x, q.packed, q.absmax, [n, k], 64, None, q.absmax2, q.code2, q.offset),
-            "direct": lambda: nf4_matmul.linear(x, q.packed, q.absmax, (n, k), 64, None, q.absmax2, q.code2, q.offset),
+            "op": lambda: torch.ops.lowmem.nf4_linear(x, q.packed, q.absmax, [n, k], 64, None, *nested),
+            "direct": lambda: nf4_matmul.linear(x, q.packed, q.absmax, (n, k), 64, None, *nested),
             "cublas": lambda: torch.nn.functional.linear(x, w),
         }
         for name, fn in calls.items():
@@ -148,7 +149,7 @@ def _host_us(device, dtype) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             out[f"M{m}_{name}"] = (time.perf_counter() - t0) / reps * 1e6
-    return out
+    return {"shape": [n, k], "us": out}
 
 
 def _dequant_bandwidth(device, dtype, shapes) -> dict:
@@ -203,7 +204,8 @@ def _table(result) -> str:
         cells = [f"{r[c] * 1e3:.1f}" if c in r else "-" for c in cols]
         lines.append(f"| {r['K']}->{r['N']} | {r['M']} | {r['dir']} | " + " | ".join(cells) + f" | {r['ours_vs_cublas']:.2f}x |")
     d, h = result["dequant"], result["host_us"]
-    lines.append("\nhost µs a call (4096x4096): " + ", ".join(f"{key} {v:.1f}" for key, v in h.items()))
+    host = ", ".join(f"{key} {v:.1f}" for key, v in h["us"].items())
+    lines.append(f"\nhost µs a call ({h['shape'][0]}x{h['shape'][1]}): {host}")
     lines.append(f"\ndequant {d['shape'][0]}x{d['shape'][1]}: {d['ms'] * 1e3:.1f} us, {d['tb_s']:.2f} TB/s "
                  f"(bf16 copy {d['copy_tb_s']:.2f} TB/s); {result['meta']['gpu']}, torch {result['meta']['torch']}, "
                  f"triton {result['meta']['triton']}")
