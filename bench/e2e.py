@@ -120,7 +120,7 @@ LOWMEM_RECIPE = Recipe(compiler="lowmem")
 LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
     "lowmem": {},
     "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
-    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop"},
+    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},
 }
 DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 

@@ -14,13 +14,14 @@ import torch
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes.attention import AttentionPass
+from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner
 from .report import STORE
 
 #: The pre-autograd passes, in the order they run on the Dynamo graph.
-PRE_AUTOGRAD_PASSES: tuple[GraphPass, ...] = (AttentionPass(), LinearNF4Pass(), FusedLossPass())
+PRE_AUTOGRAD_PASSES: tuple[GraphPass, ...] = (AttentionPass(), LinearNF4Pass(), FusedLossPass(), ChunkMLPPass())
 
 
 def lowmem_backend(

@@ -53,6 +53,10 @@ class Options:
     logits: str = "keep"
     """When the model computes its loss: "keep" returns logits (model dtype), "drop" returns none."""
 
+    mlp_chunks: int | str = "off"
+    """Run each gated MLP in pieces along the sequence, so its [tokens, intermediate] values exist a
+    piece at a time: "off", "auto" (pieces of about 2048 tokens), or a number of pieces (>= 2)."""
+
     report: bool = False
     """Print the report after each compiled graph."""
 
@@ -79,6 +83,9 @@ class Options:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"lowmem option {name}={value!r} is not allowed; choose one of {list(allowed)}")
+        chunks = self.mlp_chunks
+        if chunks not in ("off", "auto") and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2):
+            raise ValueError(f"lowmem option mlp_chunks={chunks!r} is not allowed; choose 'off', 'auto' or a number of pieces >= 2")
         if not isinstance(self.report, bool):
             raise ValueError(f"lowmem option report={self.report!r} must be True or False")
         budget = self.memory_budget

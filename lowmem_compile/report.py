@@ -62,6 +62,13 @@ class LossStats:
 
 
 @dataclass(frozen=True)
+class MLPStats:
+    chunked: int = _rule(_SUM)
+    chunks: int = _rule(_MAX)
+    skipped: list[str] = _rule(_CONCAT)
+
+
+@dataclass(frozen=True)
 class RematStats:
     policy: str = _rule(_LAST, "none")
     saved_bytes: int = _rule(_SUM)
@@ -82,6 +89,7 @@ SECTIONS: dict[str, type] = {
     "nf4": NF4Stats,
     "remat": RematStats,
     "loss": LossStats,
+    "mlp": MLPStats,
 }
 
 
@@ -119,13 +127,14 @@ class Report:
 
     def __str__(self) -> str:
         d = self.to_dict()
-        att, nf4, remat, loss = d["attention"], d["nf4"], d["remat"], d["loss"]
+        att, nf4, remat, loss, mlp = d["attention"], d["nf4"], d["remat"], d["loss"], d["mlp"]
         peak = remat["predicted_peak_bytes"]
         rows = [
             ("graphs compiled", str(d["graphs"])),
             ("attention sites replaced", str(att["replaced"])),
             ("linear layers in NF4", f"{nf4['lowered']} ({_gib(nf4['bytes_before'])} -> {_gib(nf4['bytes_after'])})"),
             ("LM head + loss fused", f"{loss['fused']} (chunk {loss['chunk_tokens']} tokens)"),
+            ("MLP blocks in pieces", f"{mlp['chunked']} ({mlp['chunks']} pieces)"),
             ("remat policy", remat["policy"]),
             ("saved for backward", _gib(remat["saved_bytes"])),
             ("values recomputed", str(remat["recomputed"])),
@@ -143,7 +152,8 @@ class Report:
         lines = ["lowmem report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
         fallbacks = [("attention", s) for s in att["skipped"]] + [("nf4", s) for s in nf4["skipped"]]
-        fallbacks += [("loss", s) for s in loss["skipped"]] + [("remat", s) for s in remat["notes"]]
+        fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]
+        fallbacks += [("remat", s) for s in remat["notes"]]
         for section, reason in fallbacks:
             lines.append(f"  [{section}] {reason}")
         return "\n".join(lines)

@@ -58,7 +58,7 @@ def test_registered_by_entry_point_without_import():
 
 def test_pass_order_and_report_sections():
     names = [p.name for p in backend.PRE_AUTOGRAD_PASSES]
-    assert names == ["attention", "linear_nf4", "fused_loss"]
+    assert names == ["attention", "linear_nf4", "fused_loss", "chunk_mlp"]  # chunk_mlp sees the NF4 ops
     assert {p.section for p in backend.PRE_AUTOGRAD_PASSES} <= set(SECTIONS)
     assert len({p.uuid() for p in backend.PRE_AUTOGRAD_PASSES}) == len(names)
 
@@ -74,6 +74,7 @@ def test_report_contract_and_print(capsys):
     assert set(d["nf4"]) >= {"lowered", "bytes_before", "bytes_after"}
     assert set(d["remat"]) >= {"policy", "saved_bytes", "predicted_peak_bytes", "recomputed"}
     assert set(d["loss"]) >= {"fused", "chunk_tokens"}
+    assert set(d["mlp"]) >= {"chunked", "chunks", "skipped"}
     # the forward saves at least the GELU input (8x64 fp32 here would be 2 KiB at batch 8; batch 4 -> 1 KiB)
     assert d["remat"]["saved_bytes"] >= 4 * 64 * 4
 

@@ -193,20 +193,30 @@ class _Planner:
 
     def full_tags(self, layers: int) -> dict[str, CheckpointPolicy]:
         """Recompute everything inside each of the first `layers` layers; save what flows into those
-        layers from outside them."""
+        layers, and out of them into the model's tail."""
         chosen = set(self.layers[:layers])
         tags: dict[str, CheckpointPolicy] = {}
         for node in self.forward:
             if layer_of(node) in chosen and _can_force_recompute(node):
                 for n in _recompute_unit(node):
                     tags[n.name] = CheckpointPolicy.MUST_RECOMPUTE
+        tail = self._tail()
         for node in self.forward:
             layer = layer_of(node)
             for user in node.users:
                 into = layer_of(user)
-                if user in self.forward and into in chosen and into != layer and "recompute" not in node.meta:
+                # saved: what flows into a recomputed layer (it bounds the recomputation) and what
+                # flows out of one into the model's tail (the last layer's output into the final
+                # norm), so that the backward recomputes that layer as it needs it, not all at once
+                if user in self.forward and into != layer and (into in chosen or (layer in chosen and user in tail)):
                     tags[node.name] = CheckpointPolicy.MUST_SAVE
         return tags
+
+    def _tail(self) -> set[torch.fx.Node]:
+        """The forward nodes after the last node of any layer (final norm, head, loss)."""
+        nodes = [n for n in self.gm.graph.nodes if n in self.forward]
+        last = max((i for i, n in enumerate(nodes) if layer_of(n) is not None), default=len(nodes))
+        return set(nodes[last + 1 :])
 
     def layer_plan(self, k: int) -> Plan:
         """`full` on the first k layers, the stock plan elsewhere."""

@@ -1,0 +1,221 @@
+"""Token-chunked MLP pass: a gated MLP, `down(act(gate(x)) * up(x))` with its LoRA adapters, runs as
+`n` pieces along the sequence, so that its [tokens, intermediate] values exist one piece at a time.
+
+Why: under recomputation the largest transient of a layer's backward is its MLP's: the gate and up
+outputs, their LoRA terms and their gradients, each tokens × intermediate (224 MiB apiece for
+Llama-3-8B at 8192 tokens, 3.5 GiB at 128K). Every op of the block acts on each token alone, so
+pieces along the sequence compute the same function, and autograd runs the backward of each piece
+(with the recomputation of its forward) on its own.
+
+Runs on the Dynamo graph, after the NF4 lowering. What it matches: a product `h = p * q` whose two
+factors derive from linear layers (`F.linear` or `lowmem::nf4_linear`) of one input `x`; the block is
+the nodes between `x` and `h` plus the nodes after `h` up to the first one that reads a value from
+outside the block (the residual add). Every node must be token-wise (a linear on the last dim, or a
+pointwise op or cast whose other operands are numbers or tensors of at most one dimension), every
+value in it must have `x`'s leading (token) dims, and exactly one value may leave it. A random op
+(dropout while training) skips the site: pieces would draw other masks than the whole.
+
+Counts: blocks chunked, pieces per block, sites skipped with their reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..cost.sizes import size_hint
+from ..options import Options
+from ..report import MLPStats
+from . import CompileContext, GraphPass
+
+#: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
+AUTO_TOKENS_PER_CHUNK = 2048
+
+_LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
+_POINTWISE_FUNCTIONS = (
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh,
+    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, torch._C._nn.gelu, torch._C._nn.silu,
+)  # fmt: skip
+_POINTWISE_METHODS = ("mul", "add", "sub", "div", "neg", "sigmoid", "tanh", "to", "float", "half", "bfloat16", "type_as")
+_DROPOUT = (F.dropout, torch.dropout)
+
+
+class _Skip(Exception):
+    """A block the pass cannot split exactly; the message is the report's reason."""
+
+
+def _val(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def _is_linear(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    name = schema.name if schema is not None else getattr(node.target, "_qualified_op_name", None)
+    return node.target in _LINEAR_FUNCTIONS or name == "lowmem::nf4_linear"
+
+
+def _is_pointwise(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _POINTWISE_METHODS
+    )
+
+
+def _is_dropout(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _DROPOUT
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+
+
+def _token_dims(node: torch.fx.Node) -> tuple[str, ...] | None:
+    val = _val(node)
+    return tuple(map(str, val.shape[:-1])) if isinstance(val, torch.Tensor) and val.dim() >= 2 else None
+
+
+class ChunkMLPPass(GraphPass):
+    name = "chunk_mlp"
+    section = "mlp"
+
+    def enabled(self, options: Options) -> bool:
+        return options.mlp_chunks != "off"
+
+    def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> MLPStats:
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        chunked, pieces, skipped, taken = 0, 0, [], set()
+        for h in [n for n in graph.nodes if n.op == "call_function" and n.target in (operator.mul, torch.mul)]:
+            if h in taken or not self._gated(h):
+                continue
+            try:
+                x, block, out = self._block(h)
+                n = self._pieces(x, ctx.options.mlp_chunks)
+            except _Skip as reason:
+                skipped.append(f"{h.name}: {reason}")
+                continue
+            taken |= block
+            if n < 2:
+                continue
+            self._split(graph, x, sorted(block, key=order.__getitem__), out, n)
+            chunked, pieces = chunked + 1, max(pieces, n)
+        return MLPStats(chunked=chunked, chunks=pieces, skipped=skipped)
+
+    @staticmethod
+    def _gated(h: torch.fx.Node) -> bool:
+        """Both factors of `h` come from linear layers (through pointwise ops): a GLU's product."""
+
+        def from_linear(node, depth=0) -> bool:
+            if not isinstance(node, torch.fx.Node) or depth > 8:
+                return False
+            if _is_linear(node):
+                return True
+            return _is_pointwise(node) and any(from_linear(a, depth + 1) for a in _tensor_inputs(node))
+
+        return len(h.args) == 2 and all(from_linear(a) for a in h.args)
+
+    def _block(self, h: torch.fx.Node) -> tuple[torch.fx.Node, set[torch.fx.Node], torch.fx.Node]:
+        """(x, the block's nodes, the one value that leaves it)."""
+        block: set[torch.fx.Node] = set()
+        inputs: set[torch.fx.Node] = set()
+        stack = [h]
+        while stack:  # up from h: stop at the activation input of each linear
+            node = stack.pop()
+            if node in block:
+                continue
+            self._check_op(node)
+            block.add(node)
+            tensors = _tensor_inputs(node)
+            if _is_linear(node):  # a LoRA adapter's B reads its A: go on; any other input is x
+                if _is_linear(node.args[0]):
+                    stack.append(node.args[0])
+                else:
+                    inputs.add(node.args[0])
+                continue
+            stack += [a for a in tensors if not self._is_operand(a)]
+        while len(inputs) > 1:  # a cast or dropout between x and a LoRA adapter joins the block
+            unary = [a for a in inputs if (_is_dropout(a) or _is_pointwise(a)) and len(_tensor_inputs(a)) == 1]
+            if not unary:
+                break
+            for a in unary:
+                self._check_op(a)
+                inputs.discard(a)
+                inputs.add(_tensor_inputs(a)[0])
+                block.add(a)
+        if len(inputs) != 1:
+            raise _Skip(f"the linear layers before the product read {len(inputs)} different inputs")
+        (x,) = inputs
+        grew = True
+        while grew:  # down from the block: take every user whose inputs are all inside
+            grew = False
+            for node in list(block):
+                for user in node.users:
+                    if user in block or user.op == "output":
+                        continue
+                    if all(a in block or self._is_operand(a) for a in _tensor_inputs(user)):
+                        self._check_op(user)
+                        block.add(user)
+                        grew = True
+        leaving = {n for n in block if n.users.keys() - block}
+        if len(leaving) != 1:
+            raise _Skip(f"{len(leaving)} values leave the block ({sorted(n.name for n in leaving)})")
+        dims = _token_dims(x)
+        if dims is None or any(_token_dims(n) != dims for n in block if isinstance(_val(n), torch.Tensor)):
+            raise _Skip("a value in the block does not keep the input's token dimensions")
+        return x, block, leaving.pop()
+
+    @staticmethod
+    def _is_operand(node: torch.fx.Node) -> bool:
+        """A value every token shares: a graph input or attribute of at most two dims (a weight, a scale)."""
+        val = _val(node)
+        return node.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor) and val.dim() <= 2
+
+    def _check_op(self, node: torch.fx.Node) -> None:
+        if _is_linear(node):
+            if any(self._is_operand(a) is False for a in _tensor_inputs(node)[1:]):
+                raise _Skip(f"{node.name}: a linear whose weight is computed in the graph")
+            return
+        if _is_dropout(node):
+            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            if training and p != 0:
+                raise _Skip(f"{node.name}: dropout while training (pieces would draw other masks)")
+            return
+        if not _is_pointwise(node):
+            raise _Skip(f"{node.name}: {getattr(node.target, '__name__', node.target)} is not known to act on each token alone")
+        for a in _tensor_inputs(node):
+            if self._is_operand(a) and _val(a).dim() > 1:
+                raise _Skip(f"{node.name}: a pointwise operand of {_val(a).dim()} dims could mix tokens")
+
+    @staticmethod
+    def _pieces(x: torch.fx.Node, setting: int | str) -> int:
+        tokens = math.prod(size_hint(s) for s in _val(x).shape[:-1])
+        if setting == "auto":
+            return math.ceil(tokens / AUTO_TOKENS_PER_CHUNK)
+        return int(setting)
+
+    @staticmethod
+    def _split(graph: torch.fx.Graph, x, block: list[torch.fx.Node], out: torch.fx.Node, n: int) -> None:
+        """Copy the block once per piece of `x` along the sequence, join the pieces' outputs."""
+        dim = _val(x).dim() - 2
+        meta = {k: block[0].meta[k] for k in ("nn_module_stack", "stack_trace") if k in block[0].meta}
+        with graph.inserting_before(block[0]):
+            split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
+            split.meta.update(meta)
+            outs = []
+            for i in range(n):
+                env = {x: graph.call_function(operator.getitem, (split, i))}
+                env[x].meta.update(meta)
+                for node in block:
+                    env[node] = graph.node_copy(node, lambda a: env.get(a, a))
+                outs.append(env[out])
+            joined = graph.call_function(torch.cat, (outs,), {"dim": dim})
+            joined.meta.update(meta)
+        out.replace_all_uses_with(joined)
+        for node in reversed(block):
+            graph.erase_node(node)
