@@ -9,11 +9,15 @@ Importing registers the backend "lowmem" (an installed package also registers it
 
 from __future__ import annotations
 
+from .host_embedding import HostEmbedding, offload_embeddings_
 from .options import Options
 from .quantize import NF4Linear, quantize_
 from .report import Report, last_report
 
-__all__ = ["Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear"]
+__all__ = [
+    "Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear",
+    "offload_embeddings_", "HostEmbedding",
+]
 __version__ = "0.1.0"
 
 BACKEND_NAME = "lowmem"
