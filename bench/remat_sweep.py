@@ -4,6 +4,9 @@
     python bench/remat_sweep.py                      # Llama-3-8B shape, 4 layers, seq 8192, one H200
     python bench/remat_sweep.py --layers 32 --gpus 4 --budgets 20,30,40,50   # the full model
     python bench/remat_sweep.py --smoke              # tiny shapes on the CPU (eager inner compilers)
+    # one GPU, two runs of under 10 minutes: the stock points, then lowmem's, compared in one table
+    python bench/remat_sweep.py --layers 32 --kinds stock --parallel 2
+    python bench/remat_sweep.py --layers 32 --kinds lowmem --fixed full --budgets 16,24,32 --previous OUT1/remat_sweep.json
 
 Model: hidden 4096, MLP 14336, 32/8 heads, vocab 128256, bf16 frozen base + peft LoRA r=16 on every
 projection, random weights built on the device, bf16 autocast; forward + backward, no optimizer.
@@ -146,6 +149,10 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=280.0, help="seconds; no worker starts after it")
     ap.add_argument("--budgets", default="", help="GiB, comma-separated: lowmem auto points started at once")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs to spread workers over (one lock each)")
+    ap.add_argument("--kinds", default="stock,lowmem", help="points to start: stock (Inductor budgets, checkpointing), lowmem")
+    ap.add_argument("--fixed", default="none,full", help="lowmem remat policies run beside the budgets")
+    ap.add_argument("--previous", default=None, metavar="JSON", help="remat_sweep.json of an earlier run of the same shape to include")
+    ap.add_argument("--gpu-lock", default=None, metavar="PATH", help="one GPU: the lock file to share with other jobs (`flock PATH cmd`)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,19 +168,26 @@ def main() -> int:
         steps=args.steps, cache=os.path.join(scratch, "cache"),
     )
     gpus = 1 if args.smoke else max(1, args.gpus)
+    if args.gpu_lock and gpus != 1:
+        ap.error("--gpu-lock shares one GPU's lock: use it with --gpus 1")
     placed = 0
 
     def place(cfg: dict) -> dict:
         """The next GPU, round robin, and its lock."""
         nonlocal placed
         gpu, placed = placed % gpus, placed + 1
-        return dict(cfg, gpu=gpu, lock=os.path.join(scratch, f"device{gpu}.lock"))
+        return dict(cfg, gpu=gpu, lock=args.gpu_lock or os.path.join(scratch, f"device{gpu}.lock"))
 
+    kinds = set(args.kinds.split(","))
     stock = [dict(base, name=n, kind="inductor", amb=a) for n, a in STOCK] + [dict(base, name="eager_gc", kind="eager_gc")]
-    fixed = [dict(base, name=f"lowmem_{p}", kind="lowmem", remat=p) for p in ("none", "full")]
+    fixed = [dict(base, name=f"lowmem_{p}", kind="lowmem", remat=p) for p in filter(None, args.fixed.split(","))]
     for gib in filter(None, args.budgets.split(",")):
         fixed.append(dict(base, name=f"lowmem_auto@{gib}GiB", kind="lowmem", remat="auto", budget_bytes=int(float(gib) * GIB)))
+    stock, fixed = (stock if "stock" in kinds else []), (fixed if "lowmem" in kinds else [])
     rows: list[dict] = []
+    if args.previous:  # an earlier run's points (e.g. the stock ones), so one table compares all
+        previous = json.loads(Path(args.previous).read_text())["rows"]
+        rows += [dict(r, run="previous") for r in previous if (r["layers"], r["seq"]) == (args.layers, args.seq)]
     left = args.time_limit - 10
     with ThreadPoolExecutor(args.parallel) as pool:
         pending = {pool.submit(spawn, c, left): c for c in map(place, stock + fixed)}
@@ -184,11 +198,11 @@ def main() -> int:
                 rows.append(row)
                 print(f"[{time.perf_counter() - t0:6.1f}s] {row['name']}: {row.get('error') or row.get('step_ms')}", flush=True)
                 remaining = args.time_limit - (time.perf_counter() - t0)
-                if cfg["kind"] != "lowmem" and row.get("peak_bytes") and remaining > 60:
+                if cfg["kind"] != "lowmem" and "lowmem" in kinds and row.get("peak_bytes") and remaining > 60:
                     budget = int(0.97 * row["peak_bytes"])  # just under the stock point's peak
                     c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=budget))
                     pending[pool.submit(spawn, c, remaining - 5)] = c
-                elif cfg["kind"] != "lowmem" and args.smoke and row.get("step_ms"):
+                elif cfg["kind"] != "lowmem" and "lowmem" in kinds and args.smoke and row.get("step_ms"):
                     c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=1))
                     pending[pool.submit(spawn, c, remaining - 5)] = c
     write(rows, args, time.perf_counter() - t0)
