@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from .host_embedding import HostEmbedding, offload_embeddings_
 from .options import Options
+from .plan import plan
 from .quantize import NF4Linear, quantize_
 from .report import Report, last_report
 
 __all__ = [
     "Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear",
-    "offload_embeddings_", "HostEmbedding",
+    "offload_embeddings_", "HostEmbedding", "plan",
 ]
 __version__ = "0.1.0"
 

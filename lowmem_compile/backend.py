@@ -24,12 +24,19 @@ from .report import STORE
 PRE_AUTOGRAD_PASSES: tuple[GraphPass, ...] = (AttentionPass(), LinearNF4Pass(), FusedLossPass(), ChunkMLPPass())
 
 
+class Planned(Exception):
+    """Raised by the backend in plan-only mode once a graph is partitioned: nothing to generate or run."""
+
+
 def lowmem_backend(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     options: Mapping[str, Any] | Options | None = None,
+    *,
+    plan_only: bool = False,
 ) -> Callable[..., Any]:
-    """Compile one Dynamo graph. `options` comes from `torch.compile(..., options={...})`."""
+    """Compile one Dynamo graph. `options` comes from `torch.compile(..., options={...})`.
+    With `plan_only`, run the passes and the partitioner (the report fills in), then raise `Planned`."""
     opts = Options.from_user(options)
     graph_report = STORE.new_graph(nodes=len(gm.graph.nodes))
     ctx = CompileContext(options=opts, example_inputs=example_inputs, report=graph_report)
@@ -40,6 +47,9 @@ def lowmem_backend(
     gm.recompile()
 
     partitioner = RematPartitioner(opts, graph_report)
+    if plan_only:
+        _compile_eager(gm, example_inputs, partitioner)  # traces and partitions now; the cost model still
+        raise Planned  # models `opts.inner`'s fusion, so the prediction is the one a real compile makes
     if opts.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, partitioner)
     else:

@@ -244,3 +244,22 @@ def test_fusible_covers_casts_fills_and_gathers():
         assert is_fusible(by_target[target]), target
     fills = [n for t, n in by_target.items() if t.overloadpacket in (aten.zeros_like, aten.full, aten.full_like)]
     assert fills and all(is_fusible(n) for n in fills)
+
+
+def test_host_inputs_are_not_resident_on_an_accelerator():
+    """A step on a device does not hold its host-memory inputs (an embedding table kept on the host);
+    a CPU step holds all of them."""
+    mode = FakeTensorMode()
+    m, k = 8, 16
+    for device, expected in (("cuda", m * k * 4), ("cpu", 2 * m * k * 4)):
+        with mode:
+            x_val, table_val = torch.empty(m, k, device=device), torch.empty(m, k)
+        b = _Builder(mode)
+        x, table = b.input("x", x_val), b.input("table", table_val)
+        s = b.op(aten.sum.default, b.op(aten.mul.Tensor, x, 2.0))
+        fw = b.module(s, x)
+        bwb = _Builder(mode)
+        bwb.input("tangents_1", s.meta["val"])
+        bw = bwb.module(bwb.op(aten.mul.Tensor, bwb.graph.find_nodes(op="placeholder")[0], 1.0))
+        assert table.op == "placeholder"
+        assert simulate_step(fw, bw, 1, fused=False).resident == expected, device

@@ -197,7 +197,10 @@ def simulate_step(
     """Predict the memory of forward `fw` then backward `bw` as partitioned by AOTAutograd."""
     sizes = _Sizes(symbolic)
     fw_inputs = fw.graph.find_nodes(op="placeholder")
-    resident = [sizes.of(tensor_val(p)) for p in fw_inputs]
+    vals = [tensor_val(p) for p in fw_inputs]
+    on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in vals)
+    # a step on an accelerator does not hold its host-memory inputs (e.g. an embedding table kept there)
+    resident = [sizes.of(v) for v in vals if not (on_device and isinstance(v, torch.Tensor) and v.device.type == "cpu")]
     resident_int = sum(r[0] for r in resident)
     resident_expr = sum((r[1] for r in resident), sympy.Integer(0))
     fw_out = fw.graph.find_nodes(op="output")[0].args[0]
