@@ -255,8 +255,10 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
     model.train()
     import torch
 
+    # with --no-head the step trains the decoder alone (its last hidden states' mean as the loss)
+    run = _decoder(model) if args.no_head else model
     if recipe.compiler == "inductor":
-        return model, torch.compile(model)
+        return model, torch.compile(run)
     if recipe.compiler == "lowmem":
         import lowmem_compile
 
@@ -265,8 +267,22 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
             lowmem_compile.quantize_(model)  # frozen linears to NF4; the backend lowers them
         if args.config in HOST_EMBEDDINGS:
             lowmem_compile.offload_embeddings_(model)
-        return model, torch.compile(model, backend="lowmem", options=options)
-    return model, model
+        return model, torch.compile(run, backend="lowmem", options=options)
+    return model, run
+
+
+def _decoder(model):
+    """The decoder stack under the LM head (through a peft wrapper): what --no-head trains."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def _step_loss(args: argparse.Namespace, step_fn, input_ids):
+    """The step's loss: the model's own, or with --no-head the mean of the last hidden states
+    (its gradient is a constant, so it adds nothing to the peak: the head and loss are what is left out)."""
+    if args.no_head:
+        return step_fn(input_ids=input_ids).last_hidden_state.float().mean()
+    return step_fn(input_ids=input_ids, labels=input_ids).loss
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -275,6 +291,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     recipe = recipe_for(args.config)
     row: dict[str, Any] = {"config": args.config, "seq": seq, "batch": args.batch, "model": args.model}
     row["layers"] = args.layers or MODELS[args.model]["num_hidden_layers"]
+    row["no_head"] = args.no_head
     row["device"] = args.device
     if recipe.compiler == "lowmem":
         row["lowmem_options"] = json.loads(args.lowmem_options or "{}")
@@ -351,7 +368,7 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with torch.autocast(args.device, dtype=torch.bfloat16):
-                loss = step_fn(input_ids=input_ids, labels=input_ids).loss
+                loss = _step_loss(args, step_fn, input_ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -396,6 +413,8 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
         cmd += ["--layers", str(args.layers)]
     if args.gpu_lock:
         cmd += ["--gpu-lock", args.gpu_lock]
+    if args.no_head:
+        cmd.append("--no-head")
     if model_dir is not None:
         cmd += ["--model-dir", model_dir]
     if job is None:
@@ -569,7 +588,8 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
     layers = args.layers or MODELS[args.model]["num_hidden_layers"]
     intro = (
         f"# End-to-end LoRA/QLoRA step: {args.model} ({layers} layers), batch {args.batch}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps\n\n"
+        f"{args.warmup} warm-up + {args.steps} timed steps"
+        f"{' (--no-head: the decoder alone, no LM head or loss)' if getattr(args, 'no_head', False) else ''}\n\n"
         f"Device: {env['gpu'] or args.device}. {versions}. Python {env['python']}. {env['date']}.\n\n"
         "Peak steps: max allocated over the timed steps (weights, optimizer state and activations); "
         "peak run: from before loading to the end. Tokens/s: median timed step. "
@@ -676,6 +696,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder (model folder, worker caches)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run, then error rows")
+    p.add_argument(
+        "--no-head", action="store_true",
+        help="train the decoder alone (loss: mean of its last hidden states): the peak without the LM head and loss",
+    )
     p.add_argument(
         "--gpu-lock", default=None, metavar="PATH",
         help="lock file held exclusively for every step after the first (compiles overlap other GPU jobs)",

@@ -6,6 +6,7 @@
 #   bash bench/run_all.sh kernels      # GPU tests, attention, NF4, loss kernels; kv4-vs-kv16 200-step loss
 #   bash bench/run_all.sh e2e8192      # lowmem_lean, lowmem, unsloth, bnb+Liger, eager at 8192
 #   bash bench/run_all.sh e2e2048      # the same at 2048, plus inductor and lowmem_base
+#   bash bench/run_all.sh loss_e2e     # the fused loss end to end: with / without it, logits dropped, no head at all
 #   bash bench/run_all.sh sweep8192    # Inductor's activation_memory_budget points and checkpointing, 32 layers
 #   bash bench/run_all.sh sweep8192b   # lowmem's budgets, in one table and plot with sweep8192's points
 #                                      # (PREVIOUS=path of sweep8192's remat_sweep.json if not under $OUT)
@@ -13,7 +14,7 @@
 # Needs the peers on PYTHONPATH for the e2e stages (bench/README.md, "The GPU machine").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"stage: kernels | e2e8192 | e2e2048 | sweep8192 | sweep8192b"}
+stage=${1:?"stage: kernels | e2e8192 | e2e2048 | loss_e2e | sweep8192 | sweep8192b"}
 out=${OUT:-bench/results}/$stage
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 mkdir -p "$out"
@@ -36,6 +37,12 @@ case $stage in
     e2e --seqs "$seq" --configs "bnb_qlora_gc_liger,eager$extra" --out "$out/b" > "$out/b.log" 2>&1 &
     wait
     grep -h "^| " "$out"/a/e2e.md "$out"/b/e2e.md | grep -v "^| config\|^|---" ;;
+  loss_e2e)
+    e2e --seqs 8192,2048 --configs lowmem --no-head --out "$out/nohead" > "$out/nohead.log" 2>&1 &
+    e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
+      --configs lowmem_nofl,lowmem_drop --out "$out/loss" > "$out/loss.log" 2>&1 &
+    wait
+    grep -h "^| lowmem" "$out"/nohead/e2e.md "$out"/loss/e2e.md ;;
   sweep8192)
     OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
       --time-limit 560 --kinds stock > "$out/sweep.log" 2>&1

@@ -55,6 +55,19 @@ def test_lowmem_worker_matches_eager():
     assert lowmem["lowmem_options"] == {"inner": "eager"} and lowmem["lowmem_report"]["graphs"] >= 1
 
 
+def test_no_head_trains_the_decoder_alone():
+    """--no-head: the loss is the mean of the decoder's last hidden states (no LM head, no cross
+    entropy), the same for eager and lowmem (bf16 autocast in both: 2e-2 relative), and the lowmem
+    graph fuses no loss."""
+    eager = e2e.run_worker(_run_args("--config", "eager", "--seqs", "32", "--no-head"))
+    exact = '{"inner": "eager", "nf4": "off", "attention": "kv16"}'  # no quantization: the same function
+    lowmem = e2e.run_worker(_run_args("--config", "lowmem", "--seqs", "32", "--no-head", "--lowmem-options", exact))
+    assert "error" not in eager and "error" not in lowmem, (eager, lowmem)
+    assert eager["no_head"] and abs(eager["first_loss"]) < 1.0  # a hidden-state mean, not a ~ln(vocab) loss
+    assert lowmem["first_loss"] == pytest.approx(eager["first_loss"], rel=2e-2, abs=2e-3)
+    assert lowmem["lowmem_report"]["loss"]["fused"] == 0
+
+
 @pytest.mark.parametrize("config", ["bnb_qlora_gc", "bnb_qlora_gc_liger", "unsloth"])
 def test_peers_fail_cleanly_into_an_error_row_on_cpu(config):
     row = e2e.run_worker(_run_args("--config", config, "--seqs", "32"))
