@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark on one GPU, in stages that each fit a 10-minute window. Jobs of a stage share the
 # GPU through one lock file: compiles overlap, timed sections never do (kernel benches run under
-# `flock`, e2e.py / remat_sweep.py take the lock for their timed steps). Results go to $OUT/<stage>/.
+# `flock`, e2e.py / remat_sweep.py take the lock for their timed steps). Results go to $OUT/<stage>/,
+# packed into $OUT/<stage>.tgz when $OUT is set (PACK=0 keeps the folder).
 #
 #   bash bench/run_all.sh kernels      # GPU tests, attention, NF4, loss kernels; kv4-vs-kv16 200-step loss
 #   bash bench/run_all.sh e2e8192      # lowmem_lean, lowmem, unsloth, bnb+Liger, eager at 8192
@@ -9,7 +10,7 @@
 #   bash bench/run_all.sh loss_e2e     # the fused loss end to end: with / without it, logits dropped, no head at all
 #   bash bench/run_all.sh sweep8192    # Inductor's activation_memory_budget points and checkpointing, 32 layers
 #   bash bench/run_all.sh sweep8192b   # lowmem's budgets, in one table and plot with sweep8192's points
-#                                      # (PREVIOUS=path of sweep8192's remat_sweep.json if not under $OUT)
+#                                      # (PREVIOUS=path of sweep8192's remat_sweep.json, unpacked from its archive)
 #
 # Needs the peers on PYTHONPATH for the e2e stages (bench/README.md, "The GPU machine").
 set -uo pipefail
@@ -54,3 +55,8 @@ case $stage in
     tail -14 "$out/sweep.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
+# Where $OUT is a folder a remote machine sends back (with a cap on the number of files), pack the
+# stage into one archive.
+if [ -n "${OUT:-}" ] && [ "${PACK:-1}" != 0 ]; then
+  tar -czf "$OUT/$stage.tgz" -C "$out" . && rm -rf "$out" && echo "packed: $OUT/$stage.tgz"
+fi
