@@ -19,6 +19,22 @@ from ..report import GraphReport
 from ..sources import source_hash
 
 
+#: How a linear layer appears in the Dynamo graph (torch IR).
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def example_value(node: Any) -> Any:
+    """The fake value Dynamo recorded for a graph node (None for constants and value-less nodes)."""
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def calls(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
+    """`node` calls one of `functions`, or one of the tensor `methods`."""
+    return isinstance(node, torch.fx.Node) and (
+        node.op == "call_function" and node.target in functions or node.op == "call_method" and node.target in methods
+    )
+
+
 @dataclasses.dataclass
 class CompileContext:
     """What a pass may read besides the graph: the options, Dynamo's example inputs, the report."""

@@ -32,7 +32,7 @@ import torch.fx
 from ..ops.attention import _HUGE
 from ..options import Options
 from ..report import AttentionStats
-from . import CompileContext, GraphPass
+from . import CompileContext, GraphPass, example_value
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
@@ -57,10 +57,6 @@ class _Site:
 
 class _Skip(Exception):
     """A site that stays as it is; the message is the report's reason."""
-
-
-def _val(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
 
 
 def _is(node, fns, method: str | None = None) -> bool:
@@ -120,10 +116,10 @@ def _match_sdpa(node) -> _Site:
     scale = _arg(node, 6, "scale")
     pattern = [node]
     k0, v0 = _strip_repeat_kv(k, pattern), _strip_repeat_kv(v, pattern)
-    qv, kv = _val(q), _val(k)
+    qv, kv = example_value(q), example_value(k)
     if k0 is k and not _arg(node, 7, "enable_gqa", False) and qv is not None and kv is not None and qv.shape[1] != kv.shape[1]:
         raise _Skip("query and key head counts differ without enable_gqa")
-    d = _val(q).shape[-1] if _val(q) is not None else None
+    d = example_value(q).shape[-1] if example_value(q) is not None else None
     scale = 1.0 / math.sqrt(d) if scale is None and d is not None else scale
     return _Site(node, q, k0, v0, mask, causal, _constant(scale, "scale"), pattern)
 
@@ -185,10 +181,10 @@ def _positions(node, dim: int, n: int) -> bool:
 def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """The operands of an `&` tree of bool tensors, through `.to(device)` and `expand` (same values)."""
     seen.append(node)
-    value = _val(node)
+    value = example_value(node)
     if value is None or value.dtype != torch.bool:
         return [None]
-    if (_is(node, set(), "to") or _is(node, set(), "expand")) and _val(node.args[0]) is not None and _val(node.args[0]).dtype == torch.bool:
+    if (_is(node, set(), "to") or _is(node, set(), "expand")) and example_value(node.args[0]) is not None and example_value(node.args[0]).dtype == torch.bool:
         return _bool_terms(node.args[0], seen)
     if _is(node, {operator.and_}) and all(isinstance(a, torch.fx.Node) for a in node.args):
         return _bool_terms(node.args[0], seen) + _bool_terms(node.args[1], seen)
@@ -227,7 +223,7 @@ def _pad_term(node, b: int, sk: int) -> bool:
         node = node.args[0]
     if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
         return False
-    pad, (bi, kvi) = _val(node.args[0]), node.args[1]
+    pad, (bi, kvi) = example_value(node.args[0]), node.args[1]
     return (
         pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
         and _positions(bi, 0, b) and _positions(kvi, 3, sk)
@@ -239,7 +235,7 @@ def _lower_causal(site: _Site, additive: bool) -> None:
     causal ∧ key-padding mask; leave it as it is otherwise. `additive`: the eager form, whose mask
     is `where(bool_mask, 0, finfo.min)`; there only a mask without padding is lowered, since a
     fully padded query row averages every key there (causal would average the keys up to it)."""
-    mask, q, k = site.mask, _val(site.q), _val(site.k)
+    mask, q, k = site.mask, example_value(site.q), example_value(site.k)
     if mask is None or q is None or k is None or q.dim() != 4 or k.dim() != 4:
         return
     pattern = [mask]
@@ -263,7 +259,7 @@ def _lower_causal(site: _Site, additive: bool) -> None:
 
 def _check(site: _Site) -> None:
     """Shapes and dtypes the op accepts, read from Dynamo's example values."""
-    q, k, v, mask = (_val(n) for n in (site.q, site.k, site.v, site.mask))
+    q, k, v, mask = (example_value(n) for n in (site.q, site.k, site.v, site.mask))
     if q is None or k is None or v is None or (site.mask is not None and mask is None):
         raise _Skip("no example values for q, k, v or the mask")
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
@@ -297,11 +293,11 @@ def _replace(gm: torch.fx.GraphModule, site: _Site, kv_bits: int) -> set[torch.f
     with graph.inserting_before(site.anchor):
         op = graph.call_function(torch.ops.lowmem.attention.default, (site.q, site.k, site.v, site.mask), kwargs)
         out = graph.call_function(operator.getitem, (op, 0))
-    q = _val(site.q)
+    q = example_value(site.q)
     fake_mode = getattr(q, "fake_mode", None)
     if fake_mode is not None:
         with fake_mode:
-            value = torch.ops.lowmem.attention.default(q, _val(site.k), _val(site.v), _val(site.mask), **kwargs)
+            value = torch.ops.lowmem.attention.default(q, example_value(site.k), example_value(site.v), example_value(site.mask), **kwargs)
         op.meta["example_value"], out.meta["example_value"] = value, value[0]
     site.anchor.replace_all_uses_with(out)
     erased = set()

@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from ..cost.sizes import size_hint
 from ..options import Options
 from ..report import MLPStats
-from . import CompileContext, GraphPass
+from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value
 
 #: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
 AUTO_TOKENS_PER_CHUNK = 2048
 
-_LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
 _POINTWISE_FUNCTIONS = (
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
     torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh,
@@ -48,34 +47,25 @@ class _Skip(Exception):
     """A block the pass cannot split exactly; the message is the report's reason."""
 
 
-def _val(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-
-
 def _is_linear(node: torch.fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    schema = getattr(node.target, "_schema", None)
-    name = schema.name if schema is not None else getattr(node.target, "_qualified_op_name", None)
-    return node.target in _LINEAR_FUNCTIONS or name == "lowmem::nf4_linear"
+    nf4 = torch.ops.lowmem.nf4_linear
+    return calls(node, (*LINEAR_FUNCTIONS, nf4, nf4.default))
 
 
 def _is_pointwise(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _POINTWISE_METHODS
-    )
+    return calls(node, _POINTWISE_FUNCTIONS, _POINTWISE_METHODS)
 
 
 def _is_dropout(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _DROPOUT
+    return calls(node, _DROPOUT)
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+    return [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
 
 
 def _token_dims(node: torch.fx.Node) -> tuple[str, ...] | None:
-    val = _val(node)
+    val = example_value(node)
     return tuple(map(str, val.shape[:-1])) if isinstance(val, torch.Tensor) and val.dim() >= 2 else None
 
 
@@ -165,14 +155,14 @@ class ChunkMLPPass(GraphPass):
         if len(leaving) != 1:
             raise _Skip(f"{len(leaving)} values leave the block ({sorted(n.name for n in leaving)})")
         dims = _token_dims(x)
-        if dims is None or any(_token_dims(n) != dims for n in block if isinstance(_val(n), torch.Tensor)):
+        if dims is None or any(_token_dims(n) != dims for n in block if isinstance(example_value(n), torch.Tensor)):
             raise _Skip("a value in the block does not keep the input's token dimensions")
         return x, block, leaving.pop()
 
     @staticmethod
     def _is_operand(node: torch.fx.Node) -> bool:
         """A value every token shares: a graph input or attribute of at most two dims (a weight, a scale)."""
-        val = _val(node)
+        val = example_value(node)
         return node.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor) and val.dim() <= 2
 
     def _check_op(self, node: torch.fx.Node) -> None:
@@ -189,12 +179,12 @@ class ChunkMLPPass(GraphPass):
         if not _is_pointwise(node):
             raise _Skip(f"{node.name}: {getattr(node.target, '__name__', node.target)} is not known to act on each token alone")
         for a in _tensor_inputs(node):
-            if self._is_operand(a) and _val(a).dim() > 1:
-                raise _Skip(f"{node.name}: a pointwise operand of {_val(a).dim()} dims could mix tokens")
+            if self._is_operand(a) and example_value(a).dim() > 1:
+                raise _Skip(f"{node.name}: a pointwise operand of {example_value(a).dim()} dims could mix tokens")
 
     @staticmethod
     def _pieces(x: torch.fx.Node, setting: int | str) -> int:
-        tokens = math.prod(size_hint(s) for s in _val(x).shape[:-1])
+        tokens = math.prod(size_hint(s) for s in example_value(x).shape[:-1])
         if setting == "auto":
             return math.ceil(tokens / AUTO_TOKENS_PER_CHUNK)
         return int(setting)
@@ -202,7 +192,7 @@ class ChunkMLPPass(GraphPass):
     @staticmethod
     def _split(graph: torch.fx.Graph, x, block: list[torch.fx.Node], out: torch.fx.Node, n: int) -> None:
         """Copy the block once per piece of `x` along the sequence, join the pieces' outputs."""
-        dim = _val(x).dim() - 2
+        dim = example_value(x).dim() - 2
         meta = {k: block[0].meta[k] for k in ("nn_module_stack", "stack_trace") if k in block[0].meta}
         with graph.inserting_before(block[0]):
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})

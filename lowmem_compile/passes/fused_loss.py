@@ -30,9 +30,8 @@ from torch.utils._pytree import tree_map
 
 from ..options import Options
 from ..report import LossStats
-from . import CompileContext, GraphPass
+from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value
 
-_LINEAR = (torch._C._nn.linear, F.linear)
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "contiguous", "float", "to", "type")
 _RESHAPE_FUNCTIONS = (torch.reshape, torch.flatten)
 _DIV = (operator.truediv, torch.div, torch.true_divide)
@@ -45,19 +44,9 @@ class _Skip(Exception):
     """A cross-entropy site the op cannot compute exactly; the message is the report's reason."""
 
 
-def _val(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-
-
-def _is(node, functions=(), methods=()) -> bool:
-    return isinstance(node, torch.fx.Node) and (
-        node.op == "call_function" and node.target in functions or node.op == "call_method" and node.target in methods
-    )
-
-
 def _const_operand(node, functions, method):
     """(tensor operand, number) of a binary op by a constant, else None."""
-    if not _is(node, functions, (method,)) or node.kwargs or len(node.args) != 2:
+    if not calls(node, functions, (method,)) or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
     if isinstance(b, (int, float)) and isinstance(a, torch.fx.Node):
@@ -70,7 +59,7 @@ def _const_operand(node, functions, method):
 def _softcap(node):
     """(input, cap) when `node` is cap * tanh(input / cap), else None."""
     mul = _const_operand(node, _MUL, "mul")
-    if mul is None or not _is(mul[0], _TANH, ("tanh",)) or len(mul[0].users) != 1:
+    if mul is None or not calls(mul[0], _TANH, ("tanh",)) or len(mul[0].users) != 1:
         return None
     div = _const_operand(mul[0].args[0], _DIV, "div")
     if div is None or div[1] != mul[1] or len(mul[0].args[0].users) != 1:
@@ -90,14 +79,14 @@ class FusedLossPass(GraphPass):
 
         graph = gm.graph
         fused, chunk, skipped = 0, 0, []
-        for ce in [n for n in graph.nodes if _is(n, (F.cross_entropy,))]:
+        for ce in [n for n in graph.nodes if calls(n, (F.cross_entropy,))]:
             try:
                 site = self._match(ce)
             except _Skip as reason:
                 skipped.append(f"{ce.name}: {reason}")
                 continue
             head, linear, hidden, weight, bias, cap, dead = site
-            w_val, h_val, head_val = _val(weight), _val(hidden), _val(linear)
+            w_val, h_val, head_val = example_value(weight), example_value(hidden), example_value(linear)
             vocab = w_val.shape[0]
             site_chunk = choose_chunk_tokens(vocab, w_val.element_size())
             need = bool(head_val.requires_grad)
@@ -112,7 +101,7 @@ class FusedLossPass(GraphPass):
                         hidden, weight, bias, args["target"], args.get("ignore_index", -100),
                         args.get("reduction", "mean"), cap, site_chunk,
                         need and bool(h_val.requires_grad), need and bool(w_val.requires_grad),
-                        need and bias is not None and bool(_val(bias).requires_grad), keep,
+                        need and bias is not None and bool(example_value(bias).requires_grad), keep,
                     ),
                 )  # fmt: skip
                 loss = graph.call_function(operator.getitem, (op, 0))
@@ -140,7 +129,7 @@ class FusedLossPass(GraphPass):
             raise _Skip(f"cross_entropy with reduction={args['reduction']!r} is not fused")
         if not isinstance(args.get("ignore_index", -100), int):
             raise _Skip("cross_entropy with a traced ignore_index is not fused")
-        ce_in, target = _val(args["input"]), _val(args["target"])
+        ce_in, target = example_value(args["input"]), example_value(args["target"])
         if ce_in is None or ce_in.dim() != 2 or ce_in.dtype != torch.float32:
             raise _Skip("cross_entropy input is not 2-D fp32 logits")
         if target is None or target.dim() != 1 or target.dtype != torch.int64:
@@ -148,8 +137,8 @@ class FusedLossPass(GraphPass):
         vocab = ce_in.shape[-1]
 
         dead, node = [], args["input"]
-        while _is(node, _RESHAPE_FUNCTIONS, _RESHAPE_METHODS):
-            val = _val(node)
+        while calls(node, _RESHAPE_FUNCTIONS, _RESHAPE_METHODS):
+            val = example_value(node)
             if len(node.users) != 1 or val is None or val.dim() < 1 or val.shape[-1] != vocab:
                 raise _Skip(f"{node.name} between the head and the loss has other users or moves the vocabulary dimension")
             dead.append(node)
@@ -159,7 +148,7 @@ class FusedLossPass(GraphPass):
         if capped is not None:
             node, cap, tanh_div = capped
             dead += [head, *tanh_div]
-        if not _is(node, _LINEAR):
+        if not calls(node, LINEAR_FUNCTIONS):
             raise _Skip(f"cross_entropy input comes from {getattr(node, 'target', node)}, not from a linear projection")
         if cap is not None and len(node.users) != 1:
             raise _Skip("the logits before softcapping have other users")
@@ -169,7 +158,7 @@ class FusedLossPass(GraphPass):
             raise _Skip(f"the logits are also used by {[u.name for u in others]}")
         hidden, weight, *rest = [*node.args, *node.kwargs.values()]
         bias = rest[0] if rest else None
-        h_val, w_val, b_val = _val(hidden), _val(weight), _val(bias)
+        h_val, w_val, b_val = example_value(hidden), example_value(weight), example_value(bias)
         if h_val is None or w_val is None or w_val.dim() != 2 or w_val.shape[0] != vocab:
             raise _Skip("the head's weight is not a [vocab, hidden] tensor")
         if h_val.dtype != w_val.dtype or (bias is not None and (b_val is None or b_val.dtype != w_val.dtype)):

@@ -25,7 +25,7 @@ import torch
 
 from ..options import Options
 from ..report import NF4Stats
-from . import CompileContext, GraphPass
+from . import CompileContext, GraphPass, example_value
 
 _GEMM_4BIT = "bitsandbytes::gemm_4bit"
 _BODY_OK = {"view", "reshape", torch._C._set_grad_enabled}
@@ -162,7 +162,7 @@ class LinearNF4Pass(GraphPass):
             return f"weight shape {arg.get('shapeB')!r} is not a constant [N, K]"
         if any(u.target is not operator.getitem or u.args[1] != 0 for u in hop.users):
             return "its result is used other than as output 0"
-        x = arg["A"].meta.get("example_value") if isinstance(arg["A"], torch.fx.Node) else None
+        x = example_value(arg["A"])
         if x is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return f"activation dtype {getattr(x, 'dtype', None)} (bf16, fp16, fp32 only)"
         if not hop.users:

@@ -154,6 +154,8 @@ class _Planner:
         self.by_name = {n.name: n for n in gm.graph.nodes}
         self.layers = list(dict.fromkeys(layer for n in gm.graph.nodes if n in self.forward and (layer := layer_of(n))))
         """The repeated layers in forward order."""
+        self.tail = self._tail()
+        """The forward nodes after the last layer (final norm, head, loss)."""
 
     def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
         graph = torch.fx.Graph()
@@ -200,7 +202,6 @@ class _Planner:
             if layer_of(node) in chosen and _can_force_recompute(node):
                 for n in _recompute_unit(node):
                     tags[n.name] = CheckpointPolicy.MUST_RECOMPUTE
-        tail = self._tail()
         for node in self.forward:
             layer = layer_of(node)
             for user in node.users:
@@ -208,12 +209,11 @@ class _Planner:
                 # saved: what flows into a recomputed layer (it bounds the recomputation) and what
                 # flows out of one into the model's tail (the last layer's output into the final
                 # norm), so that the backward recomputes that layer as it needs it, not all at once
-                if user in self.forward and into != layer and (into in chosen or (layer in chosen and user in tail)):
+                if user in self.forward and into != layer and (into in chosen or (layer in chosen and user in self.tail)):
                     tags[node.name] = CheckpointPolicy.MUST_SAVE
         return tags
 
     def _tail(self) -> set[torch.fx.Node]:
-        """The forward nodes after the last node of any layer (final norm, head, loss)."""
         nodes = [n for n in self.gm.graph.nodes if n in self.forward]
         last = max((i for i, n in enumerate(nodes) if layer_of(n) is not None), default=len(nodes))
         return set(nodes[last + 1 :])
