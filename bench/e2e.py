@@ -120,11 +120,12 @@ LOWMEM_RECIPE = Recipe(compiler="lowmem")
 LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
     "lowmem": {},
     "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
-    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},  # + HOST_EMBEDDINGS
+    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},  # + host embedding tables (below)
 }
 #: Variants whose frozen embedding tables also move to host memory (`offload_embeddings_`): a model
-#: transform, like `quantize_`, not a backend option.
-HOST_EMBEDDINGS = {"lowmem_lean"}
+#: transform, like `quantize_`, not a backend option. `lowmem_lean` and any variant named after it
+#: (`--lowmem lowmem_lean_noattn=...`), so a variation of the lean setup differs only in its options.
+HOST_EMBEDDINGS_PREFIX = "lowmem_lean"
 DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 
 
@@ -265,7 +266,7 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         options = json.loads(args.lowmem_options or "{}")
         if options.get("nf4", "auto") != "off":
             lowmem_compile.quantize_(model)  # frozen linears to NF4; the backend lowers them
-        if args.config in HOST_EMBEDDINGS:
+        if args.config.startswith(HOST_EMBEDDINGS_PREFIX):
             lowmem_compile.offload_embeddings_(model)
         return model, torch.compile(run, backend="lowmem", options=options)
     return model, run

@@ -1,62 +1,75 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU, in stages that each fit a 10-minute window. Jobs of a stage share the
-# GPU through one lock file: compiles overlap, timed sections never do (kernel benches run under
-# `flock`, e2e.py / remat_sweep.py take the lock for their timed steps). Results go to $OUT/<stage>/,
-# packed into $OUT/<stage>.tgz when $OUT is set (PACK=0 keeps the folder).
+# Every benchmark on one GPU, in stages sized for a 10-minute window. Stages named together run at
+# once: they share the GPU through one lock file, so compiles overlap but timed sections never do
+# (kernel benches run under `flock`, e2e.py / remat_sweep.py take the lock for their timed steps).
+# Results go to $OUT/<stage>/, packed into $OUT/<stage>.tgz when $OUT is set (PACK=0 keeps folders).
 #
-#   bash bench/run_all.sh kernels      # GPU tests, attention, NF4, loss kernels; kv4-vs-kv16 200-step loss
-#   bash bench/run_all.sh e2e8192      # lowmem_lean, lowmem, unsloth, bnb+Liger, eager at 8192
-#   bash bench/run_all.sh e2e2048      # the same at 2048, plus inductor and lowmem_base
-#   bash bench/run_all.sh loss_e2e     # the fused loss end to end: with / without it, logits dropped, no head at all
-#   bash bench/run_all.sh sweep8192    # Inductor's activation_memory_budget points and checkpointing, 32 layers
-#   bash bench/run_all.sh sweep8192b   # lowmem's budgets, in one table and plot with sweep8192's points
-#                                      # (PREVIOUS=path of sweep8192's remat_sweep.json, unpacked from its archive)
+#   bash bench/run_all.sh kernels e2e8192 attn32k   # GPU tests, attention/NF4/loss kernels, kv4-vs-kv16 loss;
+#                                                   # 8192: lean, logits dropped, defaults, attention off, Unsloth;
+#                                                   # 32768: lean with and without the attention pass
+#   bash bench/run_all.sh sweep8192 e2e2048         # Inductor's activation_memory_budget points, checkpointing;
+#                                                   # 2048: defaults, fused loss off, logits dropped
+#   bash bench/run_all.sh sweep8192b nohead budgets2048
+#                                                   # lowmem's budgets beside sweep8192's points (PREVIOUS=its
+#                                                   # remat_sweep.json); no LM head at 8192/2048; 2048 budgets
 #
-# Needs the peers on PYTHONPATH for the e2e stages (bench/README.md, "The GPU machine").
+# Peak GPU memory of the stages named together must fit the device: the three lines above stay under
+# ~125 GiB on an H200. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"stage: kernels | e2e8192 | e2e2048 | loss_e2e | sweep8192 | sweep8192b"}
-out=${OUT:-bench/results}/$stage
+[ $# -gt 0 ] || { echo "stages: kernels e2e8192 attn32k e2e2048 nohead budgets2048 sweep8192 sweep8192b" >&2; exit 2; }
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
-mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit 540 "$@"; }
-case $stage in
-  kernels)
-    (OUT=$out/kv_bits_loss timeout 400 python3 bench/kv_bits_loss.py --variants kv16,kv4 > "$out/kv_bits_loss.log" 2>&1) &
-    flock "$lock" timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1
-    tail -1 "$out/pytest_gpu.log"
-    OUT=$out/attention flock "$lock" timeout 150 python3 bench/attention.py > "$out/attention.log" 2>&1
-    OUT=$out/nf4 flock "$lock" timeout 150 python3 bench/kernels_nf4.py > "$out/nf4.log" 2>&1
-    flock "$lock" timeout 60 python3 bench/loss.py --out "$out/loss" > "$out/loss.log" 2>&1
-    wait
-    tail -8 "$out/attention.log"; tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
-  e2e8192|e2e2048)
-    seq=${stage#e2e}
-    extra=$([ "$seq" = 2048 ] && echo ",inductor,lowmem_base" || echo "")
-    e2e --seqs "$seq" --configs lowmem_lean,lowmem,unsloth --out "$out/a" > "$out/a.log" 2>&1 &
-    e2e --seqs "$seq" --configs "bnb_qlora_gc_liger,eager$extra" --out "$out/b" > "$out/b.log" 2>&1 &
-    wait
-    grep -h "^| " "$out"/a/e2e.md "$out"/b/e2e.md | grep -v "^| config\|^|---" ;;
-  loss_e2e)
-    e2e --seqs 8192,2048 --configs lowmem --no-head --out "$out/nohead" > "$out/nohead.log" 2>&1 &
-    e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
-      --configs lowmem_nofl,lowmem_drop --out "$out/loss" > "$out/loss.log" 2>&1 &
-    wait
-    grep -h "^| lowmem" "$out"/nohead/e2e.md "$out"/loss/e2e.md ;;
-  sweep8192)
-    OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
-      --time-limit 560 --kinds stock > "$out/sweep.log" 2>&1
-    tail -14 "$out/sweep.log" ;;
-  sweep8192b)
-    OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
-      --time-limit 560 --kinds lowmem --fixed full --budgets 20,28,36 \
-      --previous "${PREVIOUS:-${OUT:-bench/results}/sweep8192/remat_sweep.json}" > "$out/sweep.log" 2>&1
-    tail -14 "$out/sweep.log" ;;
-  *) echo "unknown stage $stage" >&2; exit 2 ;;
-esac
-# Where $OUT is a folder a remote machine sends back (with a cap on the number of files), pack the
-# stage into one archive.
-if [ -n "${OUT:-}" ] && [ "${PACK:-1}" != 0 ]; then
-  tar -czf "$OUT/$stage.tgz" -C "$out" . && rm -rf "$out" && echo "packed: $OUT/$stage.tgz"
-fi
+rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
+lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
+
+stage() {
+  local stage=$1 out=${OUT:-bench/results}/$1
+  mkdir -p "$out"
+  case $stage in
+    kernels)
+      flock "$lock" timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1
+      OUT=$out/attention flock "$lock" timeout 150 python3 bench/attention.py > "$out/attention.log" 2>&1
+      OUT=$out/nf4 flock "$lock" timeout 200 python3 bench/kernels_nf4.py > "$out/nf4.log" 2>&1
+      flock "$lock" timeout 60 python3 bench/loss.py --out "$out/loss" > "$out/loss.log" 2>&1
+      OUT=$out/kv_bits_loss flock "$lock" timeout 200 python3 bench/kv_bits_loss.py --variants kv16,kv4 > "$out/kv_bits_loss.log" 2>&1
+      tail -1 "$out/pytest_gpu.log"; tail -8 "$out/attention.log"; tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
+    e2e8192)
+      e2e --seqs 8192 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_lean,lowmem_drop --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --lowmem 'lowmem_noattn={"attention":"off"}' --configs unsloth,lowmem,lowmem_noattn --out "$out/b" > "$out/b.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
+    attn32k)
+      e2e --seqs 32768 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean,lowmem_lean_noattn --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    e2e2048)
+      e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
+        --configs lowmem,lowmem_nofl,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    nohead)
+      e2e --seqs 8192,2048 --configs lowmem --no-head --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    budgets2048)
+      e2e --seqs 2048 --lowmem 'lowmem_b12={"memory_budget":"12GiB"}' --lowmem 'lowmem_b9={"memory_budget":"9GiB"}' \
+        --configs lowmem_b12,lowmem_b9 --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    sweep8192)
+      OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
+        --time-limit 560 --kinds stock > "$out/sweep.log" 2>&1
+      tail -14 "$out/sweep.log" ;;
+    sweep8192b)
+      OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
+        --time-limit 560 --kinds lowmem --fixed full --budgets 20,28,36 \
+        --previous "${PREVIOUS:-${OUT:-bench/results}/sweep8192/remat_sweep.json}" > "$out/sweep.log" 2>&1
+      tail -14 "$out/sweep.log" ;;
+    *) echo "unknown stage $stage" >&2; return 2 ;;
+  esac
+  # Where $OUT is a folder a remote machine sends back (with a cap on the number of files), pack it.
+  if [ -n "${OUT:-}" ] && [ "${PACK:-1}" != 0 ]; then
+    tar -czf "$OUT/$stage.tgz" -C "$out" . && rm -rf "$out" && echo "packed: $OUT/$stage.tgz"
+  fi
+}
+
+for s in "$@"; do stage "$s" > "/tmp/run_all_$s.txt" 2>&1 & done
+wait
+for s in "$@"; do echo "== $s"; cat "/tmp/run_all_$s.txt"; done
