@@ -379,6 +379,9 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             times.append(time.perf_counter() - start)
             if i == 0:
                 row["first_step_s"] = round(times[0], 3)
+            # progress on stderr (the parent keeps it in e2e.log): a long first step is the compile
+            print(f"[{args.config} seq={input_ids.shape[-1]}] step {i + 1}/{args.warmup + args.steps}: "
+                  f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
     timed = times[args.warmup :]
     row["losses"] = [round(x, 5) for x in losses]
     row["first_loss"], row["last_loss"] = losses[0], losses[-1]

@@ -115,7 +115,12 @@ def worker(cfg: dict) -> dict:
     return row
 
 
-def spawn(cfg: dict, timeout: float) -> dict:
+def spawn(cfg: dict, deadline: float) -> dict:
+    """Run one configuration in its own process, killed at `deadline` (time.monotonic()): a job that
+    waited for a free slot gets what is left of the run's time, not a fresh allowance."""
+    timeout = deadline - time.monotonic()
+    if timeout < 60:
+        return {**cfg, "error": "not run: --time-limit reached"}
     env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=cfg["cache"], TORCHINDUCTOR_COMPILE_THREADS="4")
     env["CUDA_VISIBLE_DEVICES"] = str(cfg["gpu"])
     if cfg["smoke"]:
@@ -188,28 +193,30 @@ def main() -> int:
     if args.previous:  # an earlier run's points (e.g. the stock ones), so one table compares all
         previous = json.loads(Path(args.previous).read_text())["rows"]
         rows += [dict(r, run="previous") for r in previous if (r["layers"], r["seq"]) == (args.layers, args.seq)]
-    left = args.time_limit - 10
+    deadline = time.monotonic() + args.time_limit - 10
     with ThreadPoolExecutor(args.parallel) as pool:
-        pending = {pool.submit(spawn, c, left): c for c in map(place, stock + fixed)}
+        pending = {pool.submit(spawn, c, deadline): c for c in map(place, stock + fixed)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 cfg, row = pending.pop(fut), fut.result()
                 rows.append(row)
-                print(f"[{time.perf_counter() - t0:6.1f}s] {row['name']}: {row.get('error') or row.get('step_ms')}", flush=True)
+                result = row.get("error") or f"{row.get('step_ms')} ms, peak {(row.get('peak_bytes') or 0) / GIB:.2f} GiB"
+                print(f"[{time.perf_counter() - t0:6.1f}s] {row['name']}: {result}", flush=True)
+                write(rows, args, time.perf_counter() - t0, quiet=True)  # a run cut short keeps what it measured
                 remaining = args.time_limit - (time.perf_counter() - t0)
                 if cfg["kind"] != "lowmem" and "lowmem" in kinds and row.get("peak_bytes") and remaining > 60:
                     budget = int(0.97 * row["peak_bytes"])  # just under the stock point's peak
                     c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=budget))
-                    pending[pool.submit(spawn, c, remaining - 5)] = c
+                    pending[pool.submit(spawn, c, deadline)] = c
                 elif cfg["kind"] != "lowmem" and "lowmem" in kinds and args.smoke and row.get("step_ms"):
                     c = place(dict(base, name=f"lowmem_auto@{cfg['name']}", kind="lowmem", remat="auto", budget_bytes=1))
-                    pending[pool.submit(spawn, c, remaining - 5)] = c
+                    pending[pool.submit(spawn, c, deadline)] = c
     write(rows, args, time.perf_counter() - t0)
     return 0
 
 
-def write(rows: list[dict], args, wall: float) -> None:
+def write(rows: list[dict], args, wall: float, quiet: bool = False) -> None:
     out = default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if "error" not in r]
@@ -229,8 +236,9 @@ def write(rows: list[dict], args, wall: float) -> None:
     title = f"remat sweep: {'smoke (CPU)' if args.smoke else 'llama3-8b shape'}, {args.layers} layers, seq {args.seq}\n\n"
     table = markdown_table(header, table_rows)
     (out / "remat_sweep.md").write_text(title + table)
-    plot(ok, out / "remat_sweep.png")
-    print(title + table, flush=True)
+    if not quiet:
+        plot(ok, out / "remat_sweep.png")
+        print(title + table, flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -10,7 +10,9 @@ the **resident** bytes (every forward input: weights, frozen or not, and the bat
   forward values, and the gradients of trainable parameters (kept to the end).
 
 With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
-its inputs instead live until its readers run. Sizes are ints at the example shapes, or, with
+its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it (`_virtual_nodes`),
+so a chain of residual adds is stored about once a layer rather than holding every layer's matmul
+outputs to the end of the forward. Sizes are ints at the example shapes, or, with
 `symbolic=True`, sympy expressions too, so `peak(seq)` can be solved for a budget.
 """
 
@@ -68,12 +70,41 @@ class _Sizes:
         return tensor_bytes(val), sym_bytes(val) if self.symbolic else sympy.Integer(0)
 
 
-def _virtual(node: torch.fx.Node, outputs: set[torch.fx.Node], fused: bool) -> bool:
-    """True when Inductor would fuse `node` into its readers instead of writing it to memory."""
-    if not fused or node in outputs or node.op != "call_function" or is_getitem(node) or not node.users:
-        return False
-    readers = _readers(node)
-    return is_fusible(node) and all(u.op == "call_function" and is_fusible(u) for u in readers)
+#: Inductor's limits on inlining a pointwise value (`torch._inductor.config`): a value with several
+#: readers is stored once its expression reads more than `realize_reads_threshold` buffers or holds
+#: more than `realize_opcount_threshold` ops; any value once it reads more than
+#: `realize_acc_reads_threshold`.
+SHARED_MAX_READS = 4
+SHARED_MAX_OPS = 30
+MAX_READS = 8
+
+
+def _virtual_nodes(graph: torch.fx.Graph, outputs: set[torch.fx.Node], fused: bool) -> set[torch.fx.Node]:
+    """The nodes Inductor would fuse into their readers instead of writing to memory."""
+    virtual: set[torch.fx.Node] = set()
+    if not fused:
+        return virtual
+    reads: dict[torch.fx.Node, frozenset[torch.fx.Node]] = {}
+    """Stored buffers that an inlined use of a virtual node, or of a view, reads."""
+    ops: dict[torch.fx.Node, int] = {}
+    """Ops in a virtual node's inlined expression."""
+    for node in graph.nodes:
+        args = [a for a in node.all_input_nodes if a in reads or tensor_val(a) is not None]
+        inlined = frozenset().union(*(reads.get(a, frozenset((a,))) for a in args))
+        if is_view(node):
+            reads[node], ops[node] = inlined, sum(ops.get(a, 0) for a in args)
+            continue
+        if node.op != "call_function" or node in outputs or is_getitem(node) or not node.users:
+            continue
+        if not is_fusible(node) or len(inlined) > MAX_READS:
+            continue
+        count = 1 + sum(ops.get(a, 0) for a in args)
+        if len(node.users) > 1 and (len(inlined) > SHARED_MAX_READS or count > SHARED_MAX_OPS):
+            continue
+        if all(u.op == "call_function" and is_fusible(u) for u in _readers(node)):
+            virtual.add(node)
+            reads[node], ops[node] = inlined, count
+    return virtual
 
 
 def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -89,7 +120,9 @@ def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
-def _last_need(graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: set[torch.fx.Node], fused: bool):
+def _last_need(
+    graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: set[torch.fx.Node], virtual: set[torch.fx.Node]
+):
     """For every node, the step after which nothing needs its storage any more."""
     end = len(order)
     need: dict[torch.fx.Node, int] = {}
@@ -100,7 +133,7 @@ def _last_need(graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: 
         for user in node.users:
             if user.op == "output":
                 continue
-            passthrough = is_view(user) or _virtual(user, outputs, fused)
+            passthrough = is_view(user) or user in virtual
             last = max(last, need[user] if passthrough else order[user])
         need[node] = last
     return need
@@ -126,7 +159,8 @@ def _run(
     output = graph.find_nodes(op="output")[0]
     outputs = {a for a in torch.fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(a, torch.fx.Node)}
     outputs = {a for o in outputs for a in (o, storage_root(o))}
-    need = _last_need(graph, order, outputs, fused)
+    virtual = _virtual_nodes(graph, outputs, fused)
+    need = _last_need(graph, order, outputs, virtual)
     frees: dict[int, list[torch.fx.Node]] = {}
     live_int, live_expr, peak, at_peak = 0, sympy.Integer(0), 0, []
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
@@ -136,7 +170,7 @@ def _run(
             break
         if node.op == "placeholder":
             alloc = preallocated.get(node)
-        elif is_view(node) or _virtual(node, outputs, fused):
+        elif is_view(node) or node in virtual:
             alloc = None
         else:
             alloc = _alloc(node, sizes)

@@ -35,6 +35,21 @@ def calls(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ())
     )
 
 
+#: Node metadata that says where in the user's model a node came from (module path, source line).
+PROVENANCE_KEYS = ("nn_module_stack", "stack_trace")
+
+
+def inherit_provenance(source: torch.fx.Node, *nodes: torch.fx.Node | None) -> None:
+    """Give nodes a pass inserts the provenance of the node they replace. AOTAutograd copies it onto
+    the aten nodes it traces from them, and the remat planner finds layer boundaries by it: without
+    it an attention op looked as if it ran outside its layer, so `remat="full"` saved its output."""
+    for key in PROVENANCE_KEYS:
+        if key in source.meta:
+            for node in nodes:
+                if node is not None:
+                    node.meta.setdefault(key, source.meta[key])
+
+
 @dataclasses.dataclass
 class CompileContext:
     """What a pass may read besides the graph: the options, Dynamo's example inputs, the report."""

@@ -32,7 +32,7 @@ import torch.fx
 from ..ops.attention import _HUGE
 from ..options import Options
 from ..report import AttentionStats
-from . import CompileContext, GraphPass, example_value
+from . import CompileContext, GraphPass, example_value, inherit_provenance
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
@@ -293,6 +293,7 @@ def _replace(gm: torch.fx.GraphModule, site: _Site, kv_bits: int) -> set[torch.f
     with graph.inserting_before(site.anchor):
         op = graph.call_function(torch.ops.lowmem.attention.default, (site.q, site.k, site.v, site.mask), kwargs)
         out = graph.call_function(operator.getitem, (op, 0))
+    inherit_provenance(site.anchor, op, out)
     q = example_value(site.q)
     fake_mode = getattr(q, "fake_mode", None)
     if fake_mode is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..cost.sizes import size_hint
 from ..options import Options
 from ..report import MLPStats
-from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value
+from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value, inherit_provenance
 
 #: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
 AUTO_TOKENS_PER_CHUNK = 2048
@@ -193,19 +193,17 @@ class ChunkMLPPass(GraphPass):
     def _split(graph: torch.fx.Graph, x, block: list[torch.fx.Node], out: torch.fx.Node, n: int) -> None:
         """Copy the block once per piece of `x` along the sequence, join the pieces' outputs."""
         dim = example_value(x).dim() - 2
-        meta = {k: block[0].meta[k] for k in ("nn_module_stack", "stack_trace") if k in block[0].meta}
         with graph.inserting_before(block[0]):
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
-            split.meta.update(meta)
             outs = []
             for i in range(n):
                 env = {x: graph.call_function(operator.getitem, (split, i))}
-                env[x].meta.update(meta)
+                inherit_provenance(block[0], env[x])
                 for node in block:
                     env[node] = graph.node_copy(node, lambda a: env.get(a, a))
                 outs.append(env[out])
             joined = graph.call_function(torch.cat, (outs,), {"dim": dim})
-            joined.meta.update(meta)
+            inherit_provenance(block[0], split, joined)
         out.replace_all_uses_with(joined)
         for node in reversed(block):
             graph.erase_node(node)

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 
 from ..options import Options
 from ..report import LossStats
-from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value
+from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value, inherit_provenance
 
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "contiguous", "float", "to", "type")
 _RESHAPE_FUNCTIONS = (torch.reshape, torch.flatten)
@@ -106,6 +106,7 @@ class FusedLossPass(GraphPass):
                 )  # fmt: skip
                 loss = graph.call_function(operator.getitem, (op, 0))
                 logits = graph.call_function(operator.getitem, (op, 1)) if keep else None
+            inherit_provenance(ce, op, loss, logits)
             ce.replace_all_uses_with(loss)
             if returned:
                 out_node.args = tree_map(lambda a: logits if a is head else a, out_node.args)

@@ -86,15 +86,21 @@ def saved_values(fw_module: torch.fx.GraphModule, num_fwd_outputs: int) -> list[
     return [n for n in saved if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
-def _forward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Joint-graph nodes that do not depend on an incoming gradient: the forward computation."""
-    backward: set[torch.fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" and node.name.startswith("tangents"):
-            backward.add(node)
-        elif any(a in backward for a in node.all_input_nodes):
-            backward.add(node)
-    return {n for n in graph.nodes if n not in backward and n.op == "call_function"}
+def _forward_nodes(graph: torch.fx.Graph, num_fwd_outputs: int) -> set[torch.fx.Node]:
+    """The forward computation of a joint graph: what its forward outputs are computed from, and the
+    other results of those multi-output ops (an attention's statistics). Not "everything that does
+    not read a tangent": the backward also has such nodes (a norm's statistics recomputed for its
+    gradient), and counted as forward they sat after the last layer, as if in the model's tail."""
+    output = graph.find_nodes(op="output")[0]
+    stack = [o for o in output.args[0][:num_fwd_outputs] if isinstance(o, torch.fx.Node)]
+    seen: set[torch.fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    seen |= {u for n in seen for u in n.users if is_getitem(u)}
+    return {n for n in seen if n.op == "call_function"}
 
 
 def _can_force_recompute(node: torch.fx.Node) -> bool:
@@ -149,7 +155,7 @@ class _Planner:
         or with `offload_above` only those whose peak would otherwise exceed it (offloading costs
         time, so `auto` uses it where recomputing alone does not fit)."""
         self.offload_above = offload_above
-        self.forward = _forward_nodes(gm.graph)
+        self.forward = _forward_nodes(gm.graph, kwargs["num_fwd_outputs"])
         self.forward_names = {n.name for n in self.forward}
         self.by_name = {n.name: n for n in gm.graph.nodes}
         self.layers = list(dict.fromkeys(layer for n in gm.graph.nodes if n in self.forward and (layer := layer_of(n))))
