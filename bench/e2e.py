@@ -11,11 +11,15 @@ Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds 
     eager_gc            + Hugging Face gradient checkpointing (non-reentrant)
     inductor            torch.compile, default Inductor
     inductor_budget     + torch._functorch.config.activation_memory_budget (--budget)
-    bnb_qlora_gc        bitsandbytes NF4 + double quant + LoRA + gradient checkpointing (QLoRA)
+    bnb_qlora           bitsandbytes NF4 + double quant + LoRA, no checkpointing
+    bnb_qlora_gc        + gradient checkpointing (the QLoRA recipe)
     bnb_qlora_gc_liger  + Liger Kernel's Llama patch (RMSNorm, RoPE, SwiGLU, fused linear CE)
     unsloth             Unsloth FastLanguageModel, 4-bit, use_gradient_checkpointing="unsloth"
     lowmem              torch.compile(backend="lowmem", options=--lowmem-options)
     lowmem_base         lowmem with every pass off (the pipeline's own overhead)
+    lowmem_lean         the least memory: remat full, offload, logits dropped, MLP in pieces, host embeddings
+    lowmem_bnb          lowmem on the bitsandbytes-loaded model (its 4-bit layers lowered to our kernels);
+    lowmem_bnb_nf4off   the same with nf4="off" (bitsandbytes' own 4-bit ops, traced as they are)
 
 Every step: bf16 autocast, loss from the model's labels, backward, AdamW on the trainable parameters.
 bnb and Unsloth load a saved folder of the same random model (written once per run to a temp dir).
@@ -108,11 +112,15 @@ RECIPES: dict[str, Recipe] = {
     "eager_gc": Recipe(checkpointing=True),
     "inductor": Recipe(compiler="inductor"),
     "inductor_budget": Recipe(compiler="inductor", budget=True),
+    "bnb_qlora": Recipe(loader="bnb"),
     "bnb_qlora_gc": Recipe(loader="bnb", checkpointing=True),
     "bnb_qlora_gc_liger": Recipe(loader="bnb", checkpointing=True, liger=True),
     "unsloth": Recipe(loader="unsloth"),
 }
 LOWMEM_RECIPE = Recipe(compiler="lowmem")
+#: lowmem on the bitsandbytes-loaded model (the backend lowers its 4-bit layers unless `nf4="off"`):
+#: variants named `lowmem_bnb*`.
+LOWMEM_BNB_RECIPE = Recipe(loader="bnb", compiler="lowmem")
 #: Built-in lowmem variants: the defaults (frozen linears quantized to NF4 by `quantize_` first);
 #: every pass off with the bf16 weights (what the pipeline costs by itself; compare with `inductor`);
 #: and the least memory (layers recomputed, their inputs in host memory, no logits returned: what
@@ -121,6 +129,8 @@ LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
     "lowmem": {},
     "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
     "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},  # + host embedding tables (below)
+    "lowmem_bnb": {},
+    "lowmem_bnb_nf4off": {"nf4": "off"},  # the same 4-bit weights through bitsandbytes' own ops
 }
 #: Variants whose frozen embedding tables also move to host memory (`offload_embeddings_`): a model
 #: transform, like `quantize_`, not a backend option. `lowmem_lean` and any variant named after it
@@ -132,6 +142,8 @@ DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 def recipe_for(name: str) -> Recipe:
     if name in RECIPES:
         return RECIPES[name]
+    if name.startswith("lowmem_bnb"):
+        return LOWMEM_BNB_RECIPE
     if name.startswith("lowmem"):
         return LOWMEM_RECIPE
     raise ValueError(f"unknown configuration {name!r}; choose from {sorted(RECIPES)} or a lowmem* variant")
@@ -264,7 +276,7 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         import lowmem_compile
 
         options = json.loads(args.lowmem_options or "{}")
-        if options.get("nf4", "auto") != "off":
+        if recipe.loader == "hf" and options.get("nf4", "auto") != "off":
             lowmem_compile.quantize_(model)  # frozen linears to NF4; the backend lowers them
         if args.config.startswith(HOST_EMBEDDINGS_PREFIX):
             lowmem_compile.offload_embeddings_(model)

@@ -13,6 +13,8 @@
 #                                                   # lowmem's budgets beside sweep8192's points (PREVIOUS=its
 #                                                   # remat_sweep.json; BUDGETS= GiB list, FIXED= policies);
 #                                                   # no LM head at 8192/2048; 2048 budgets
+#   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
+#   bash bench/run_all.sh nf4e2e8192                # lowered and not (nf4="off"): 20 steps each
 #
 # `kernels` runs alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
@@ -20,7 +22,7 @@
 # ~125 GiB on an H200. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels e2e8192 attn32k e2e2048 nohead budgets2048 sweep8192 sweep8192b" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels e2e8192 attn32k e2e2048 nohead budgets2048 sweep8192 sweep8192b nf4e2e2048 nf4e2e8192" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* ]]; then echo "kernels runs alone (see the header)" >&2; exit 2; fi
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -45,6 +47,9 @@ stage() {
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     attn32k)
       e2e --seqs 32768 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean,lowmem_lean_noattn --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    nf4e2e2048|nf4e2e8192)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
+      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --configs bnb_qlora,lowmem_bnb,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \

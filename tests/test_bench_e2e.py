@@ -68,7 +68,7 @@ def test_no_head_trains_the_decoder_alone():
     assert lowmem["lowmem_report"]["loss"]["fused"] == 0
 
 
-@pytest.mark.parametrize("config", ["bnb_qlora_gc", "bnb_qlora_gc_liger", "unsloth"])
+@pytest.mark.parametrize("config", ["bnb_qlora", "bnb_qlora_gc", "bnb_qlora_gc_liger", "unsloth", "lowmem_bnb"])
 def test_peers_fail_cleanly_into_an_error_row_on_cpu(config):
     row = e2e.run_worker(_run_args("--config", config, "--seqs", "32"))
     assert row["config"] == config and "needs CUDA" in row["error"] and not row["oom"]
