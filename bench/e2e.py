@@ -300,6 +300,11 @@ def _step_loss(args: argparse.Namespace, step_fn, input_ids):
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--warmup` + `--steps` steps of one configuration at one length; never raises."""
+    import logging
+
+    # the compile's progress (passes, plans, code generation) goes with the step log to stderr
+    logging.basicConfig(stream=sys.stderr, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("lowmem_compile").setLevel(logging.INFO)
     seq = args.seq_list[0]
     recipe = recipe_for(args.config)
     row: dict[str, Any] = {"config": args.config, "seq": seq, "batch": args.batch, "model": args.model}

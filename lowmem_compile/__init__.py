@@ -5,9 +5,15 @@
 
 Importing registers the backend "lowmem" (an installed package also registers it through the
 `torch_dynamo_backends` entry point, so `backend="lowmem"` works even without the import).
+
+A compile of a large model takes minutes; its progress (each pass, the partition, code generation,
+with times) is logged at INFO on the `lowmem_compile` logger:
+`logging.basicConfig(); logging.getLogger("lowmem_compile").setLevel(logging.INFO)`.
 """
 
 from __future__ import annotations
+
+import logging
 
 from .host_embedding import HostEmbedding, offload_embeddings_
 from .options import Options
@@ -22,6 +28,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 BACKEND_NAME = "lowmem"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def reset() -> None:

@@ -7,6 +7,8 @@ graph to `compile_fx` with our partitioner scoped to this one compile through `c
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -19,6 +21,8 @@ from .passes.fused_loss import FusedLossPass
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner
 from .report import STORE
+
+log = logging.getLogger(__name__)
 
 #: The pre-autograd passes, in the order they run on the Dynamo graph.
 PRE_AUTOGRAD_PASSES: tuple[GraphPass, ...] = (AttentionPass(), LinearNF4Pass(), FusedLossPass(), ChunkMLPPass())
@@ -40,9 +44,13 @@ def lowmem_backend(
     opts = Options.from_user(options)
     graph_report = STORE.new_graph(nodes=len(gm.graph.nodes))
     ctx = CompileContext(options=opts, example_inputs=example_inputs, report=graph_report)
+    start = time.perf_counter()
+    log.info("compiling a graph of %d nodes", len(gm.graph.nodes))
     for graph_pass in PRE_AUTOGRAD_PASSES:
         if graph_pass.enabled(opts):
-            graph_report.add(graph_pass.section, graph_pass(gm, ctx))
+            stats = graph_pass(gm, ctx)
+            graph_report.add(graph_pass.section, stats)
+            log.info("pass %s: %s", graph_pass.name, stats)
     gm.graph.lint()
     gm.recompile()
 
@@ -65,6 +73,7 @@ def lowmem_backend(
             patches["allow_buffer_reuse"] = False
         with torch._functorch.config.patch(enable_autograd_cache=False):
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if opts.report:
         from .report import last_report
 

@@ -11,6 +11,8 @@ import lowmem_compile
 from lowmem_compile import backend
 from lowmem_compile.report import SECTIONS, AttentionStats, NF4Stats
 
+from .models import batch, tiny_model
+
 
 class _MLP(torch.nn.Module):
     def __init__(self):
@@ -103,3 +105,17 @@ def test_report_merge_rules():
     assert d["nf4"]["bytes_before"] == 10
     with pytest.raises(TypeError, match="report section"):
         graph.add("nf4", AttentionStats())
+
+
+def test_compile_progress_is_logged(caplog):
+    """A large model's compile takes minutes: each pass, each scored plan and the total are logged."""
+    lowmem_compile.reset()
+    model = tiny_model("llama", num_hidden_layers=2)
+    with caplog.at_level("INFO", logger="lowmem_compile"):
+        torch.compile(model, backend="lowmem", options={"inner": "eager", "remat": "full"})(**batch()).loss.backward()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("lowmem_compile")]
+    assert any(m.startswith("compiling a graph of") for m in messages), messages
+    assert any(m.startswith("pass attention: AttentionStats(replaced=2") for m in messages), messages
+    assert any(m.startswith("remat plan full: predicted peak") for m in messages), messages
+    assert any(m.startswith("remat: chose plan full") for m in messages), messages
+    assert messages[-1].startswith("graph compiled in"), messages

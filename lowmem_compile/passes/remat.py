@@ -28,9 +28,11 @@ exact; only memory and time change.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -48,6 +50,8 @@ from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor
 from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
+
+log = logging.getLogger(__name__)
 from ..sources import source_hash
 from . import offload
 
@@ -164,6 +168,7 @@ class _Planner:
         """The forward nodes after the last layer (final norm, head, loss)."""
 
     def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
+        start = time.perf_counter()
         graph = torch.fx.Graph()
         graph._codegen = self.gm.graph._codegen
         out, old_output = graph.graph_copy(self.gm.graph, {}, return_output_node=True)
@@ -186,6 +191,8 @@ class _Planner:
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
         recomputed = [n for n in recomputed if not is_getitem(n)]
+        log.info("remat plan %s: predicted peak %.2f GiB, %d values recomputed, %.0f MiB offloaded (%.1f s)",
+                 name, memory.peak / 2**30, len(recomputed), moved / 2**20, time.perf_counter() - start)
         return Plan(
             name=name,
             num_fwd_outputs=num_out,
@@ -383,6 +390,8 @@ class RematPartitioner(CustomPartitionerFn):
             if policy == "auto" and budget is not None and plans[0].peak > budget:
                 plans += planner.greedy_family(plans[0]) + planner.layer_search(plans[0], budget)
         plan, miss = choose(plans, budget if policy == "auto" else None)
+        log.info("remat: chose plan %s of %d (policy %s, budget %s)", plan.name, len(plans), policy,
+                 "none" if budget is None else f"{budget / 2**30:.2f} GiB")
         if miss:
             warnings.warn(f"lowmem remat: {miss}", stacklevel=2)
             notes.append(miss)
