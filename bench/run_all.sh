@@ -4,26 +4,32 @@
 # (kernel benches run under `flock`, e2e.py / remat_sweep.py take the lock for their timed steps).
 # Results go to $OUT/<stage>/, packed into $OUT/<stage>.tgz when $OUT is set (PACK=0 keeps folders).
 #
-#   bash bench/run_all.sh kernels                   # GPU tests, attention/NF4/loss kernels, kv4-vs-kv16 loss
-#   bash bench/run_all.sh e2e8192 attn32k           # 8192: lean, logits dropped, defaults, attention off, Unsloth;
-#                                                   # 32768: lean with and without the attention pass
+#   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
+#   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
+#   bash bench/run_all.sh e2e8192                   # 8192: lean, logits dropped, defaults, Unsloth
+#   bash bench/run_all.sh attn32k nohead budgets2048
+#                                                   # 32768: lean with and without the attention pass;
+#                                                   # no LM head at 8192/2048; 2048: budgets, logits dropped
+#   bash bench/run_all.sh sweep8192b                # lowmem's budgets beside sweep8192's points (PREVIOUS= their
+#                                                   # remat_sweep.json, default the committed 2026-11-29 one;
+#                                                   # BUDGETS= GiB list, FIXED= policies)
 #   bash bench/run_all.sh sweep8192 e2e2048         # Inductor's activation_memory_budget points, checkpointing;
 #                                                   # 2048: defaults, fused loss off, logits dropped
-#   bash bench/run_all.sh sweep8192b nohead budgets2048
-#                                                   # lowmem's budgets beside sweep8192's points (PREVIOUS=its
-#                                                   # remat_sweep.json; BUDGETS= GiB list, FIXED= policies);
-#                                                   # no LM head at 8192/2048; 2048 budgets
 #   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
 #   bash bench/run_all.sh nf4e2e8192                # lowered and not (nf4="off"): 20 steps each
 #
-# `kernels` runs alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
+# `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
-# Peak GPU memory of the stages named together must fit the device: the three lines above stay under
-# ~125 GiB on an H200. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
+# Peak GPU memory of the stages named together must fit the device: each group above stays under
+# ~125 GiB on an H200. The budgets of `sweep8192b` sit just under the stock points of
+# bench/results/remat/2026-11-29/ (eager checkpointing 31.0, Inductor 0.1 / 0.3 / 0.5 / 1.0: 36.5 /
+# 39.2 / 45.7 / 62.4 GiB). Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels e2e8192 attn32k e2e2048 nohead budgets2048 sweep8192 sweep8192b nf4e2e2048 nf4e2e8192" >&2; exit 2; }
-if [ $# -gt 1 ] && [[ " $* " == *" kernels "* ]]; then echo "kernels runs alone (see the header)" >&2; exit 2; fi
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss e2e8192 attn32k nohead budgets2048 sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
+  echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
+fi
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit 540 "$@"; }
@@ -38,15 +44,17 @@ stage() {
       flock "$lock" timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1
       OUT=$out/attention flock "$lock" timeout 150 python3 bench/attention.py > "$out/attention.log" 2>&1
       OUT=$out/nf4 flock "$lock" timeout 200 python3 bench/kernels_nf4.py > "$out/nf4.log" 2>&1
+      tail -1 "$out/pytest_gpu.log"; tail -8 "$out/attention.log"; tail -3 "$out/nf4.log" ;;
+    kernels_loss)
       flock "$lock" timeout 60 python3 bench/loss.py --out "$out/loss" > "$out/loss.log" 2>&1
       OUT=$out/kv_bits_loss flock "$lock" timeout 200 python3 bench/kv_bits_loss.py --variants kv16,kv4 > "$out/kv_bits_loss.log" 2>&1
-      tail -1 "$out/pytest_gpu.log"; tail -8 "$out/attention.log"; tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
+      tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
     e2e8192)
       e2e --seqs 8192 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_lean,lowmem_drop --out "$out/a" > "$out/a.log" 2>&1 &
-      e2e --seqs 8192 --lowmem 'lowmem_noattn={"attention":"off"}' --configs unsloth,lowmem,lowmem_noattn --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     attn32k)
-      e2e --seqs 32768 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean,lowmem_lean_noattn --out "$out" > "$out/e2e.log.txt" 2>&1
+      e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean,lowmem_lean_noattn --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     nf4e2e2048|nf4e2e8192)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
       e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --configs bnb_qlora,lowmem_bnb,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
@@ -60,7 +68,7 @@ stage() {
       rows "$out"/e2e.md ;;
     budgets2048)
       e2e --seqs 2048 --lowmem 'lowmem_b12={"memory_budget":"12GiB"}' --lowmem 'lowmem_b9={"memory_budget":"9GiB"}' \
-        --configs lowmem_b12,lowmem_b9 --out "$out" > "$out/e2e.log.txt" 2>&1
+        --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_b12,lowmem_b9,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     sweep8192)
       OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
@@ -68,8 +76,8 @@ stage() {
       tail -14 "$out/sweep.log" ;;
     sweep8192b)
       OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
-        --time-limit "${TIME_LIMIT:-540}" --kinds lowmem --fixed "${FIXED-full}" --budgets "${BUDGETS:-20,28,36}" \
-        --previous "${PREVIOUS:-${OUT:-bench/results}/sweep8192/remat_sweep.json}" > "$out/sweep.log" 2>&1
+        --time-limit "${TIME_LIMIT:-540}" --kinds lowmem --fixed "${FIXED-}" --budgets "${BUDGETS:-30,35,44,60}" \
+        --previous "${PREVIOUS:-bench/results/remat/2026-11-29/remat_sweep.json}" > "$out/sweep.log" 2>&1
       tail -14 "$out/sweep.log" ;;
     *) echo "unknown stage $stage" >&2; return 2 ;;
   esac
