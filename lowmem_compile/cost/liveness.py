@@ -10,9 +10,9 @@ the **resident** bytes (every forward input: weights, frozen or not, and the bat
   forward values, and the gradients of trainable parameters (kept to the end).
 
 With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
-its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it (`_virtual_nodes`),
-so a chain of residual adds is stored about once a layer rather than holding every layer's matmul
-outputs to the end of the forward. Sizes are ints at the example shapes, or, with
+its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it
+(`_virtual_nodes`), so a chain of residual adds is stored about once a layer rather than holding
+every layer's matmul outputs to the end of the forward. Sizes are ints at the example shapes, or, with
 `symbolic=True`, sympy expressions too, so `peak(seq)` can be solved for a budget.
 """
 
@@ -84,10 +84,8 @@ def _virtual_nodes(graph: torch.fx.Graph, outputs: set[torch.fx.Node], fused: bo
     virtual: set[torch.fx.Node] = set()
     if not fused:
         return virtual
-    reads: dict[torch.fx.Node, frozenset[torch.fx.Node]] = {}
-    """Stored buffers that an inlined use of a virtual node, or of a view, reads."""
-    ops: dict[torch.fx.Node, int] = {}
-    """Ops in a virtual node's inlined expression."""
+    reads: dict[torch.fx.Node, frozenset[torch.fx.Node]] = {}  # stored buffers an inlined use reads
+    ops: dict[torch.fx.Node, int] = {}  # ops in a virtual node's inlined expression
     for node in graph.nodes:
         args = [a for a in node.all_input_nodes if a in reads or tensor_val(a) is not None]
         inlined = frozenset().union(*(reads.get(a, frozenset((a,))) for a in args))
