@@ -22,6 +22,9 @@ Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds 
     lowmem_bnb_nf4off   the same with nf4="off" (bitsandbytes' own 4-bit ops, traced as they are)
 
 Every step: bf16 autocast, loss from the model's labels, backward, AdamW on the trainable parameters.
+The model's config has `use_cache=False` (from 2026-11-29 05:00 UTC on; before, the eager and lowmem
+rows returned a K/V cache, free for eager, whose backward keeps bf16 K/V anyway, and 32 MiB a layer
+at 8192 tokens for lowmem until the caller dropped the outputs).
 bnb and Unsloth load a saved folder of the same random model (written once per run to a temp dir).
 The parent runs up to `--gpus` workers at once, one per GPU, and collects one JSON line from each; a
 worker that fails (import error, OOM, crash, timeout) becomes a row with its error.
@@ -162,6 +165,7 @@ def llama_config(model: str, layers: int | None, seq: int):
     return transformers.LlamaConfig(
         **shape,
         attn_implementation="sdpa",
+        use_cache=False,  # a training step reads no K/V cache (HF's checkpointing turns it off too)
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,

@@ -366,3 +366,19 @@ def test_full_saves_only_what_flows_between_layers(monkeypatch):
         for node in saved:
             readers = {layer_of(u) for u in node.users if u.op != "output"}
             assert readers - {layer}, f"{node.name} ({node.target}) is saved but read only inside {layer}"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_report_names_a_returned_kv_cache(use_cache):
+    """A model that returns its K/V cache while training holds bf16 K/V the 4-bit backward does not
+    need: the remat notes say so, with what to set; without a cache (logits dropped) nothing is said."""
+    lowmem_compile.reset()
+    model = tiny_model("llama", num_hidden_layers=2)
+    model.config.use_cache = use_cache
+    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager", "logits": "drop"})
+    compiled(**batch()).loss.backward()
+    notes = [n for n in lowmem_compile.last_report().to_dict()["remat"]["notes"] if "besides its loss" in n]
+    if use_cache:
+        assert len(notes) == 1 and "4 tensors" in notes[0] and "use_cache = False" in notes[0], notes
+    else:
+        assert notes == []

@@ -334,6 +334,19 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _held_note(plan: Plan) -> str | None:
+    """What the step returns besides its loss, when it weighs: the caller holds it until it drops the
+    outputs, through the forward's end at least. A K/V cache is the costly surprise: the backward
+    keeps K/V in 4 bits, so a returned bf16 cache is memory the step would not need."""
+    out = plan.fw.graph.find_nodes(op="output")[0].args[0][: plan.num_fwd_outputs]
+    big = [o for o in out if isinstance(o, torch.fx.Node) and (v := tensor_val(o)) is not None and v.numel() > 1]
+    if plan.memory.held < 0.01 * plan.peak or not big:
+        return None
+    return (f"the step returns {len(big)} tensors besides its loss, {plan.memory.held / 2**20:.1f} MiB held until the "
+            "caller drops the outputs: logits (`logits=\"drop\"` drops them), a K/V cache (`model.config.use_cache = "
+            "False` when training)")
+
+
 def _peak_note(memory, top: int = 6) -> str:
     """Where the predicted peak is and its largest live values: what a user would shrink next."""
     where, *values = memory.peak_values or [("?", 0)]
@@ -404,6 +417,9 @@ class RematPartitioner(CustomPartitionerFn):
             f"({plan.added_flops / 1e9:.1f} GFLOP){'; budget from ' + budget_source if budget is not None else ''}"
         )
         notes.append(_peak_note(plan.memory))
+        held = _held_note(plan)
+        if held:
+            notes.append(held)
         longest = self._longest_sequence(plan, budget, notes)
         self.plans.append(plan)
         self.report.add(
