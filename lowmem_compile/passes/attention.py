@@ -12,7 +12,12 @@ or `repeat_interleave(n, dim=1)`), so the op reads and keeps them at the KV-head
 HF's masking_utils built as `(kv_idx <= q_idx) & attention_mask[b, kv_idx]` (positions from 0,
 Sq == Sk) becomes `causal=True` plus that [B, 1, 1, Sk] key-padding term, so the kernel skips the
 blocks above the diagonal and no S x S mask is read; on the eager form this is done only without a
-padding term (a fully padded row averages all keys there, which causal cannot express). Any other
+padding term (a fully padded row averages all keys there, which causal cannot express). HF's
+training form without an attention mask or a cache is recognized too: positions read through
+`position_ids` (`pos[b, kv] <= pos[b, q]`) and a packed-sequence term `seq[b, q] == seq[b, kv]`,
+`seq = cumsum(diff(pos) != 1)`, both proven from `position_ids` being the model's own
+`arange(S)`: the term is then always true. Position ids the caller passes (packed sequences) keep
+their mask. Any other
 mask is passed through as given (bool or additive). Invariant: the replaced site computes the same function
 (exactly at kv_bits=16; with K/V rounded to kv_bits otherwise). A site it cannot take (dropout > 0,
 attention weights used elsewhere, a non-constant scale, a mask that needs a gradient, causal with
@@ -178,6 +183,64 @@ def _positions(node, dim: int, n: int) -> bool:
     return _is(node, {operator.getitem}) and node.args[1] == key and _from_zero(node.args[0], n)
 
 
+def _arange_rows(node, n: int) -> bool:
+    """`node` is `arange(n).unsqueeze(0)`, maybe `.expand(b, -1)`: HF's own position ids, every row
+    0..n-1 (`cache_position.unsqueeze(0)` when the caller passes none)."""
+    if _is(node, set(), "expand"):
+        node = node.args[0]
+    return _is(node, set(), "unsqueeze") and node.args[1:] == (0,) and not node.kwargs and _from_zero(node.args[0], n)
+
+
+def _gathered_positions(node, dim: int, b: int, n: int) -> bool:
+    """`node` is `pos[batch_idx, idx]` with `pos` HF's own position ids and `idx` 0..n-1 along `dim`:
+    the same values as the index itself (how HF's masks read positions without a cache)."""
+    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
+        return False
+    bi, xi = node.args[1]
+    return _positions(bi, 0, b) and _positions(xi, dim, n) and _arange_rows(node.args[0], n)
+
+
+def _index(node, dim: int, b: int, n: int) -> bool:
+    return _positions(node, dim, n) or _gathered_positions(node, dim, b, n)
+
+
+def _gathered_dim(node, b: int, n: int) -> int | None:
+    """For `x[batch_idx, idx]` with `idx` 0..n-1 along dim 2 (queries) or 3 (keys): that dim."""
+    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
+        return None
+    bi, xi = node.args[1]
+    if not _positions(bi, 0, b):
+        return None
+    return next((dim for dim in (2, 3) if _positions(xi, dim, n)), None)
+
+
+def _single_sequence(term, b: int, n: int) -> list[torch.fx.Node] | None:
+    """When `term` is HF's packed-sequence test `seq[b, q] == seq[b, kv]` with
+    `seq = (diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)` over its own position ids
+    (every diff is 1, so `seq` is all zeros and the test always true): the nodes it is made of."""
+    if not _is(term, {operator.eq}) or not all(isinstance(a, torch.fx.Node) for a in term.args):
+        return None
+    left, right = term.args
+    if {_gathered_dim(left, b, n), _gathered_dim(right, b, n)} != {2, 3} or left.args[0] is not right.args[0]:
+        return None
+    seq = left.args[0]
+    if not (_is(seq, set(), "cumsum") and seq.args[1:] in ((-1,), (1,)) and not seq.kwargs):
+        return None
+    ne = seq.args[0]
+    if not (_is(ne, {operator.ne}) and ne.args[1] == 1 and _is(ne.args[0], {torch.diff})):
+        return None
+    diff = ne.args[0]
+    if not (len(diff.args) == 1 and diff.kwargs.get("dim") in (-1, 1) and _arange_rows(diff.args[0], n)):
+        return None
+    first = diff.kwargs.get("prepend")  # pos[:, :1] - 1: the first position's diff is 1 too
+    if not (_is(first, {operator.sub}) and first.args[1] == 1 and _is(first.args[0], {operator.getitem})):
+        return None
+    head = first.args[0]
+    if head.args[0] is not diff.args[0] or head.args[1] != (slice(None), slice(None, 1)):
+        return None
+    return [term, left, right, seq, ne, diff, first, head]
+
+
 def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """The operands of an `&` tree of bool tensors, through `.to(device)` and `expand` (same values)."""
     seen.append(node)
@@ -192,7 +255,8 @@ def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
 
 
 def _causal_padding(mask, q, k):
-    """When bool `mask` is `(kv <= q) & pad[b, kv]` (or the causal term alone) over positions from 0:
+    """When bool `mask` is `(kv <= q) & pad[b, kv]` (or the causal term alone, and maybe HF's
+    packed-sequence term over its own positions) over positions from 0:
     (the pad term or None, the mask's nodes); else None. Every other operand makes it None."""
     b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
     seen = []
@@ -202,12 +266,14 @@ def _causal_padding(mask, q, k):
             return None
         if _is(term, set(), "new_ones") and term.kwargs.get("dtype") == torch.bool:
             seen.append(term)  # a constant True
-        elif _is(term, {operator.le}) and _positions(term.args[0], 3, sk) and _positions(term.args[1], 2, sq):
+        elif _is(term, {operator.le}) and _index(term.args[0], 3, b, sk) and _index(term.args[1], 2, b, sq):
             causal += 1
             seen += [term, *term.args]
-        elif _is(term, {operator.ge}) and _positions(term.args[1], 3, sk) and _positions(term.args[0], 2, sq):
+        elif _is(term, {operator.ge}) and _index(term.args[1], 3, b, sk) and _index(term.args[0], 2, b, sq):
             causal += 1
             seen += [term, *term.args]
+        elif (same := _single_sequence(term, b, sq)) is not None and sq == sk:
+            seen += same  # always true
         elif _pad_term(term, b, sk):
             padding.append(term)
         else:
