@@ -22,9 +22,10 @@ Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds 
     lowmem_bnb_nf4off   the same with nf4="off" (bitsandbytes' own 4-bit ops, traced as they are)
 
 Every step: bf16 autocast, loss from the model's labels, backward, AdamW on the trainable parameters.
-The model's config has `use_cache=False` (from 2026-11-29 05:00 UTC on; before, the eager and lowmem
-rows returned a K/V cache, free for eager, whose backward keeps bf16 K/V anyway, and 32 MiB a layer
-at 8192 tokens for lowmem until the caller dropped the outputs).
+The model keeps Hugging Face's default `use_cache=True` (it returns a K/V cache: free for eager,
+whose backward saves the same K/V, and 32 MiB a layer at 8192 tokens for lowmem, held until the
+loop drops the outputs), except in the `lowmem_lean*` variants, which set `use_cache=False` as part
+of their least-memory setup (from 2026-11-29 05:30 UTC on), as HF's own checkpointing does.
 bnb and Unsloth load a saved folder of the same random model (written once per run to a temp dir).
 The parent runs up to `--gpus` workers at once, one per GPU, and collects one JSON line from each; a
 worker that fails (import error, OOM, crash, timeout) becomes a row with its error.
@@ -131,14 +132,15 @@ LOWMEM_BNB_RECIPE = Recipe(loader="bnb", compiler="lowmem")
 LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
     "lowmem": {},
     "lowmem_base": {"attention": "off", "nf4": "off", "remat": "none", "fused_loss": "off"},
-    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},  # + host embedding tables (below)
+    "lowmem_lean": {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto"},  # + LEAN_PREFIX (below)
     "lowmem_bnb": {},
     "lowmem_bnb_nf4off": {"nf4": "off"},  # the same 4-bit weights through bitsandbytes' own ops
 }
-#: Variants whose frozen embedding tables also move to host memory (`offload_embeddings_`): a model
-#: transform, like `quantize_`, not a backend option. `lowmem_lean` and any variant named after it
-#: (`--lowmem lowmem_lean_noattn=...`), so a variation of the lean setup differs only in its options.
-HOST_EMBEDDINGS_PREFIX = "lowmem_lean"
+#: Variants whose frozen embedding tables also move to host memory (`offload_embeddings_`) and whose
+#: model returns no K/V cache (`use_cache=False`): model-side settings, not backend options.
+#: `lowmem_lean` and any variant named after it (`--lowmem lowmem_lean_noattn=...`), so a variation
+#: of the lean setup differs only in its options.
+LEAN_PREFIX = "lowmem_lean"
 DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 
 
@@ -165,7 +167,6 @@ def llama_config(model: str, layers: int | None, seq: int):
     return transformers.LlamaConfig(
         **shape,
         attn_implementation="sdpa",
-        use_cache=False,  # a training step reads no K/V cache (HF's checkpointing turns it off too)
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
@@ -282,8 +283,9 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         options = json.loads(args.lowmem_options or "{}")
         if recipe.loader == "hf" and options.get("nf4", "auto") != "off":
             lowmem_compile.quantize_(model)  # frozen linears to NF4; the backend lowers them
-        if args.config.startswith(HOST_EMBEDDINGS_PREFIX):
+        if args.config.startswith(LEAN_PREFIX):
             lowmem_compile.offload_embeddings_(model)
+            model.config.use_cache = False  # no K/V cache returned (the backward keeps 4-bit K/V)
         return model, torch.compile(run, backend="lowmem", options=options)
     return model, run
 

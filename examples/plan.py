@@ -28,11 +28,14 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--options", default="{}", help="lowmem options (JSON)")
     p.add_argument("--host-embeddings", action="store_true", help="offload_embeddings_ before planning")
+    p.add_argument("--no-cache", action="store_true", help="model.config.use_cache = False (no K/V cache returned)")
     args = p.parse_args()
     model = add_lora(build_model(llama_config("llama3-8b", args.layers, args.seq), "cpu", 0), False)
     lowmem_compile.quantize_(model)
     if args.host_embeddings:
         lowmem_compile.offload_embeddings_(model)
+    if args.no_cache:
+        model.config.use_cache = False
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = lowmem_compile.plan(model, input_ids=ids, labels=ids, options=json.loads(args.options))
