@@ -50,10 +50,10 @@ from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor
 from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
-
-log = logging.getLogger(__name__)
 from ..sources import source_hash
 from . import offload
+
+log = logging.getLogger(__name__)
 
 #: Share of free device memory left unplanned when no budget is given (allocator slack, workspaces).
 FREE_MEMORY_MARGIN = 0.10
