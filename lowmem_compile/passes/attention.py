@@ -37,7 +37,7 @@ import torch.fx
 from ..ops.attention import _HUGE
 from ..options import Options
 from ..report import AttentionStats
-from . import CompileContext, GraphPass, example_value, inherit_provenance
+from . import CompileContext, GraphPass, calls, example_value, inherit_provenance
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
@@ -64,14 +64,6 @@ class _Skip(Exception):
     """A site that stays as it is; the message is the report's reason."""
 
 
-def _is(node, fns, method: str | None = None) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function" and node.target in fns:
-        return True
-    return method is not None and node.op == "call_method" and node.target == method
-
-
 def _arg(node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -80,16 +72,16 @@ def _arg(node, index: int, name: str, default=None):
 
 def _strip_repeat_kv(node, pattern):
     """The tensor before HF's repeat_kv, or `node` itself when it is no repeat."""
-    if _is(node, {torch.repeat_interleave}, "repeat_interleave") and _arg(node, 2, "dim") == 1:
+    if calls(node, {torch.repeat_interleave}, ("repeat_interleave",)) and _arg(node, 2, "dim") == 1:
         pattern.append(node)
         return node.args[0]
-    if not (_is(node, set(), "reshape") and len(node.users) == 1):
+    if not (calls(node, methods=("reshape",)) and len(node.users) == 1):
         return node
     expand = node.args[0]
-    if not (_is(expand, set(), "expand") and len(expand.users) == 1):
+    if not (calls(expand, methods=("expand",)) and len(expand.users) == 1):
         return node
     index = expand.args[0]
-    if not (_is(index, {operator.getitem}) and len(index.users) == 1):
+    if not (calls(index, {operator.getitem}) and len(index.users) == 1):
         return node
     key = index.args[1]
     if not (isinstance(key, tuple) and len(key) == 5 and key[2] is None):
@@ -134,31 +126,31 @@ def _match_eager(softmax) -> _Site:
     if _arg(softmax, 1, "dim") not in (-1, 3):
         raise _Skip(f"softmax over dim {_arg(softmax, 1, 'dim')}")
     pattern, node = [softmax], _single_user(softmax)
-    while _is(node, set(), "to") or _is(node, set(), "type_as") or _is(node, _DROPOUT):
-        if _is(node, _DROPOUT) and _arg(node, 2, "training", True) and _constant(_arg(node, 1, "p", 0.5), "dropout p") != 0.0:
+    while calls(node, _DROPOUT, ("to", "type_as")):
+        if calls(node, _DROPOUT) and _arg(node, 2, "training", True) and _constant(_arg(node, 1, "p", 0.5), "dropout p") != 0.0:
             raise _Skip(f"dropout p={_arg(node, 1, 'p')} in training")
         pattern.append(node)
         node = _single_user(node)
-    if not (_is(node, _MATMUL, "matmul") and node.args[0] is pattern[-1]):
+    if not (calls(node, _MATMUL, ("matmul",)) and node.args[0] is pattern[-1]):
         raise _Skip(f"softmax output feeds {node.name}, not a matmul with V")
     anchor, v = node, node.args[1]
     scores, mask = softmax.args[0], None
-    if _is(scores, {operator.add, torch.add}, "add") and len(scores.args) == 2:
+    if calls(scores, {operator.add, torch.add}, ("add",)) and len(scores.args) == 2:
         pattern.append(scores)
         scores, mask = scores.args
         if not isinstance(mask, torch.fx.Node):
             raise _Skip("mask is not a tensor")
     scale = 1.0
-    if _is(scores, {operator.mul, torch.mul}, "mul") and not isinstance(scores.args[1], torch.fx.Node):
+    if calls(scores, {operator.mul, torch.mul}, ("mul",)) and not isinstance(scores.args[1], torch.fx.Node):
         pattern.append(scores)
         scale, scores = _constant(scores.args[1], "scale"), scores.args[0]
-    elif _is(scores, {operator.truediv, torch.div}, "div") and not isinstance(scores.args[1], torch.fx.Node):
+    elif calls(scores, {operator.truediv, torch.div}, ("div",)) and not isinstance(scores.args[1], torch.fx.Node):
         pattern.append(scores)
         scale, scores = 1.0 / _constant(scores.args[1], "scale divisor"), scores.args[0]
-    if not _is(scores, _MATMUL, "matmul"):
+    if not calls(scores, _MATMUL, ("matmul",)):
         raise _Skip(f"softmax input is not a scaled q @ kᵀ ({scores.name})")
     q, kt = scores.args
-    if not (_is(kt, {torch.transpose}, "transpose") and set(kt.args[1:]) in ({2, 3}, {-1, -2})):
+    if not (calls(kt, {torch.transpose}, ("transpose",)) and set(kt.args[1:]) in ({2, 3}, {-1, -2})):
         raise _Skip("scores are not q @ k.transpose(2, 3)")
     for n in (scores, kt):
         _single_user(n)
@@ -168,9 +160,9 @@ def _match_eager(softmax) -> _Site:
 
 def _from_zero(node, n: int) -> bool:
     """`node` is `torch.arange(n)`, optionally `+ 0`: the positions 0..n-1 (HF's q_arange/kv_arange)."""
-    if _is(node, {operator.add}) and type(node.args[1]) is int and node.args[1] == 0:
+    if calls(node, {operator.add}) and type(node.args[1]) is int and node.args[1] == 0:
         node = node.args[0]
-    if not (_is(node, {torch.arange}) and set(node.kwargs) <= {"device", "dtype"}):
+    if not (calls(node, {torch.arange}) and set(node.kwargs) <= {"device", "dtype"}):
         return False
     dtype = node.kwargs.get("dtype")
     ints = all(type(a) is int for a in node.args)
@@ -180,33 +172,20 @@ def _from_zero(node, n: int) -> bool:
 def _positions(node, dim: int, n: int) -> bool:
     """`node` is 0..n-1 placed along `dim` of a 4-D index, e.g. `kv_arange[None, None, None, :]`."""
     key = tuple(slice(None) if i == dim else None for i in range(4))
-    return _is(node, {operator.getitem}) and node.args[1] == key and _from_zero(node.args[0], n)
+    return calls(node, {operator.getitem}) and node.args[1] == key and _from_zero(node.args[0], n)
 
 
 def _arange_rows(node, n: int) -> bool:
     """`node` is `arange(n).unsqueeze(0)`, maybe `.expand(b, -1)`: HF's own position ids, every row
     0..n-1 (`cache_position.unsqueeze(0)` when the caller passes none)."""
-    if _is(node, set(), "expand"):
+    if calls(node, methods=("expand",)):
         node = node.args[0]
-    return _is(node, set(), "unsqueeze") and node.args[1:] == (0,) and not node.kwargs and _from_zero(node.args[0], n)
-
-
-def _gathered_positions(node, dim: int, b: int, n: int) -> bool:
-    """`node` is `pos[batch_idx, idx]` with `pos` HF's own position ids and `idx` 0..n-1 along `dim`:
-    the same values as the index itself (how HF's masks read positions without a cache)."""
-    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
-        return False
-    bi, xi = node.args[1]
-    return _positions(bi, 0, b) and _positions(xi, dim, n) and _arange_rows(node.args[0], n)
-
-
-def _index(node, dim: int, b: int, n: int) -> bool:
-    return _positions(node, dim, n) or _gathered_positions(node, dim, b, n)
+    return calls(node, methods=("unsqueeze",)) and node.args[1:] == (0,) and not node.kwargs and _from_zero(node.args[0], n)
 
 
 def _gathered_dim(node, b: int, n: int) -> int | None:
     """For `x[batch_idx, idx]` with `idx` 0..n-1 along dim 2 (queries) or 3 (keys): that dim."""
-    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
+    if not (calls(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
         return None
     bi, xi = node.args[1]
     if not _positions(bi, 0, b):
@@ -214,26 +193,36 @@ def _gathered_dim(node, b: int, n: int) -> int | None:
     return next((dim for dim in (2, 3) if _positions(xi, dim, n)), None)
 
 
+def _gathered_positions(node, dim: int, b: int, n: int) -> bool:
+    """`node` is `pos[batch_idx, idx]` with `pos` HF's own position ids and `idx` 0..n-1 along `dim`:
+    the same values as the index itself (how HF's masks read positions without a cache)."""
+    return _gathered_dim(node, b, n) == dim and _arange_rows(node.args[0], n)
+
+
+def _index(node, dim: int, b: int, n: int) -> bool:
+    return _positions(node, dim, n) or _gathered_positions(node, dim, b, n)
+
+
 def _single_sequence(term, b: int, n: int) -> list[torch.fx.Node] | None:
     """When `term` is HF's packed-sequence test `seq[b, q] == seq[b, kv]` with
     `seq = (diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)` over its own position ids
     (every diff is 1, so `seq` is all zeros and the test always true): the nodes it is made of."""
-    if not _is(term, {operator.eq}) or not all(isinstance(a, torch.fx.Node) for a in term.args):
+    if not calls(term, {operator.eq}) or not all(isinstance(a, torch.fx.Node) for a in term.args):
         return None
     left, right = term.args
     if {_gathered_dim(left, b, n), _gathered_dim(right, b, n)} != {2, 3} or left.args[0] is not right.args[0]:
         return None
     seq = left.args[0]
-    if not (_is(seq, set(), "cumsum") and seq.args[1:] in ((-1,), (1,)) and not seq.kwargs):
+    if not (calls(seq, methods=("cumsum",)) and seq.args[1:] in ((-1,), (1,)) and not seq.kwargs):
         return None
     ne = seq.args[0]
-    if not (_is(ne, {operator.ne}) and ne.args[1] == 1 and _is(ne.args[0], {torch.diff})):
+    if not (calls(ne, {operator.ne}) and ne.args[1] == 1 and calls(ne.args[0], {torch.diff})):
         return None
     diff = ne.args[0]
     if not (len(diff.args) == 1 and diff.kwargs.get("dim") in (-1, 1) and _arange_rows(diff.args[0], n)):
         return None
     first = diff.kwargs.get("prepend")  # pos[:, :1] - 1: the first position's diff is 1 too
-    if not (_is(first, {operator.sub}) and first.args[1] == 1 and _is(first.args[0], {operator.getitem})):
+    if not (calls(first, {operator.sub}) and first.args[1] == 1 and calls(first.args[0], {operator.getitem})):
         return None
     head = first.args[0]
     if head.args[0] is not diff.args[0] or head.args[1] != (slice(None), slice(None, 1)):
@@ -247,9 +236,9 @@ def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
     value = example_value(node)
     if value is None or value.dtype != torch.bool:
         return [None]
-    if (_is(node, set(), "to") or _is(node, set(), "expand")) and example_value(node.args[0]) is not None and example_value(node.args[0]).dtype == torch.bool:
+    if calls(node, methods=("to", "expand")) and example_value(node.args[0]) is not None and example_value(node.args[0]).dtype == torch.bool:
         return _bool_terms(node.args[0], seen)
-    if _is(node, {operator.and_}) and all(isinstance(a, torch.fx.Node) for a in node.args):
+    if calls(node, {operator.and_}) and all(isinstance(a, torch.fx.Node) for a in node.args):
         return _bool_terms(node.args[0], seen) + _bool_terms(node.args[1], seen)
     return [node]
 
@@ -264,12 +253,12 @@ def _causal_padding(mask, q, k):
     for term in _bool_terms(mask, seen):
         if term is None:
             return None
-        if _is(term, set(), "new_ones") and term.kwargs.get("dtype") == torch.bool:
+        if calls(term, methods=("new_ones",)) and term.kwargs.get("dtype") == torch.bool:
             seen.append(term)  # a constant True
-        elif _is(term, {operator.le}) and _index(term.args[0], 3, b, sk) and _index(term.args[1], 2, b, sq):
+        elif calls(term, {operator.le}) and _index(term.args[0], 3, b, sk) and _index(term.args[1], 2, b, sq):
             causal += 1
             seen += [term, *term.args]
-        elif _is(term, {operator.ge}) and _index(term.args[1], 3, b, sk) and _index(term.args[0], 2, b, sq):
+        elif calls(term, {operator.ge}) and _index(term.args[1], 3, b, sk) and _index(term.args[0], 2, b, sq):
             causal += 1
             seen += [term, *term.args]
         elif (same := _single_sequence(term, b, sq)) is not None and sq == sk:
@@ -285,15 +274,12 @@ def _causal_padding(mask, q, k):
 
 def _pad_term(node, b: int, sk: int) -> bool:
     """`node` is `pad[batch_idx, kv_idx]` (maybe `.to(device)`) with pad a [B, Sk] bool tensor."""
-    if _is(node, set(), "to"):
+    if calls(node, methods=("to",)):
         node = node.args[0]
-    if not (_is(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
+    if _gathered_dim(node, b, sk) != 3:
         return False
-    pad, (bi, kvi) = example_value(node.args[0]), node.args[1]
-    return (
-        pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
-        and _positions(bi, 0, b) and _positions(kvi, 3, sk)
-    )  # fmt: skip
+    pad = example_value(node.args[0])
+    return pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
 
 
 def _lower_causal(site: _Site, additive: bool) -> None:
@@ -306,11 +292,11 @@ def _lower_causal(site: _Site, additive: bool) -> None:
         return
     pattern = [mask]
     if additive:
-        if not (_is(mask, {torch.where}) and len(mask.args) == 3 and not mask.kwargs):
+        if not (calls(mask, {torch.where}) and len(mask.args) == 3 and not mask.kwargs):
             return
         cond, zero, low = mask.args
         zero_ok = (type(zero) in (int, float) and zero == 0) or (
-            _is(zero, {torch.zeros}) and set(zero.kwargs) <= {"device", "dtype"}
+            calls(zero, {torch.zeros}) and set(zero.kwargs) <= {"device", "dtype"}
         )
         if not (zero_ok and type(low) in (int, float) and low <= _HUGE):
             return
@@ -395,10 +381,10 @@ class AttentionPass(GraphPass):
             if node in erased:
                 continue
             try:
-                if _is(node, _SDPA):
+                if calls(node, _SDPA):
                     site = _match_sdpa(node)
                     _lower_causal(site, additive=False)
-                elif _is(node, _SOFTMAX, "softmax"):
+                elif calls(node, _SOFTMAX, ("softmax",)):
                     site = _match_eager(node)
                     _lower_causal(site, additive=True)
                 else:
