@@ -222,7 +222,10 @@ class _Planner:
                 # saved: what flows into a recomputed layer (it bounds the recomputation) and what
                 # flows out of one into the model's tail (the last layer's output into the final
                 # norm), so that the backward recomputes that layer as it needs it, not all at once
-                if user in self.forward and into != layer and (into in chosen or (layer in chosen and user in self.tail)):
+                if (
+                    user in self.forward and into != layer and "recompute" not in node.meta  # a user's tag stays
+                    and (into in chosen or (layer in chosen and user in self.tail))
+                ):
                     tags[node.name] = CheckpointPolicy.MUST_SAVE
         return tags
 
