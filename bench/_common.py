@@ -73,6 +73,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def graph_replay_ms(fn, calls: int = 1, warmup: int = 10, rep: int = 40) -> float:
+    """Median GPU ms of one call of `fn`: `calls` calls captured once in a CUDA graph, the replays
+    timed by `triton.testing.do_bench` (ms of warm-up and of timing), so launch overhead and a busy
+    host neither hide nor inflate the kernels. `fn` must have run once (lazy setup, autotuning).
+    Raises RuntimeError where capture fails (an op that cannot be captured)."""
+    import torch
+    import triton.testing
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / calls
+
+
 def run_process_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str, str]:
     """(returncode, stdout, stderr) of `cmd` run in its own process group, so that on timeout (returncode
     None) its children (Inductor's compile workers, say) are killed with it."""

@@ -29,6 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._common import graph_replay_ms  # noqa: E402
 
 
 def _args():
@@ -43,10 +44,7 @@ def _time_ms(fn, cuda: bool, graph: bool = False) -> float:
         import triton.testing
 
         if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            fn = g.replay
+            return graph_replay_ms(fn, warmup=50, rep=200)
         return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
     times = []
     for _ in range(2):

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lowmem_compile.ops  # noqa: E402,F401
 from lowmem_compile.codegen import nf4_matmul  # noqa: E402
 from lowmem_compile.formats.nf4 import NF4Weight  # noqa: E402
+from bench._common import graph_replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16, 256, 2048, 8192]
@@ -47,15 +48,11 @@ def _time_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
     try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(20):
-                fn()
+        return graph_replay_ms(fn, calls=20)
     except RuntimeError as err:  # a peer's op that cannot be captured
         print(f"graph capture failed ({str(err).splitlines()[0][:120]}); timing eagerly", flush=True)
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    return triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median") / 20
 
 
 def _rel(a, b) -> float:
