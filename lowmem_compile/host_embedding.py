@@ -27,8 +27,8 @@ class HostEmbedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, device: torch.device) -> None:
         super().__init__()
-        pinned = device.type == "cuda"
-        self.register_buffer("weight", weight.detach().to("cpu").pin_memory() if pinned else weight.detach().to("cpu").clone())
+        host = weight.detach().to("cpu")
+        self.register_buffer("weight", host.pin_memory() if device.type == "cuda" else host.clone())
         self.device = device
         self.num_embeddings, self.embedding_dim = weight.shape
 
