@@ -6,8 +6,9 @@
 Reports per sequence length: TFLOP/s of fwd+bwd (causal FLOPs: 3.5 x 2·B·Hq·S²·D) of SDPA flash,
 SDPA cuDNN and ours at kv16/kv8/kv4, side by side, as GPU time: each variant's fwd+bwd is captured
 once in a CUDA graph and the replays are timed, so the host's cost of launching (the Python of a
-custom op's autograd layer: it dominated ours at 2048, where the GPU work is ~0.5 ms) is not counted
-for any variant; that host cost is reported beside it (`eager_ms`: plain calls, host included); accuracy of O, dQ, dK, dV against an fp32
+custom op's autograd layer and its kernel launches) is not counted
+for any variant; that host cost is reported beside it (`eager_ms`: plain calls, host included;
+at 2048, where the GPU work is short, the two can differ most); accuracy of O, dQ, dK, dV against an fp32
 reference (cosine, relative L1) with the bars of docs/attention.md (column `bar`; on an H200 the
 2048 row runs dK/dV split over the query heads, the 8192 row unsplit); the kernel configs the
 autotuners picked and the dK/dV split per length; and the bytes kept for the backward (saved
