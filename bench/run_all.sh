@@ -6,10 +6,12 @@
 #
 #   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
 #   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
-#   bash bench/run_all.sh e2e8192                   # 8192: lean, logits dropped, defaults, Unsloth
-#   bash bench/run_all.sh attn32k nohead budgets2048
-#                                                   # 32768: lean with and without the attention pass;
-#                                                   # no LM head at 8192/2048; 2048: budgets, logits dropped
+#   bash bench/run_all.sh e2e8192 lean128k          # 8192: lean, logits dropped, defaults, fused loss off,
+#                                                   # Unsloth; the lean setup at 131072 tokens
+#   bash bench/run_all.sh nohead drop2048 sweep2048b
+#                                                   # no LM head at 8192/2048; 2048: defaults and logits
+#                                                   # dropped; lowmem's budgets at 2048 (BUDGETS_2048=)
+#   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh sweep8192b                # lowmem's budgets beside sweep8192's points (PREVIOUS= their
 #                                                   # remat_sweep.json, default the committed 2026-11-29 one;
 #                                                   # BUDGETS= GiB list, FIXED= policies)
@@ -21,18 +23,18 @@
 # `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
 # Peak GPU memory of the stages named together must fit the device: each group above stays under
-# ~125 GiB on an H200. The budgets of `sweep8192b` sit just under the stock points of
-# bench/results/remat/2026-11-29/ (eager checkpointing 31.0, Inductor 0.1 / 0.3 / 0.5 / 1.0: 36.5 /
-# 39.2 / 45.7 / 62.4 GiB). Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
+# ~130 GiB on an H200. Against the stock points of bench/results/remat/2026-11-29/ (eager
+# checkpointing 31.0, Inductor 0.1 / 0.3 / 0.5 / 1.0: 36.5 / 39.2 / 45.7 / 62.4 GiB), `sweep8192b`'s
+# 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss e2e8192 attn32k nohead budgets2048 sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit 540 "$@"; }
+e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit "${E2E_TIME_LIMIT:-540}" "$@"; }
 rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
@@ -52,7 +54,7 @@ stage() {
     e2e8192)
       e2e --seqs 8192 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
       e2e --seqs 8192 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_drop --out "$out/c" > "$out/c.log" 2>&1 &
-      e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 8192 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --configs unsloth,lowmem,lowmem_nofl --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
@@ -69,17 +71,23 @@ stage() {
     nohead)
       e2e --seqs 8192,2048 --configs lowmem --no-head --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
-    budgets2048)
-      e2e --seqs 2048 --lowmem 'lowmem_b12={"memory_budget":"12GiB"}' --lowmem 'lowmem_b9={"memory_budget":"9GiB"}' \
-        --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_b12,lowmem_b9,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
+    drop2048)
+      e2e --seqs 2048 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
+    lean128k)  # the lean setup at 131072 tokens: one compiling step, two timed
+      e2e --seqs 131072 --warmup 1 --steps 2 --configs lowmem_lean --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    sweep2048b)  # lowmem's budgets at 2048: predicted against measured peak
+      OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 2048 --parallel 2 --gpu-lock "$lock" \
+        --time-limit "${TIME_LIMIT:-540}" --kinds lowmem --fixed "" --budgets "${BUDGETS_2048:-18,20,23,26}" > "$out/sweep.log" 2>&1
+      tail -10 "$out/sweep.log" ;;
     sweep8192)
       OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
         --time-limit 560 --kinds stock > "$out/sweep.log" 2>&1
       tail -14 "$out/sweep.log" ;;
     sweep8192b)
       OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 8192 --parallel 2 --gpu-lock "$lock" \
-        --time-limit "${TIME_LIMIT:-540}" --kinds lowmem --fixed "${FIXED-}" --budgets "${BUDGETS:-30,35,44,60}" \
+        --time-limit "${TIME_LIMIT:-540}" --kinds lowmem --fixed "${FIXED-}" --budgets "${BUDGETS:-30,40,50,62}" \
         --previous "${PREVIOUS:-bench/results/remat/2026-11-29/remat_sweep.json}" > "$out/sweep.log" 2>&1
       tail -14 "$out/sweep.log" ;;
     *) echo "unknown stage $stage" >&2; return 2 ;;
