@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -29,10 +30,19 @@ def example_value(node: Any) -> Any:
 
 
 def calls(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
-    """`node` calls one of `functions`, or one of the tensor `methods`."""
-    return isinstance(node, torch.fx.Node) and (
-        node.op == "call_function" and node.target in functions or node.op == "call_method" and node.target in methods
-    )
+    """`node` calls one of `functions`, or one of the tensor `methods`. An operator function also
+    matches its method form: Dynamo in torch 2.11 records some tensor comparisons (HF's `a == b` in its
+    packed-sequence mask) as the method `__eq__` where later versions record `operator.eq`."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and (node.target in methods or node.target in _method_forms(functions))
+
+
+def _method_forms(functions: Sequence[Any]) -> set[str]:
+    """`__eq__` for `operator.eq`, `__and__` for `operator.and_`: the dunder of each operator function."""
+    return {f"__{f.__name__.rstrip('_')}__" for f in functions if getattr(operator, getattr(f, "__name__", ""), None) is f}
 
 
 #: Node metadata that says where in the user's model a node came from (module path, source line).

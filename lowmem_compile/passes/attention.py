@@ -282,6 +282,15 @@ def _pad_term(node, b: int, sk: int) -> bool:
     return pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
 
 
+def _zero(x) -> bool:
+    """`x` is 0: a number, `torch.zeros(...)`, or `torch.tensor(0.0)` (transformers 5.17's eager mask)."""
+    if type(x) in (int, float):
+        return x == 0
+    if not (calls(x, {torch.zeros, torch.tensor}) and set(x.kwargs) <= {"device", "dtype"}):
+        return False
+    return x.target is torch.zeros or (len(x.args) == 1 and type(x.args[0]) in (int, float) and x.args[0] == 0)
+
+
 def _lower_causal(site: _Site, additive: bool) -> None:
     """Make `site` causal with the key-padding term as its mask when its mask is provably HF's
     causal ∧ key-padding mask; leave it as it is otherwise. `additive`: the eager form, whose mask
@@ -295,10 +304,7 @@ def _lower_causal(site: _Site, additive: bool) -> None:
         if not (calls(mask, {torch.where}) and len(mask.args) == 3 and not mask.kwargs):
             return
         cond, zero, low = mask.args
-        zero_ok = (type(zero) in (int, float) and zero == 0) or (
-            calls(zero, {torch.zeros}) and set(zero.kwargs) <= {"device", "dtype"}
-        )
-        if not (zero_ok and type(low) in (int, float) and low <= _HUGE):
+        if not (_zero(zero) and type(low) in (int, float) and low <= _HUGE):
             return
         pattern += [zero] if isinstance(zero, torch.fx.Node) else []
         mask = cond
