@@ -160,9 +160,9 @@ def _run(
     virtual = _virtual_nodes(graph, outputs, fused)
     need = _last_need(graph, order, outputs, virtual)
     frees: dict[int, list[torch.fx.Node]] = {}
-    live_int, live_expr, peak, at_peak = 0, sympy.Integer(0), 0, []
+    freed_at: dict[torch.fx.Node, int] = {}
+    live_int, live_expr, peak, peak_step = 0, sympy.Integer(0), 0, None
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
-    live: dict[torch.fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
             break
@@ -174,25 +174,28 @@ def _run(
             alloc = _alloc(node, sizes)
         if alloc is not None:
             owned[node] = alloc
-            live[node] = alloc[0]
             live_int += alloc[0]
             if sizes.symbolic:
                 live_expr += alloc[1]
             extra = (siblings or {}).get(node, [])
             root_need = max(need[a] for a in [node] + _aliases(node) + extra)
             if node not in keep:
-                frees.setdefault(max(root_need, order[node]), []).append(node)
+                freed_at[node] = max(root_need, order[node])
+                frees.setdefault(freed_at[node], []).append(node)
         if live_int > peak:
-            peak = live_int
-            at_peak = [(f"@{node.name}", 0)] + [(n.name, b) for n, b in live.items()]
+            peak, peak_step = live_int, order[node]
         if exprs is not None:
             exprs.append(base_expr + live_expr)
         for dead in frees.pop(order[node], []):
             live_int -= owned[dead][0]
-            del live[dead]
             if sizes.symbolic:
                 live_expr -= owned[dead][1]
-    return peak, at_peak
+    if peak_step is None:
+        return peak, []
+    # listed once here rather than copied at each new peak: the peak rises at thousands of steps of a
+    # long backward, each copy as long as the live set
+    live_at_peak = [(n.name, b) for n, (b, _) in owned.items() if order[n] <= peak_step <= freed_at.get(n, peak_step)]
+    return peak, [(f"@{nodes[peak_step].name}", 0)] + live_at_peak
 
 
 def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
