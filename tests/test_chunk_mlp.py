@@ -10,6 +10,7 @@ import torch
 
 import lowmem_compile
 from lowmem_compile.options import Options
+from lowmem_compile.passes.chunk_mlp import AUTO_MAX_PIECES, ChunkMLPPass
 
 from .models import batch, rel_err, tiny_model, trainable_grads, twin
 
@@ -63,6 +64,16 @@ def test_nf4_layers_and_auto_pieces():
     assert report["nf4"]["lowered"] > 0
     assert report["mlp"]["chunked"] == 2 and report["mlp"]["chunks"] == 3
     _check(model, ref, out, ref_out)
+
+
+@pytest.mark.parametrize("tokens, pieces", [(4200, 3), (32768, 16), (65536, AUTO_MAX_PIECES), (131072, AUTO_MAX_PIECES)])
+def test_auto_pieces_are_capped(tokens, pieces):
+    """"auto" takes ~2048 tokens a piece up to AUTO_MAX_PIECES: each piece copies the block's nodes,
+    and 64 copies of every MLP (131072 tokens) made a step too large to compile in minutes."""
+    x = torch.fx.Graph().placeholder("x")
+    x.meta["example_value"] = torch.empty(2, tokens // 2, 8, device="meta")
+    assert AUTO_MAX_PIECES == 16 and ChunkMLPPass._pieces(x, "auto") == pieces
+    assert ChunkMLPPass._pieces(x, 40) == 40  # an explicit count is the user's
 
 
 def test_dropout_while_training_is_reported_not_split():

@@ -34,6 +34,10 @@ from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value,
 
 #: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
 AUTO_TOKENS_PER_CHUNK = 2048
+#: At most this many pieces under "auto": each piece is a copy of the block's nodes, and AOTAutograd
+#: and the partitioner scale with the graph (at 131072 tokens, 64 pieces x 32 layers did not compile
+#: in 530 s on an H200's host); 16 still leaves a piece 1/16 of the block's widest values.
+AUTO_MAX_PIECES = 16
 
 _POINTWISE_FUNCTIONS = (
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
@@ -191,7 +195,7 @@ class ChunkMLPPass(GraphPass):
     def _pieces(x: torch.fx.Node, setting: int | str) -> int:
         tokens = math.prod(size_hint(s) for s in example_value(x).shape[:-1])
         if setting == "auto":
-            return math.ceil(tokens / AUTO_TOKENS_PER_CHUNK)
+            return min(math.ceil(tokens / AUTO_TOKENS_PER_CHUNK), AUTO_MAX_PIECES)
         return int(setting)
 
     @staticmethod
