@@ -156,7 +156,8 @@ class LinearNF4Pass(GraphPass):
         if any(n.target not in _BODY_OK for n in others):
             return "the autograd function does more than gemm_4bit: " + ", ".join(str(n.target) for n in others)
         out = next(n for n in fwd_body.graph.nodes if n.op == "output").args[0]
-        if not (isinstance(out, tuple) and out and isinstance(out[0], tuple) and list(out[0]) == [gemm]):
+        # torch 2.11 may list more forward outputs after the result (bnb's weight); only output 0 is used
+        if not (isinstance(out, tuple) and out and isinstance(out[0], tuple) and out[0] and out[0][0] is gemm):
             return "its output is not the gemm_4bit result"
         if len(arg.get("shapeB", ())) != 2 or any(not isinstance(s, int) for s in arg["shapeB"]):
             return f"weight shape {arg.get('shapeB')!r} is not a constant [N, K]"
