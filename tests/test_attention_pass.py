@@ -107,7 +107,7 @@ def test_sites_it_cannot_take_are_skipped_with_reasons():
 def test_off_leaves_the_graph_alone():
     model = tiny_model("llama", lora=False)
     torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "off"})(**batch())
-    assert lowmem_compile.last_report().to_dict()["attention"] == {"replaced": 0, "causal_masks": 0, "skipped": []}
+    assert lowmem_compile.last_report().to_dict()["attention"] == {"replaced": 0, "causal_masks": 0, "general_masks": 0, "skipped": []}
 
 
 def _hf_mask(pad, s, causal=lambda kv, q: kv <= q, b=2):
@@ -213,6 +213,9 @@ def test_model_parity(family, attn, padding, kv):
     else:
         expected_causal = 2
     assert report["causal_masks"] == expected_causal
+    if expected_causal == 2 or attn == "eager" and padding and family != "mistral":
+        # lowered sites read no S x S mask; eager with padding keeps HF's full mask (and says so)
+        assert report["general_masks"] == (2 - expected_causal)
     ref_grads, grads = trainable_grads(ref), trainable_grads(model)
     if kv == "kv16":
         assert rel_err(got.logits, expected.logits) < 1e-4 and rel_err(got.loss, expected.loss) < 1e-4
@@ -280,6 +283,8 @@ def test_training_mask_without_cache(family, packed):
     report = lowmem_compile.last_report().to_dict()["attention"]
     assert report["replaced"] == 2 and report["skipped"] == []
     assert report["causal_masks"] == (0 if packed else 2)
+    assert report["general_masks"] == (2 if packed else 0)
+    assert ("read a full [Sq, Sk] mask" in str(lowmem_compile.last_report())) == packed
     assert rel_err(got.loss, expected.loss) < 1e-4
     ref_grads, grads = trainable_grads(ref), trainable_grads(model)
     for name, g in grads.items():

@@ -22,7 +22,8 @@ mask is passed through as given (bool or additive). Invariant: the replaced site
 (exactly at kv_bits=16; with K/V rounded to kv_bits otherwise). A site it cannot take (dropout > 0,
 attention weights used elsewhere, a non-constant scale, a mask that needs a gradient, causal with
 Sq != Sk, a head dim or dtype the CUDA kernel lacks) stays as it is and is listed with the reason.
-Counts: `replaced`, `causal_masks` (sites whose mask was lowered to causal), `skipped`.
+Counts: `replaced`, `causal_masks` (sites whose mask was lowered to causal), `general_masks` (sites
+that still read a full [Sq, Sk] mask tile by tile: the slow path, named in the report), `skipped`.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ class AttentionPass(GraphPass):
         return options.attention != "off"
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> AttentionStats:
-        replaced, causal_masks, skipped, erased = 0, 0, [], set()
+        replaced, causal_masks, general_masks, skipped, erased = 0, 0, 0, [], set()
         for node in list(gm.graph.nodes):
             if node in erased:
                 continue
@@ -402,4 +403,11 @@ class AttentionPass(GraphPass):
             erased |= _replace(gm, site, ctx.options.kv_bits)
             replaced += 1
             causal_masks += site.causal_mask
-        return AttentionStats(replaced=replaced, causal_masks=causal_masks, skipped=skipped)
+            general_masks += _reads_mask_tiles(site.mask)
+        return AttentionStats(replaced=replaced, causal_masks=causal_masks, general_masks=general_masks, skipped=skipped)
+
+
+def _reads_mask_tiles(mask) -> bool:
+    """The mask differs across query rows (not a [.., 1, Sk] key-padding row): the kernel's general path."""
+    value = example_value(mask)
+    return value is not None and value.dim() >= 2 and value.shape[-2] != 1
