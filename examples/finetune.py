@@ -117,8 +117,12 @@ def main() -> None:
     start = time.perf_counter()
     losses = train(compiled, data, args, device, "lowmem")
     elapsed = time.perf_counter() - start
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    print(f"loss {first:.3f} -> {last:.3f} (uniform bytes would be {math.log(256):.3f}); {elapsed:.1f} s incl. compile")
+    window = max(1, min(5, len(losses) // 2))  # the first and last steps, never overlapping
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    print(
+        f"loss {first:.3f} -> {last:.3f} (mean of the first / last {window} steps; uniform bytes would be "
+        f"{math.log(256):.3f}); {elapsed:.1f} s incl. compile"
+    )
     print(lowmem_compile.last_report())
 
     if device.type == "cuda" and not args.no_eager:
