@@ -37,7 +37,7 @@ def test_cpu_harness_runs_two_configs_side_by_side(tmp_path):
         assert len(row["losses"]) == 2 and row["tokens_per_s"] > 0 and row["first_step_s"] > 0
         assert row["trainable_params"] == eager["trainable_params"] > 0
         assert row["losses"][1] < row["losses"][0], "one AdamW step on a repeated batch must lower the loss"
-        assert row["versions"]["torch"] == torch.__version__ and row["date"] and row["seq"] == 32
+        assert torch.__version__.startswith(row["versions"]["torch"]) and row["date"] and row["seq"] == 32
     # Recomputation replays the same CPU ops: the losses agree to float rounding.
     assert eager_gc["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     table = (tmp_path / "e2e.md").read_text()
