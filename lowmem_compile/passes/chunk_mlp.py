@@ -89,7 +89,7 @@ class ChunkMLPPass(GraphPass):
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         chunked, pieces, skipped, taken = 0, 0, [], set()
-        for h in [n for n in graph.nodes if n.op == "call_function" and n.target in (operator.mul, torch.mul)]:
+        for h in [n for n in graph.nodes if calls(n, (operator.mul, torch.mul))]:
             if h in taken or not self._gated(h):
                 continue
             try:
