@@ -6,12 +6,11 @@
 #
 #   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
 #   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
-#   bash bench/run_all.sh e2e8192 lean128k          # 8192: lean (full; and a 6.3 GiB budget), logits dropped,
-#                                                   # defaults, fused loss off, Unsloth; lean at 131072 tokens
+#   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), defaults, Unsloth
+#   bash bench/run_all.sh lean128k attn32k          # lean at 131072 tokens; 32768: lean with and without attention
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
 #                                                   # no LM head at 8192/2048; 2048: defaults and logits
 #                                                   # dropped; lowmem's budgets at 2048 (BUDGETS_2048=)
-#   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh sweep8192b                # lowmem's budgets beside sweep8192's points (PREVIOUS= their
 #                                                   # remat_sweep.json, default the committed 2026-11-29 one;
 #                                                   # BUDGETS= GiB list, FIXED= policies)
@@ -23,7 +22,7 @@
 # `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
 # Peak GPU memory of the stages named together must fit the device: each group above stays under
-# ~131 GiB on an H200 (e2e8192 with lean128k). Against the stock points of bench/results/remat/2026-11-29/ (eager
+# an H200 (e2e8192 and lean128k together used ~131 GiB, more than any group above). Against the stock points of bench/results/remat/2026-11-29/ (eager
 # checkpointing 31.0, Inductor 0.1 / 0.3 / 0.5 / 1.0: 36.5 / 39.2 / 45.7 / 62.4 GiB), `sweep8192b`'s
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
@@ -54,12 +53,12 @@ stage() {
       tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
     e2e8192)
       e2e --seqs 8192 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
-      e2e --seqs 8192 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem_drop --out "$out/c" > "$out/c.log" 2>&1 &
-      # the lean setup with a budget instead of `full`: the planner may keep what is dear to recompute
-      # (6.3 GiB: the AdamW state, 0.31 GiB, is outside the cost model, and it predicted 0.96 of the lean peak)
+      # the lean setup with a budget instead of `full`: the planner may keep, parked in host memory,
+      # what is dear to recompute (6.3 GiB: the AdamW state, 0.31 GiB, is outside the cost model,
+      # and it predicted 0.96 of the lean peak)
       e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/d" > "$out/d.log" 2>&1 &
-      e2e --seqs 8192 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --configs unsloth,lowmem,lowmem_nofl --out "$out/b" > "$out/b.log" 2>&1 &
-      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md "$out"/d/e2e.md ;;
+      e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/d/e2e.md ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
@@ -78,8 +77,8 @@ stage() {
     drop2048)
       e2e --seqs 2048 --lowmem 'lowmem_drop={"logits":"drop"}' --configs lowmem,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
-    lean128k)  # the lean setup at 131072 tokens: one compiling step, two timed
-      e2e --seqs 131072 --warmup 1 --steps 2 --configs lowmem_lean --out "$out" > "$out/e2e.log.txt" 2>&1
+    lean128k)  # the lean setup at 131072 tokens: one compiling step, one timed (~6 min compile, ~1 min a step)
+      e2e --seqs 131072 --warmup 1 --steps 1 --configs lowmem_lean --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     sweep2048b)  # lowmem's budgets at 2048: predicted against measured peak
       OUT=$out timeout 570 python3 bench/remat_sweep.py --layers 32 --seq 2048 --parallel 2 --gpu-lock "$lock" \

@@ -6,13 +6,17 @@ far below the 1 MiB threshold, so the tests lower it. fp32 models: 1e-4 relative
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 
+from lowmem_compile.cost import liveness
+from lowmem_compile.cost import timing
+from lowmem_compile.cost.timing import CPU, node_time
 from lowmem_compile.ops import offload as offload_ops
-from lowmem_compile.passes import offload
-from lowmem_compile.passes.remat import layer_of
+from lowmem_compile.passes import offload, remat
+from lowmem_compile.passes.remat import layer_of, saved_values
 
 from .models import batch, rel_err, tiny_model, twin
 from .test_remat import PASSES_OFF, TOL, _check_grads, _compile, inductor_step_matches_eager
@@ -24,6 +28,11 @@ def test_ops_round_trip_on_the_cpu():
     assert host.device.type == "cpu" and host.is_contiguous() and host.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     back = offload_ops.reload(host, torch.device("cpu"))
     assert torch.equal(back, x) and back.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+    ticket = offload_ops.prefetch(host, torch.device("cpu"))
+    host.add_(1)  # the prefetched copy was taken before
+    back = offload_ops.reload(host, torch.device("cpu"), ticket)
+    assert torch.equal(back, x) and back.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+    assert torch.equal(offload_ops.reload(host, torch.device("cpu"), ticket), x + 1)  # used once: copies again
 
 
 @pytest.mark.gpu
@@ -35,8 +44,11 @@ def test_ops_round_trip_on_cuda_while_the_source_memory_is_reused():
     hosts = [offload_ops.offload(x) for x in xs]
     del xs
     noise = [torch.full((64, 1 << 14), 7.0, device="cuda") for _ in range(8)]  # reuses the freed blocks
-    for host, ref in zip(hosts, expected):
-        back = offload_ops.reload(host, torch.device("cuda"))
+    tickets = [offload_ops.prefetch(host, torch.device("cuda")) for host in hosts[::2]]
+    del noise[::2]  # blocks the prefetched copies may be written into while queued work still runs
+    torch.cuda._sleep(10_000_000)  # the current stream is busy while the copies are issued
+    for i, (host, ref) in enumerate(zip(hosts, expected)):
+        back = offload_ops.reload(host, torch.device("cuda"), tickets[i // 2] if i % 2 == 0 else None)
         assert torch.equal((back * 1).cpu(), ref)
     assert all(bool((n == 7.0).all()) for n in noise)
 
@@ -51,7 +63,8 @@ def test_gradients_equal_eager_and_offloaded_bytes_leave_the_device(monkeypatch,
     monkeypatch.setattr(offload, "MIN_BYTES", 1)
     plans = {}
     for setting in ("off", "layers"):
-        ref = tiny_model("llama", num_hidden_layers=3)
+        # four layers: with a layer prefetched ahead, three would keep as many values on the device
+        ref = tiny_model("llama", num_hidden_layers=4)
         model = twin(ref)
         inputs = batch(padding=True)
         expected = ref(**inputs)
@@ -72,10 +85,73 @@ def test_gradients_equal_eager_and_offloaded_bytes_leave_the_device(monkeypatch,
     assert stats.offloaded_bytes == plan.offloaded_bytes == moved
     assert plan.memory.saved == base.memory.saved - moved
     assert plan.peak < base.peak
-    assert plan.added_seconds > base.added_seconds  # the reloads are charged
     # nothing of the last layer moves: its values are the first the backward reads
-    last_layer = [layer for n in base.fw.graph.nodes if (layer := layer_of(n))][-1]
+    last_layer = list(dict.fromkeys(layer for n in base.fw.graph.nodes if (layer := layer_of(n))))[-1]
     assert all(layer_of(h.args[0]) != last_layer for h in hosts)
+    # every reload has its ticket from a prefetch before it
+    order = {n: i for i, n in enumerate(plan.bw.graph.nodes)}
+    assert all(b.args[2].target is offload_ops.prefetch.default and order[b.args[2]] < order[b] for b in reloads)
+    # the copies are free on a fast link and charged on a slow one
+    fast, slow = (dataclasses.replace(CPU, host_link=link) for link in (1e18, 1e3))
+    assert offload.exposed_seconds(plan.fw, plan.bw, fast) < 1e-12
+    assert offload.exposed_seconds(plan.fw, plan.bw, slow) > 0.5 * moved / 1e3
+
+
+def test_prefetches_hide_the_copies_on_the_time_model(monkeypatch):
+    """With a link slow enough that a copy takes a good share of the backward, the prefetches start
+    ahead of other reloads, every copy is done when it is read (nothing exposed on the model's
+    clock), and the peak still falls below the plan without offloading."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    ref = tiny_model("llama", num_hidden_layers=4)
+    ref(**batch()).loss.backward()
+    base_compiled, base_part, _ = _compile(twin(ref), {"remat": "full", "offload": "off", **PASSES_OFF})
+    base_compiled(**batch()).loss.backward()
+    base = base_part.plans[-1]
+    backward = sum(node_time(n, CPU) for n in base.bw.graph.nodes)
+    largest = max(h.meta["val"].numel() * h.meta["val"].element_size() for h in saved_values(base.fw, base.num_fwd_outputs))
+    rates = dataclasses.replace(CPU, host_link=largest / (0.15 * backward))  # one copy: 15% of the backward
+    monkeypatch.setattr(timing, "CPU", rates)
+    model = twin(ref)
+    compiled, part, _ = _compile(model, {"remat": "full", "offload": "layers", **PASSES_OFF})
+    compiled(**batch()).loss.backward()
+    _check_grads(model, ref)
+    plan = part.plans[-1]
+    reloads = [n for n in plan.bw.graph.nodes if n.target is offload_ops.reload.default]
+    order = {n: i for i, n in enumerate(plan.bw.graph.nodes)}
+    assert len(reloads) >= 2
+    assert any(order[b.args[2]] < order[other] < order[b] for b in reloads for other in reloads)
+    assert offload.exposed_seconds(plan.fw, plan.bw, rates) < 1e-9 * backward + 1e-15
+    assert plan.peak < base.peak
+
+
+def test_a_prefetched_copy_counts_from_its_prefetch():
+    """The device copy exists from the prefetch on, so work between the two carries it too."""
+    g = torch.fx.Graph()
+    host, a = g.placeholder("host"), g.placeholder("a")
+    host.meta["val"], a.meta["val"] = torch.empty(1000), torch.empty(10)
+    ticket = g.call_function(offload_ops.prefetch.default, (host, torch.device("cpu")))
+    ticket.meta["val"] = torch.empty(0)
+    big = g.call_function(torch.ops.aten.expand.default, (a, [1000, 10]))
+    big.meta["val"] = torch.empty(1000, 10)
+    big2 = g.call_function(torch.ops.aten.clone.default, (big,))
+    big2.meta["val"] = torch.empty(1000, 10)
+    small = g.call_function(torch.ops.aten.sum.default, (big2,))
+    small.meta["val"] = torch.empty(())
+    back = g.call_function(offload_ops.reload.default, (host, torch.device("cpu"), ticket))
+    back.meta["val"] = torch.empty(1000)
+    out = g.call_function(torch.ops.aten.add.Tensor, (back, small))
+    out.meta["val"] = torch.empty(1000)
+    g.output((out,))
+    copy, work = 1000 * 4, 1000 * 10 * 4 + 4  # at the peak: the clone and the sum's scalar
+
+    def peak(graph):
+        return liveness._run(graph, liveness._Sizes(False), fused=False, preallocated={}, keep=set(), exprs=None,
+                             base_expr=0)[0]
+
+    assert peak(g) == copy + work
+    back.args = (host, torch.device("cpu"), None)  # without a ticket the copy appears at the reload
+    g.erase_node(ticket)
+    assert peak(g) == work
 
 
 def test_auto_offloads_only_plans_that_do_not_fit(monkeypatch):
@@ -109,3 +185,30 @@ def test_inductor_compiles_the_offloaded_step(monkeypatch):
     monkeypatch.setattr(offload, "MIN_BYTES", 1)
     remat = inductor_step_matches_eager({"remat": "full", "offload": "layers"}, layers=3)
     assert remat["offloaded_bytes"] > 0
+
+
+def test_parked_plan_saves_what_is_dear_and_keeps_eager_gradients(monkeypatch):
+    """`full+parked`: `full` plus, in every layer but the last, the backward-read outputs dearest to
+    recompute per byte, parked in host memory. Gradients stay eager's; the backward recomputes fewer
+    matmuls than under `full`, and more moves through host memory."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    ref = tiny_model("llama", num_hidden_layers=3)
+    ref(**batch()).loss.backward()
+    plans = {}
+    for name in ("full", "full+parked"):
+        if name == "full+parked":
+            monkeypatch.setattr(remat._Planner, "layer_plan", lambda self, k: self.parked_plan())
+        model = twin(ref)
+        compiled, part, _ = _compile(model, {"remat": "full", "offload": "layers", **PASSES_OFF})
+        compiled(**batch()).loss.backward()
+        _check_grads(model, ref)
+        plans[name] = part.plans[-1]
+    full, parked = plans["full"], plans["full+parked"]
+    assert parked.name == "full+parked"
+
+    def matmuls(plan):
+        nodes = {n.name: n for n in plan.bw.graph.nodes}
+        return sum(nodes[name].target is torch.ops.aten.mm.default for name in plan.recomputed)
+
+    assert matmuls(parked) < matmuls(full)
+    assert parked.offloaded_bytes > full.offloaded_bytes

@@ -24,7 +24,7 @@ import sympy
 import torch
 import torch.fx
 
-from .sizes import is_getitem, is_host_copy, is_view, storage_root, sym_bytes, tensor_bytes, tensor_val
+from .sizes import is_getitem, is_host_copy, is_view, prefetch_of, storage_root, sym_bytes, tensor_bytes, tensor_val
 from .timing import is_fusible
 
 
@@ -163,25 +163,28 @@ def _run(
     freed_at: dict[torch.fx.Node, int] = {}
     live_int, live_expr, peak, peak_step = 0, sympy.Integer(0), 0, None
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
+    # a prefetched reload's device copy exists from its prefetch on
+    early = {p: n for n in nodes if (p := prefetch_of(n)) is not None}
     for node in nodes:
         if node.op == "output":
             break
+        owner = early.get(node, node)
         if node.op == "placeholder":
             alloc = preallocated.get(node)
-        elif is_view(node) or node in virtual:
+        elif is_view(node) or node in virtual or prefetch_of(node) is not None:
             alloc = None
         else:
-            alloc = _alloc(node, sizes)
+            alloc = _alloc(owner, sizes)
         if alloc is not None:
-            owned[node] = alloc
+            owned[owner] = alloc
             live_int += alloc[0]
             if sizes.symbolic:
                 live_expr += alloc[1]
-            extra = (siblings or {}).get(node, [])
-            root_need = max(need[a] for a in [node] + _aliases(node) + extra)
-            if node not in keep:
-                freed_at[node] = max(root_need, order[node])
-                frees.setdefault(freed_at[node], []).append(node)
+            extra = (siblings or {}).get(owner, [])
+            root_need = max(need[a] for a in [owner] + _aliases(owner) + extra)
+            if owner not in keep:
+                freed_at[owner] = max(root_need, order[node])
+                frees.setdefault(freed_at[owner], []).append(owner)
         if live_int > peak:
             peak, peak_step = live_int, order[node]
         if exprs is not None:

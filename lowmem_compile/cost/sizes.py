@@ -65,5 +65,15 @@ def is_host_copy(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.name() == "lowmem::offload"
 
 
+def prefetch_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """For a `lowmem::reload` with a ticket, the `lowmem::prefetch` that made it: the device copy is
+    allocated there, a layer of backward before the reload returns it."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.name() != "lowmem::reload":
+        return None
+    ticket = node.args[2] if len(node.args) > 2 else node.kwargs.get("ticket")
+    return ticket if isinstance(ticket, torch.fx.Node) else None
+
+
 def is_getitem(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem

@@ -1,16 +1,24 @@
 """Offload ops: a saved activation parked in host memory between the forward and the backward.
 
-`offload(x)` returns a host copy of `x`; `reload(host, device)` returns a device copy of it. The
-partitioner inserts them after it has split the step (`passes/offload.py`), so they need no autograd.
+`offload(x)` returns a host copy of `x`. In the backward, `prefetch(host, device)` starts the copy
+back and returns a ticket (an empty tensor), and `reload(host, device, ticket)` returns the device
+copy: the pass puts the prefetch a layer ahead of the reload, so the copy runs while the backward
+computes. `reload` without a ticket copies on the spot. The partitioner inserts all three after it
+has split the step (`passes/offload.py`), so they need no autograd.
 
-On CUDA the copies run on one side stream per device, so the forward never waits for a
-device-to-host copy: `offload` orders the side stream after the work that produced `x`, copies into
-pinned memory there, and marks `x` as used by the side stream (the caching allocator then does not
-hand its memory out again until the copy is done). The host tensor is only ever read by `reload`,
-which copies on the same side stream (so after the offload finished) and makes the current stream
-wait for it before returning. The pinned block is returned to PyTorch's host allocator, which
-records the copy's event and does not reuse the block before it completes.
-On other devices both are plain copies (the reference behaviour every path must match).
+On CUDA the copies run on one side stream per device, so neither the forward nor the backward
+waits for a copy it does not need yet:
+* `offload` orders the side stream after the work that produced `x`, copies into pinned memory
+  there, and marks `x` as used by the side stream (the caching allocator then does not hand its
+  memory out again until the copy is done). The pinned block goes back to PyTorch's host allocator,
+  which records the copy's event and does not reuse the block before it completes.
+* `prefetch` allocates the device copy on the current stream (so it is ordered like any other
+  allocation there), makes the side stream wait for the current one (the block may have been freed
+  by work still queued), copies, and records an event. `reload` makes the current stream wait for
+  that event only, not for copies prefetched after it. The device copy travels from `prefetch` to
+  `reload` in a table keyed by the host tensor, which the entry holds, so a key cannot be reused
+  while the entry exists; a `reload` whose entry is missing copies synchronously.
+On other devices all of these are plain copies (the reference behaviour every path must match).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import torch
 from .library import define_op
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_PREFETCHED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = {}
+"""id(host) -> (host, its device copy, the copy's event on CUDA)."""
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -45,30 +55,58 @@ def _offload_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device="cpu")
 
 
-def _check_host(host: torch.Tensor) -> None:
+def _check_host(host: torch.Tensor, op: str) -> None:
     if host.device.type != "cpu":
-        raise ValueError(f"reload: expected a host tensor from offload, got one on {host.device}")
+        raise ValueError(f"{op}: expected a host tensor from offload, got one on {host.device}")
 
 
-def _reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    _check_host(host)
-    device = torch.device(device)
+def _start_copy(host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """The device copy of `host`, and on CUDA the event that marks its side-stream copy done."""
     if device.type != "cuda":
-        return host.to(device, copy=True)
+        return host.to(device, copy=True), None
     out = torch.empty(host.shape, dtype=host.dtype, device=device)
     stream = _copy_stream(device)
-    current = torch.cuda.current_stream(device)
-    stream.wait_stream(current)  # `out` may reuse memory the current stream freed moments ago
+    stream.wait_stream(torch.cuda.current_stream(device))  # `out` may reuse memory freed by queued work
     with torch.cuda.stream(stream):
         out.copy_(host, non_blocking=True)
-    current.wait_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return out, done
+
+
+def _prefetch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    _check_host(host, "prefetch")
+    device = torch.device(device)
+    out, done = _start_copy(host, device)
+    _PREFETCHED[id(host)] = (host, out, done)
+    return torch.empty(0, dtype=host.dtype, device=device)
+
+
+def _prefetch_fake(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    _check_host(host, "prefetch")
+    return torch.empty(0, dtype=host.dtype, device=device)
+
+
+def _reload(host: torch.Tensor, device: torch.device, ticket: torch.Tensor | None = None) -> torch.Tensor:
+    _check_host(host, "reload")
+    device = torch.device(device)
+    entry = _PREFETCHED.pop(id(host), None) if ticket is not None else None
+    if entry is not None and entry[0] is host:
+        _, out, done = entry
+    else:
+        out, done = _start_copy(host, device)
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
     return out
 
 
-def _reload_fake(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    _check_host(host)
+def _reload_fake(host: torch.Tensor, device: torch.device, ticket: torch.Tensor | None = None) -> torch.Tensor:
+    _check_host(host, "reload")
     return torch.empty(host.shape, dtype=host.dtype, device=device)
 
 
 offload = define_op("offload", "(Tensor x) -> Tensor", reference=_offload, fake=_offload_fake)
-reload = define_op("reload", "(Tensor host, Device device) -> Tensor", reference=_reload, fake=_reload_fake)
+prefetch = define_op("prefetch", "(Tensor host, Device device) -> Tensor", reference=_prefetch, fake=_prefetch_fake)
+reload = define_op(
+    "reload", "(Tensor host, Device device, Tensor? ticket=None) -> Tensor", reference=_reload, fake=_reload_fake
+)

@@ -4,7 +4,7 @@ Runs on a partitioned step (forward and backward graphs), not on the Dynamo grap
 (`passes/remat.py`) applies it to every plan it scores, so the cost model sees each plan's peak with
 the offloaded values off the device. A chosen saved value `x` becomes `offload(x)` in the forward
 (a host copy, started right after `x` is computed; `x` itself is then freed after its last forward
-use) and `reload(host)` in the backward, placed just before the first node that reads it.
+use) and `reload(host, ticket)` in the backward, placed just before the first node that reads it.
 
 Which values: the saved values of every layer but the last (by `layer_of`, values computed before
 the last layer's first node), contiguous, of at least `MIN_BYTES`, owning their storage (a view, or a
@@ -12,22 +12,34 @@ storage the backward also gets through a view, would stay on the device anyway).
 first by the backward, so parking them would only add a round trip; small ones are not worth a copy.
 Under `remat="full"` those are the layer inputs: at 8192 tokens of Llama-3-8B, 64 MiB a layer.
 
-The reload is synchronous (the backward waits for the copy, ~1.3 ms a layer at 50 GB/s); the cost
-model charges it, the offload is not charged (it overlaps the forward on its own stream).
+Prefetch: each copy back starts (`prefetch`) as late as it can and still be done when its value
+is first read, on the time model's clock for the backward's nodes with `PREFETCH_SLACK` to spare,
+the copies back to back on one link in reading order; the device copy is live from there, which
+the liveness walk sees. At 8192 tokens of Llama-3-8B under `full` that is one layer input (64 MiB)
+started about a layer of backward ahead. The copies are charged only where they would keep the
+backward waiting (:func:`exposed_seconds`); the forward's copies overlap the forward on their own
+stream and are charged where they would outlast it.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import Counter
+from itertools import accumulate
 
 import torch
 import torch.fx
 
-from ..cost.sizes import storage_root, tensor_bytes, tensor_val
+from ..cost.sizes import prefetch_of, storage_root, tensor_bytes, tensor_val
+from ..cost.timing import DeviceRates, node_time
 from ..ops import offload as offload_ops
 
 #: Saved values smaller than this stay on the device.
 MIN_BYTES = 1 << 20
+#: A prefetch starts this many copy times ahead of its read on the time model, whose rates are
+#: nominal: a copy slower than modelled, or work faster, must still not keep the backward waiting.
+PREFETCH_SLACK = 1.5
 
 
 def choose(fw: torch.fx.GraphModule, num_fwd_outputs: int, last_layer_start: torch.fx.Node) -> list[torch.fx.Node]:
@@ -49,22 +61,34 @@ def choose(fw: torch.fx.GraphModule, num_fwd_outputs: int, last_layer_start: tor
     return chosen
 
 
-def apply(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, values: list[torch.fx.Node], device: torch.device) -> int:
-    """Rewrite `fw` and `bw` in place so that `values` travel through host memory; returns the bytes
-    offloaded. The backward placeholder of each value takes the host copy's name, which is how the
-    cost model matches saved values across the two graphs."""
-    if not values:
-        return 0
+def apply(
+    fw: torch.fx.GraphModule,
+    bw: torch.fx.GraphModule,
+    values: list[torch.fx.Node],
+    device: torch.device,
+    rates: DeviceRates,
+) -> int:
+    """Rewrite `fw` and `bw` in place so that `values` travel through host memory; returns the
+    bytes moved. The backward placeholder of each value takes the host copy's name, which is how
+    the cost model matches saved values across the two graphs."""
     output = fw.graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
     placeholders = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
-    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    nodes = list(bw.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    clock = list(accumulate((node_time(n, rates) for n in nodes), initial=0.0))  # clock[i]: node i starts
+    moves = [(min(p.users, key=order.__getitem__), node, p) for node in values if (p := placeholders[node.name]).users]
+    moves.sort(key=lambda m: order[m[0]])
+    # as late as possible on the time model, copies back to back on one link, each done when read
+    starts, next_start = [], math.inf
+    for reader, node, _ in reversed(moves):
+        start = min(clock[order[reader]], next_start) - PREFETCH_SLACK * tensor_bytes(tensor_val(node)) / rates.host_link
+        next_start = start
+        at = max(bisect.bisect_right(clock, start, hi=order[reader] + 1) - 1, order[_first_compute(bw)])
+        starts.append(nodes[at])
     moved = 0
-    for node in values:
+    for (reader, node, placeholder), start in zip(moves, reversed(starts)):
         val = tensor_val(node)
-        placeholder = placeholders[node.name]
-        if not placeholder.users:
-            continue
         with fw.graph.inserting_after(node):
             host = fw.graph.call_function(offload_ops.offload.default, (node,))
         with val.fake_mode:
@@ -72,12 +96,47 @@ def apply(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, values: list[torch
         outs[outs.index(node)] = host
         placeholder._rename(host.name)
         placeholder.meta["val"] = host.meta["val"]
-        with bw.graph.inserting_before(min(placeholder.users, key=order.__getitem__)):
-            back = bw.graph.call_function(offload_ops.reload.default, (placeholder, device))
+        with bw.graph.inserting_before(start):
+            ticket = bw.graph.call_function(offload_ops.prefetch.default, (placeholder, device))
+        with bw.graph.inserting_before(reader):
+            back = bw.graph.call_function(offload_ops.reload.default, (placeholder, device, ticket))
+        with val.fake_mode:
+            ticket.meta["val"] = offload_ops.prefetch.default(host.meta["val"], device)
         back.meta["val"] = val
-        placeholder.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        placeholder.replace_all_uses_with(back, delete_user_cb=lambda u: u not in (back, ticket))
         moved += tensor_bytes(val)
     output.args = (type(output.args[0])(outs),)
     fw.recompile()
     bw.recompile()
     return moved
+
+
+def _first_compute(bw: torch.fx.GraphModule) -> torch.fx.Node:
+    return next(n for n in bw.graph.nodes if n.op != "placeholder")
+
+
+def exposed_seconds(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, rates: DeviceRates) -> float:
+    """Seconds the host link adds to the step, from a walk of both graphs on the time model: the
+    copies queue on one link (the forward's first, then each prefetch as issued), a reload waits
+    for its copy, every other node takes its `node_time`."""
+    link = now = 0.0
+    for node in fw.graph.nodes:
+        if node.target is offload_ops.offload.default:
+            link = max(link, now) + tensor_bytes(tensor_val(node)) / rates.host_link
+        else:
+            now += node_time(node, rates)
+    link, now, work = max(0.0, link - now), 0.0, 0.0
+    done: dict[torch.fx.Node, float] = {}
+    for node in bw.graph.nodes:
+        if node.target is offload_ops.prefetch.default:
+            link = max(link, now) + tensor_bytes(tensor_val(node.args[0])) / rates.host_link
+            done[node] = link
+        elif node.target is offload_ops.reload.default:
+            ticket = prefetch_of(node)
+            if ticket is None:
+                link = max(link, now) + tensor_bytes(tensor_val(node)) / rates.host_link
+            now = max(now, done.get(ticket, link))
+        else:
+            cost = node_time(node, rates)
+            now, work = now + cost, work + cost
+    return now - work

@@ -19,7 +19,10 @@ tags `torch.utils.checkpoint` policies set), then predicts the step's peak with
   count k is searched, not enumerated: the smallest k that fits, by interpolating the peak between
   the bracketing plans (a few partitions, where the 33 plans of a 32-layer model would each cost
   a partition). Peaks fall and added times grow with k, so the search picks what enumerating all
-  k would, and a lower budget never yields a higher predicted peak.
+  k would, and a lower budget never yields a higher predicted peak. With `offload="layers"` a third
+  candidate, `full+parked`: `full` that also saves, and parks in host memory, the outputs dearest
+  to recompute per byte (attention's first), as many as the host link hides behind each layer's
+  forward; its prefetched copies make it nearly as small as `full` and faster.
 
 User `torch.utils.checkpoint` regions keep their own tags; random, mutating and effectful ops are
 never forced to recompute. Invariant: whatever the tags, the partition is torch's, so gradients are
@@ -47,7 +50,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from ..cost import liveness, sizes, timing
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
 from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_val
-from ..cost.timing import DeviceRates, node_flops, node_time, rates_for, recompute_time
+from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
 from ..sources import source_hash
@@ -60,6 +63,9 @@ FREE_MEMORY_MARGIN = 0.10
 #: Fractions of the candidates' saved bytes forced to recompute in `auto`'s greedy family (past
 #: half, measured plans only rose in peak: recomputing more values made the min-cut save their inputs).
 AUTO_STEPS = (0.25, 0.5)
+#: Share of the host link's bytes over a layer's modelled forward time that the `full+parked` plan
+#: fills with saved outputs (the layer's input travels too).
+PARK_LINK_SHARE = 0.8
 _LAYER_RE = re.compile(r"[.\[]\d+\]?(?=$|[.\[])")
 
 
@@ -121,6 +127,11 @@ def _can_force_recompute(node: torch.fx.Node) -> bool:
     return all(isinstance(v, torch.Tensor) or v is None for v in vals) and any(isinstance(v, torch.Tensor) for v in vals)
 
 
+def _tensor_outputs(node: torch.fx.Node) -> list[torch.Tensor]:
+    val = node.meta.get("val")
+    return [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
+
+
 def _recompute_unit(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes to tag to recompute `node`: a multi-output op goes with its getitems."""
     return [node] + [u for u in node.users if is_getitem(u)]
@@ -180,13 +191,15 @@ class _Planner:
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
-        moved = 0
+        moved, link_seconds = 0, 0.0
         if self.offload_to is not None and self.layers and (self.offload_above is None or memory.peak > self.offload_above):
             # the forward's first node of the last layer (none if the partition dropped the layer tags)
             last_layer = next((n for n in fw.graph.nodes if layer_of(n) == self.layers[-1]), None)
             if last_layer is not None:
-                moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to)
-                memory = simulate_step(fw, bw, num_out, fused=self.fused) if moved else memory
+                moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to, self.rates)
+                if moved:
+                    memory = simulate_step(fw, bw, num_out, fused=self.fused)
+                    link_seconds = offload.exposed_seconds(fw, bw, self.rates)
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
@@ -202,7 +215,7 @@ class _Planner:
             saved_names=[n.name for n in saved_values(fw, num_out)],
             recomputed=[n.name for n in recomputed],
             added_flops=sum(node_flops(n) for n in recomputed),
-            added_seconds=recompute_time(recomputed, self.rates) + moved / self.rates.host_link,
+            added_seconds=recompute_time(recomputed, self.rates) + link_seconds,
             offloaded_bytes=moved,
         )
 
@@ -238,6 +251,43 @@ class _Planner:
         """`full` on the first k layers, the stock plan elsewhere."""
         name = "full" if k == len(self.layers) else f"full[{k}/{len(self.layers)} layers]"
         return self.partition(name, self.full_tags(k))
+
+    def parked_plan(self) -> Plan:
+        """`full`, except that in every layer but the last the outputs dearest to recompute per byte
+        (attention first, then the projections) are saved, to be parked in host memory with the
+        layer's input: as many bytes as the host link carries while the layer's forward runs, so
+        the copies hide behind compute both ways and the device holds no more than under `full`
+        (plus the copies in flight). The backward then recomputes only what is cheap per byte."""
+        tags = self.full_tags(len(self.layers))
+        for layer in self.layers[:-1]:
+            nodes = [n for n in self.forward if layer_of(n) == layer]
+            room = PARK_LINK_SHARE * self.rates.host_link * sum(node_time(n, self.rates) for n in nodes)
+            dear = []
+            for node in nodes:
+                nbytes = sum(tensor_bytes(v) for v in _tensor_outputs(node))
+                if nbytes and node_flops(node) and _can_force_recompute(node) and self._read_by_backward(node):
+                    dear.append((node_time(node, self.rates) / nbytes, nbytes, node))
+            for _, nbytes, node in sorted(dear, key=lambda d: -d[0]):
+                if nbytes <= room:
+                    room -= nbytes
+                    tags.update({n.name: CheckpointPolicy.MUST_SAVE for n in _recompute_unit(node)})
+        return self.partition("full+parked", tags)
+
+    def _read_by_backward(self, node: torch.fx.Node) -> bool:
+        """Whether the joint graph's backward reads `node`'s output, directly or through views and
+        pointwise ops (which the backward can recompute from it): saving an output that only the
+        forward reads (a frozen projection feeding the residual add) spares nothing."""
+        stack, seen = list(node.users), set()
+        while stack:
+            user = stack.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user not in self.forward:
+                return True
+            if is_fusible(user):
+                stack.extend(user.users)
+        return False
 
     def layer_search(self, stock: Plan, budget: int) -> list[Plan]:
         """The layer plans evaluated while finding the smallest k whose peak fits `budget` (stock is
@@ -405,6 +455,8 @@ class RematPartitioner(CustomPartitionerFn):
             plans = [planner.partition("none", {})]
             if policy == "auto" and budget is not None and plans[0].peak > budget:
                 plans += planner.greedy_family(plans[0]) + planner.layer_search(plans[0], budget)
+                if offload_to is not None and planner.layers:
+                    plans.append(planner.parked_plan())
         plan, miss = choose(plans, budget if policy == "auto" else None)
         log.info("remat: chose plan %s of %d (policy %s, budget %s)", plan.name, len(plans), policy,
                  "none" if budget is None else f"{budget / 2**30:.2f} GiB")
