@@ -261,7 +261,7 @@ class _Planner:
         tags = self.full_tags(len(self.layers))
         for layer in self.layers[:-1]:
             nodes = [n for n in self.forward if layer_of(n) == layer]
-            room = PARK_LINK_SHARE * self.rates.host_link * sum(node_time(n, self.rates) for n in nodes)
+            room = PARK_LINK_SHARE * self.rates.host_link * recompute_time(nodes, self.rates)
             dear = []
             for node in nodes:
                 nbytes = sum(tensor_bytes(v) for v in _tensor_outputs(node))
