@@ -68,9 +68,12 @@ def lowmem_backend(
         patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
         if opts.offload != "off":
             # An offload copy reads its source on a side stream after the forward has moved on; the
-            # caching allocator waits for that (record_stream), Inductor's in-graph buffer reuse
-            # would not: a later kernel could overwrite the source mid-copy.
+            # caching allocator waits for that (record_stream), Inductor would not: neither its
+            # in-graph buffer reuse nor its in-place kernels (a pointwise op writing its result
+            # over an input read for the last time, e.g. rotary embedding over q) may take the
+            # source's memory mid-copy. Both are off in such graphs.
             patches["allow_buffer_reuse"] = False
+            patches["inplace_buffers"] = False
         with torch._functorch.config.patch(enable_autograd_cache=False):
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
     log.info("graph compiled in %.1f s", time.perf_counter() - start)

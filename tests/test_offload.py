@@ -11,14 +11,14 @@ import dataclasses
 import pytest
 import torch
 
-from lowmem_compile.cost import liveness
-from lowmem_compile.cost import timing
+import lowmem_compile
+from lowmem_compile.cost import liveness, timing
 from lowmem_compile.cost.timing import CPU, node_time
 from lowmem_compile.ops import offload as offload_ops
 from lowmem_compile.passes import offload, remat
 from lowmem_compile.passes.remat import layer_of, saved_values
 
-from .models import batch, rel_err, tiny_model, twin
+from .models import batch, rel_err, tiny_model, trainable_grads, twin
 from .test_remat import PASSES_OFF, TOL, _check_grads, _compile, inductor_step_matches_eager
 
 
@@ -212,3 +212,35 @@ def test_parked_plan_saves_what_is_dear_and_keeps_eager_gradients(monkeypatch):
 
     assert matmuls(parked) < matmuls(full)
     assert parked.offloaded_bytes > full.offloaded_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["full", "full+parked"])
+def test_inductor_offload_on_a_late_link_keeps_eager_gradients(monkeypatch, plan):
+    """Every side-stream copy starts ~10 ms late, so a kernel that wrote over a value still being
+    copied to host (Inductor reusing its memory, or writing in place over it) or read a copy back
+    before it landed would change the gradients; they must stay eager's."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    real_stream = offload_ops._copy_stream
+
+    def late_stream(device):
+        stream = real_stream(device)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(20_000_000)
+        return stream
+
+    monkeypatch.setattr(offload_ops, "_copy_stream", late_stream)
+    if plan == "full+parked":
+        monkeypatch.setattr(remat._Planner, "layer_plan", lambda self, k: self.parked_plan())
+    ref = tiny_model("llama", num_hidden_layers=3).cuda()
+    model = twin(ref)
+    inputs = {k: v.cuda() for k, v in batch(seq=256).items()}
+    ref(**inputs).loss.backward()
+    compiled = torch.compile(model, backend="lowmem", options={"remat": "full", "offload": "layers", **PASSES_OFF})
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled(**inputs).loss.backward()
+    report = lowmem_compile.last_report().to_dict()["remat"]
+    assert report["offloaded_bytes"] > 0
+    ref_grads = trainable_grads(ref)
+    for name, g in trainable_grads(model).items():
+        assert rel_err(g, ref_grads[name]) < 1e-3, name
