@@ -6,6 +6,8 @@
 #
 #   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
 #   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
+#   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192: stock Inductor, defaults,
+#                                                   # remat full alone, lean (full), lean under a budget (full+parked)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), defaults, Unsloth
 #   bash bench/run_all.sh lean128k attn32k          # lean at 131072 tokens; 32768: lean with and without attention
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
@@ -27,7 +29,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -59,6 +61,12 @@ stage() {
       e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/d" > "$out/d.log" 2>&1 &
       e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/d/e2e.md ;;
+    trajectory)  # 4 layers at 8192, 7 steps: do `full` and `full+parked` train like the defaults and stock Inductor?
+      flock "$lock" timeout 120 python3 -m pytest -q -m gpu tests/test_offload.py -p no:cacheprovider > "$out/pytest_offload.log" 2>&1
+      e2e --layers 4 --seqs 8192 --lowmem 'lowmem_full={"remat":"full"}' \
+        --lowmem 'lowmem_lean_b3={"offload":"layers","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
+        --configs inductor,lowmem,lowmem_full,lowmem_lean,lowmem_lean_b3 --out "$out" > "$out/e2e.log.txt" 2>&1
+      tail -1 "$out/pytest_offload.log"; rows "$out"/e2e.md; grep -h "chose plan\|step 7/7" "$out"/e2e.log ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
