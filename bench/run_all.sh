@@ -9,7 +9,8 @@
 #   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192: stock Inductor, defaults,
 #                                                   # remat full alone, lean (full), lean under a budget (full+parked)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), defaults, Unsloth
-#   bash bench/run_all.sh lean128k attn32k          # lean at 131072 tokens; 32768: lean with and without attention
+#   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
+#   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
 #                                                   # no LM head at 8192/2048; 2048: defaults and logits
 #                                                   # dropped; lowmem's budgets at 2048 (BUDGETS_2048=)
