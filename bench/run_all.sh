@@ -38,7 +38,7 @@ lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit "${E2E_TIME_LIMIT:-540}" "$@"; }
 rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
-lean_budget='lowmem_lean_b6={"offload":"layers","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
+lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
 stage() {
@@ -65,7 +65,7 @@ stage() {
     trajectory)  # 4 layers at 8192, 7 steps: do `full` and `full+parked` train like the defaults and stock Inductor?
       flock "$lock" timeout 120 python3 -m pytest -q -m gpu tests/test_offload.py -p no:cacheprovider > "$out/pytest_offload.log" 2>&1
       e2e --layers 4 --seqs 8192 --lowmem 'lowmem_full={"remat":"full"}' \
-        --lowmem 'lowmem_lean_b3={"offload":"layers","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
+        --lowmem 'lowmem_lean_b3={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
         --configs inductor,lowmem,lowmem_full,lowmem_lean,lowmem_lean_b3 --out "$out" > "$out/e2e.log.txt" 2>&1
       tail -1 "$out/pytest_offload.log"; rows "$out"/e2e.md; grep -h "chose plan\|step 7/7" "$out"/e2e.log ;;
     attn32k)

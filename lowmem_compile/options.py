@@ -41,8 +41,10 @@ class Options:
     """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""
 
     offload: str = "off"
-    """Park saved activations in host memory between forward and backward: "off", or "layers" (the
-    saved values of every layer but the last; the cost model then plans with them off the device)."""
+    """Park saved activations in host memory between forward and backward: "off"; "layers" (the
+    saved values of every layer but the last; the cost model then plans with them off the device);
+    "parked" (the same, and `remat="auto"` may also save and park what is dear to recompute:
+    the `full+parked` plan, opt-in until its training trajectory is confirmed on a GPU)."""
 
     memory_budget: int | float | None = None
     """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device memory."""
@@ -121,7 +123,7 @@ _CHOICES = {
     "attention": ("kv4", "kv8", "kv16", "off"),
     "nf4": ("auto", "quantize", "off"),
     "remat": ("auto", "none", "full"),
-    "offload": ("off", "layers"),
+    "offload": ("off", "layers", "parked"),
     "fused_loss": ("on", "off"),
     "logits": ("keep", "drop"),
 }

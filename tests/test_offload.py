@@ -244,3 +244,17 @@ def test_inductor_offload_on_a_late_link_keeps_eager_gradients(monkeypatch, plan
     ref_grads = trainable_grads(ref)
     for name, g in trainable_grads(model).items():
         assert rel_err(g, ref_grads[name]) < 1e-3, name
+
+
+def test_parked_plan_is_a_candidate_only_when_asked(monkeypatch):
+    """`full+parked` is opt-in (`offload="parked"`): under `offload="layers"` auto never scores it."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    evaluated = {}
+    for setting in ("layers", "parked"):
+        ref = tiny_model("llama", num_hidden_layers=2)
+        compiled, part, _ = _compile(twin(ref), {"remat": "auto", "memory_budget": 1, "offload": setting, **PASSES_OFF})
+        with pytest.warns(UserWarning, match="infeasible"):
+            compiled(**batch()).loss.backward()
+        note = next(n for n in part.report.stats["remat"].notes if " evaluated" in n)
+        evaluated[setting] = int(note.split(" of ")[1].split()[0])
+    assert evaluated["parked"] == evaluated["layers"] + 1

@@ -19,7 +19,7 @@ tags `torch.utils.checkpoint` policies set), then predicts the step's peak with
   count k is searched, not enumerated: the smallest k that fits, by interpolating the peak between
   the bracketing plans (a few partitions, where the 33 plans of a 32-layer model would each cost
   a partition). Peaks fall and added times grow with k, so the search picks what enumerating all
-  k would, and a lower budget never yields a higher predicted peak. With `offload="layers"` a third
+  k would, and a lower budget never yields a higher predicted peak. With `offload="parked"` a third
   candidate, `full+parked`: `full` that also saves, and parks in host memory, the outputs dearest
   to recompute per byte (attention's first), as many as the host link hides behind each layer's
   forward; its prefetched copies make it nearly as small as `full` and faster.
@@ -438,7 +438,7 @@ class RematPartitioner(CustomPartitionerFn):
         device = _device_of(joint_inputs)
         budget, budget_source = self.budget(device)
         policy = self.options.remat
-        offload_to = device if self.options.offload == "layers" else None
+        offload_to = device if self.options.offload != "off" else None
         planner = _Planner(
             gm,
             joint_inputs,
@@ -455,7 +455,7 @@ class RematPartitioner(CustomPartitionerFn):
             plans = [planner.partition("none", {})]
             if policy == "auto" and budget is not None and plans[0].peak > budget:
                 plans += planner.greedy_family(plans[0]) + planner.layer_search(plans[0], budget)
-                if offload_to is not None and planner.layers:
+                if self.options.offload == "parked" and planner.layers:
                     plans.append(planner.parked_plan())
         plan, miss = choose(plans, budget if policy == "auto" else None)
         log.info("remat: chose plan %s of %d (policy %s, budget %s)", plan.name, len(plans), policy,
