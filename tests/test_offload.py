@@ -33,6 +33,10 @@ def test_ops_round_trip_on_the_cpu():
     back = offload_ops.reload(host, torch.device("cpu"), ticket)
     assert torch.equal(back, x) and back.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
     assert torch.equal(offload_ops.reload(host, torch.device("cpu"), ticket), x + 1)  # used once: copies again
+    offload_ops.prefetch(host, torch.device("cpu"))
+    assert id(host) in offload_ops._PREFETCHED
+    del host  # no reload came (a backward that raised): the device copy goes with the host tensor
+    assert not offload_ops._PREFETCHED
 
 
 @pytest.mark.gpu

@@ -16,20 +16,24 @@ waits for a copy it does not need yet:
   allocation there), makes the side stream wait for the current one (the block may have been freed
   by work still queued), copies, and records an event. `reload` makes the current stream wait for
   that event only, not for copies prefetched after it. The device copy travels from `prefetch` to
-  `reload` in a table keyed by the host tensor, which the entry holds, so a key cannot be reused
-  while the entry exists; a `reload` whose entry is missing copies synchronously.
+  `reload` in a table keyed by the host tensor's id; the entry leaves when the host tensor dies, so
+  a key cannot be reused while it exists; a `reload` whose entry is missing copies synchronously.
 On other devices all of these are plain copies (the reference behaviour every path must match).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from .library import define_op
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_PREFETCHED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = {}
-"""id(host) -> (host, its device copy, the copy's event on CUDA)."""
+_PREFETCHED: dict[int, tuple[weakref.ref, torch.Tensor, torch.cuda.Event | None]] = {}
+"""id(host) -> (a weak reference to host, its device copy, the copy's event on CUDA). An entry
+leaves with its reload, or with its host tensor when no reload came (a backward that raised), so
+a failed step leaves no device copy behind."""
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -78,7 +82,8 @@ def _prefetch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     _check_host(host, "prefetch")
     device = torch.device(device)
     out, done = _start_copy(host, device)
-    _PREFETCHED[id(host)] = (host, out, done)
+    key = id(host)
+    _PREFETCHED[key] = (weakref.ref(host, lambda _: _PREFETCHED.pop(key, None)), out, done)
     return torch.empty(0, dtype=host.dtype, device=device)
 
 
@@ -91,7 +96,7 @@ def _reload(host: torch.Tensor, device: torch.device, ticket: torch.Tensor | Non
     _check_host(host, "reload")
     device = torch.device(device)
     entry = _PREFETCHED.pop(id(host), None) if ticket is not None else None
-    if entry is not None and entry[0] is host:
+    if entry is not None and entry[0]() is host:
         _, out, done = entry
     else:
         out, done = _start_copy(host, device)
