@@ -405,6 +405,9 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             # progress on stderr (the parent keeps it in e2e.log): a long first step is the compile
             print(f"[{args.config} seq={input_ids.shape[-1]}] step {i + 1}/{args.warmup + args.steps}: "
                   f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if cuda and args.profile:  # the peak is the timed steps' (the profiler holds buffers of its own)
+            peak = torch.cuda.max_memory_allocated()
+            row["profile"] = _profile_step(args, step_fn, optimizer, input_ids)
     timed = times[args.warmup :]
     row["losses"] = [round(x, 5) for x in losses]
     row["first_loss"], row["last_loss"] = losses[0], losses[-1]
@@ -414,7 +417,34 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
     )
     if cuda:
-        row["peak_steps_bytes"] = torch.cuda.max_memory_allocated()
+        row["peak_steps_bytes"] = peak if args.profile else torch.cuda.max_memory_allocated()
+
+
+def _profile_step(args, step_fn, optimizer, input_ids) -> dict[str, Any]:
+    """One more step under torch.profiler, after the timed ones: the device time of its kernels and
+    of its copies, and how many kernels the host launched. A step much longer than its kernels is
+    bound by the host (launching) or by waits, not by the GPU's work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            loss = _step_loss(args, step_fn, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [e for e in device if e.name.startswith("Memcpy") or e.name.startswith("Memset")]
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15), file=sys.stderr, flush=True)
+    return {
+        "step_s": round(wall, 4),
+        "kernel_s": round(sum(e.device_time for e in device if e not in copies) / 1e6, 4),
+        "copy_s": round(sum(e.device_time for e in copies) / 1e6, 4),
+        "kernels": len(device) - len(copies),
+    }
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -442,6 +472,8 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
         cmd += ["--gpu-lock", args.gpu_lock]
     if args.no_head:
         cmd.append("--no-head")
+    if args.profile:
+        cmd.append("--profile")
     if model_dir is not None:
         cmd += ["--model-dir", model_dir]
     if job is None:
@@ -726,6 +758,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-head", action="store_true",
         help="train the decoder alone (loss: mean of its last hidden states): the peak without the LM head and loss",
+    )
+    p.add_argument(
+        "--profile", action="store_true",
+        help="one more step under torch.profiler (CUDA): kernel and copy device time, kernel count, in the row and the log",
     )
     p.add_argument(
         "--gpu-lock", default=None, metavar="PATH",

@@ -7,7 +7,8 @@
 #   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
 #   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
 #   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192: stock Inductor, defaults,
-#                                                   # remat full alone, lean (full), lean under a budget (full+parked)
+#                                                   # remat full alone, lean (full), lean under a budget (full+parked),
+#                                                   # each with a profiled step (kernel time against step time)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), defaults, Unsloth
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
 #   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
@@ -55,16 +56,16 @@ stage() {
       OUT=$out/kv_bits_loss flock "$lock" timeout 200 python3 bench/kv_bits_loss.py --variants kv16,kv4 > "$out/kv_bits_loss.log" 2>&1
       tail -3 "$out/loss.log"; tail -4 "$out/kv_bits_loss.log" ;;
     e2e8192)
-      e2e --seqs 8192 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --profile --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
       # the lean setup with a budget instead of `full`: the planner may keep, parked in host memory,
       # what is dear to recompute (6.3 GiB: the AdamW state, 0.31 GiB, is outside the cost model,
       # and it predicted 0.96 of the lean peak)
-      e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/d" > "$out/d.log" 2>&1 &
+      e2e --seqs 8192 --profile --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/d" > "$out/d.log" 2>&1 &
       e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/d/e2e.md ;;
     trajectory)  # 4 layers at 8192, 7 steps: do `full` and `full+parked` train like the defaults and stock Inductor?
       flock "$lock" timeout 120 python3 -m pytest -q -m gpu tests/test_offload.py -p no:cacheprovider > "$out/pytest_offload.log" 2>&1
-      e2e --layers 4 --seqs 8192 --lowmem 'lowmem_full={"remat":"full"}' \
+      e2e --layers 4 --seqs 8192 --profile --lowmem 'lowmem_full={"remat":"full"}' \
         --lowmem 'lowmem_lean_b3={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
         --configs inductor,lowmem,lowmem_full,lowmem_lean,lowmem_lean_b3 --out "$out" > "$out/e2e.log.txt" 2>&1
       tail -1 "$out/pytest_offload.log"; rows "$out"/e2e.md; grep -h "chose plan\|step 7/7" "$out"/e2e.log ;;
