@@ -391,11 +391,7 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            with torch.autocast(args.device, dtype=torch.bfloat16):
-                loss = _step_loss(args, step_fn, input_ids)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = _train_step(args, step_fn, optimizer, input_ids)
             losses.append(loss.detach().float().item())  # also waits for the step to finish
             if cuda:
                 torch.cuda.synchronize()
@@ -405,9 +401,10 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             # progress on stderr (the parent keeps it in e2e.log): a long first step is the compile
             print(f"[{args.config} seq={input_ids.shape[-1]}] step {i + 1}/{args.warmup + args.steps}: "
                   f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
-        if cuda and args.profile:  # the peak is the timed steps' (the profiler holds buffers of its own)
-            peak = torch.cuda.max_memory_allocated()
-            row["profile"] = _profile_step(args, step_fn, optimizer, input_ids)
+        if cuda:  # the timed steps' peak, read before the profiled step (the profiler holds buffers of its own)
+            row["peak_steps_bytes"] = torch.cuda.max_memory_allocated()
+            if args.profile:
+                row["profile"] = _profile_step(args, step_fn, optimizer, input_ids)
     timed = times[args.warmup :]
     row["losses"] = [round(x, 5) for x in losses]
     row["first_loss"], row["last_loss"] = losses[0], losses[-1]
@@ -416,8 +413,18 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
     row["optimizer_state_bytes"] = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
     )
-    if cuda:
-        row["peak_steps_bytes"] = peak if args.profile else torch.cuda.max_memory_allocated()
+
+
+def _train_step(args, step_fn, optimizer, input_ids):
+    """One step: forward under bf16 autocast, backward, optimizer update; returns the loss."""
+    import torch
+
+    with torch.autocast(args.device, dtype=torch.bfloat16):
+        loss = _step_loss(args, step_fn, input_ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _profile_step(args, step_fn, optimizer, input_ids) -> dict[str, Any]:
@@ -429,11 +436,7 @@ def _profile_step(args, step_fn, optimizer, input_ids) -> dict[str, Any]:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        with torch.autocast(args.device, dtype=torch.bfloat16):
-            loss = _step_loss(args, step_fn, input_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _train_step(args, step_fn, optimizer, input_ids)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

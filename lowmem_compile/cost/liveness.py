@@ -165,13 +165,14 @@ def _run(
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
     # a prefetched reload's device copy exists from its prefetch on
     early = {p: n for n in nodes if (p := prefetch_of(n)) is not None}
+    prefetched = set(early.values())
     for node in nodes:
         if node.op == "output":
             break
         owner = early.get(node, node)
         if node.op == "placeholder":
             alloc = preallocated.get(node)
-        elif is_view(node) or node in virtual or prefetch_of(node) is not None:
+        elif is_view(node) or node in virtual or node in prefetched:
             alloc = None
         else:
             alloc = _alloc(owner, sizes)

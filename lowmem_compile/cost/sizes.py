@@ -59,6 +59,12 @@ def tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def tensor_outputs(node: torch.fx.Node) -> list[torch.Tensor]:
+    """Every fake tensor a node produces (the elements of a multi-output op's tuple)."""
+    val = node.meta.get("val")
+    return [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
+
+
 def is_host_copy(node: torch.fx.Node) -> bool:
     """True for `lowmem::offload`: its result lives in host memory, which no device budget counts."""
     target = node.target

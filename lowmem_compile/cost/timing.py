@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import flop_registry
 
-from .sizes import is_getitem, is_view, size_hint, storage_root, tensor_val, tensor_bytes
+from .sizes import is_getitem, is_view, size_hint, storage_root, tensor_bytes, tensor_outputs, tensor_val
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,7 @@ def rates_for(device: torch.device) -> DeviceRates:
 def _node_tensors(node: torch.fx.Node) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Fake tensors read and written by `node`."""
     ins = [v for a in node.all_input_nodes if (v := tensor_val(a)) is not None]
-    val = node.meta.get("val")
-    outs = [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
-    return ins, outs
+    return ins, tensor_outputs(node)
 
 
 def _lowmem_flops(node: torch.fx.Node, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> int:

@@ -80,11 +80,12 @@ def apply(
     moves = [(min(p.users, key=order.__getitem__), node, p) for node in values if (p := placeholders[node.name]).users]
     moves.sort(key=lambda m: order[m[0]])
     # as late as possible on the time model, copies back to back on one link, each done when read
+    first_compute = next(i for i, n in enumerate(nodes) if n.op != "placeholder")
     starts, next_start = [], math.inf
     for reader, node, _ in reversed(moves):
         start = min(clock[order[reader]], next_start) - PREFETCH_SLACK * tensor_bytes(tensor_val(node)) / rates.host_link
         next_start = start
-        at = max(bisect.bisect_right(clock, start, hi=order[reader] + 1) - 1, order[_first_compute(bw)])
+        at = max(bisect.bisect_right(clock, start, hi=order[reader] + 1) - 1, first_compute)
         starts.append(nodes[at])
     moved = 0
     for (reader, node, placeholder), start in zip(moves, reversed(starts)):
@@ -109,10 +110,6 @@ def apply(
     fw.recompile()
     bw.recompile()
     return moved
-
-
-def _first_compute(bw: torch.fx.GraphModule) -> torch.fx.Node:
-    return next(n for n in bw.graph.nodes if n.op != "placeholder")
 
 
 def exposed_seconds(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, rates: DeviceRates) -> float:

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from ..cost import liveness, sizes, timing
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
-from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_val
+from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_outputs, tensor_val
 from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
@@ -125,11 +125,6 @@ def _can_force_recompute(node: torch.fx.Node) -> bool:
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else [val]
     return all(isinstance(v, torch.Tensor) or v is None for v in vals) and any(isinstance(v, torch.Tensor) for v in vals)
-
-
-def _tensor_outputs(node: torch.fx.Node) -> list[torch.Tensor]:
-    val = node.meta.get("val")
-    return [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
 
 
 def _recompute_unit(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -264,7 +259,7 @@ class _Planner:
             room = PARK_LINK_SHARE * self.rates.host_link * recompute_time(nodes, self.rates)
             dear = []
             for node in nodes:
-                nbytes = sum(tensor_bytes(v) for v in _tensor_outputs(node))
+                nbytes = sum(tensor_bytes(v) for v in tensor_outputs(node))
                 if nbytes and node_flops(node) and _can_force_recompute(node) and self._read_by_backward(node):
                     dear.append((node_time(node, self.rates) / nbytes, nbytes, node))
             for _, nbytes, node in sorted(dear, key=lambda d: -d[0]):
