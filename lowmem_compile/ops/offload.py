@@ -2,8 +2,8 @@
 
 `offload(x)` returns a host copy of `x`. In the backward, `prefetch(host, device)` starts the copy
 back and returns a ticket (an empty tensor), and `reload(host, device, ticket)` returns the device
-copy: the pass puts the prefetch a layer ahead of the reload, so the copy runs while the backward
-computes. `reload` without a ticket copies on the spot. The partitioner inserts all three after it
+copy: the pass puts the prefetch ahead of the reload by about the copy's time on its time model,
+so the copy runs while the backward computes. `reload` without a ticket copies on the spot. The partitioner inserts all three after it
 has split the step (`passes/offload.py`), so they need no autograd.
 
 On CUDA the copies run on one side stream per device, so neither the forward nor the backward
