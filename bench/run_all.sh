@@ -6,10 +6,10 @@
 #
 #   bash bench/run_all.sh kernels                   # GPU tests, attention and NF4 kernels (~4 min)
 #   bash bench/run_all.sh kernels_loss              # the loss kernel, kv4-vs-kv16 200-step loss
-#   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192: stock Inductor, defaults,
-#                                                   # remat full alone, lean (full), lean under a budget (full+parked),
-#                                                   # each with a profiled step (kernel time against step time)
-#   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), defaults, Unsloth
+#   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192, 7 steps against fp32 (same
+#                                                   # NF4 weights): bf16 eager, stock Inductor, the defaults, `full`,
+#                                                   # kv16 with and without `full`, lean under a budget (full+parked)
+#   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), Unsloth
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
 #   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
@@ -61,14 +61,17 @@ stage() {
       # what is dear to recompute (6.3 GiB: the AdamW state, 0.31 GiB, is outside the cost model,
       # and it predicted 0.96 of the lean peak)
       e2e --seqs 8192 --profile --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/d" > "$out/d.log" 2>&1 &
-      e2e --seqs 8192 --configs unsloth,lowmem --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/d/e2e.md ;;
-    trajectory)  # 4 layers at 8192, 7 steps: do `full` and `full+parked` train like the defaults and stock Inductor?
+    trajectory)  # 4 layers at 8192, 7 steps: which plans train like an fp32 run of the same weights?
       flock "$lock" timeout 120 python3 -m pytest -q -m gpu tests/test_offload.py -p no:cacheprovider > "$out/pytest_offload.log" 2>&1
-      e2e --layers 4 --seqs 8192 --profile --lowmem 'lowmem_full={"remat":"full"}' \
+      flock "$lock" timeout 420 python3 bench/trajectory.py --layers 4 --seq 8192 --steps 7 --out "$out" \
+        --configs eager,inductor,lowmem,lowmem_full,lowmem_kv16,lowmem_full_kv16,lowmem_lean_b3 \
+        --lowmem 'lowmem_full={"remat":"full"}' --lowmem 'lowmem_kv16={"attention":"kv16"}' \
+        --lowmem 'lowmem_full_kv16={"remat":"full","attention":"kv16"}' \
         --lowmem 'lowmem_lean_b3={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
-        --configs inductor,lowmem,lowmem_full,lowmem_lean,lowmem_lean_b3 --out "$out" > "$out/e2e.log.txt" 2>&1
-      tail -1 "$out/pytest_offload.log"; rows "$out"/e2e.md; grep -h "chose plan\|step 7/7" "$out"/e2e.log ;;
+        > "$out/trajectory.log" 2>&1
+      tail -1 "$out/pytest_offload.log"; tail -12 "$out/trajectory.log" ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
