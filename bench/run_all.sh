@@ -37,7 +37,8 @@ if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]
 fi
 lock=${GPU_LOCK:-/tmp/lowmem_gpu.lock}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit "${E2E_TIME_LIMIT:-540}" "$@"; }
+# E2E_LAYERS=N runs the e2e stages on the first N decoder layers (long sequences where 32 do not fit a window)
+e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit "${E2E_TIME_LIMIT:-540}" ${E2E_LAYERS:+--layers "$E2E_LAYERS"} "$@"; }
 rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
 lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
