@@ -9,6 +9,8 @@
 #   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192, 7 steps against fp32 (same
 #                                                   # NF4 weights): bf16 eager, stock Inductor, the defaults, `full`,
 #                                                   # kv16 with and without `full`, lean under a budget (full+parked)
+#   bash bench/run_all.sh trajectory_bnb            # bitsandbytes-loaded weights, 2048, 20 steps against fp32: bnb QLoRA,
+#                                                   # lowmem lowering them, lowmem with nf4="off" (E2E_LAYERS=8: 8 layers)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean (full; and a 6.3 GiB budget), Unsloth
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
 #   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
@@ -31,7 +33,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -73,6 +75,11 @@ stage() {
         --lowmem 'lowmem_lean_b3={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
         > "$out/trajectory.log" 2>&1
       tail -1 "$out/pytest_offload.log"; tail -12 "$out/trajectory.log" ;;
+    trajectory_bnb)  # bitsandbytes-loaded 4-bit weights, 20 steps at 2048 against fp32: bnb's QLoRA, our lowering, nf4="off"
+      flock "$lock" timeout "${TRAJECTORY_TIMEOUT:-420}" python3 bench/trajectory.py --weights bnb --layers "${E2E_LAYERS:-32}" \
+        --seq 2048 --steps 20 --out "$out" --configs eager,lowmem_bnb,lowmem_bnb_nf4off \
+        --lowmem 'lowmem_bnb={}' --lowmem 'lowmem_bnb_nf4off={"nf4":"off"}' > "$out/trajectory.log" 2>&1
+      tail -8 "$out/trajectory.log" ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &

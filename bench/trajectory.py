@@ -11,6 +11,10 @@ configuration after another.
     python bench/trajectory.py --layers 4 --seq 8192 --steps 7 \
         --configs eager,inductor,lowmem,lowmem_full --lowmem 'lowmem_full={"remat":"full"}'
 
+With `--weights bnb` the model is saved and loaded back through transformers' BitsAndBytesConfig
+(bitsandbytes' own 4-bit layers, as QLoRA users load it; CUDA only), so `eager` is bitsandbytes' QLoRA
+and `--lowmem 'lowmem_nf4off={"nf4":"off"}'` runs those layers through bitsandbytes' ops under our backend.
+
 Configurations: `eager` (bf16, no compile), `inductor` (stock torch.compile), `lowmem` and any
 `--lowmem NAME=JSON` variant (backend="lowmem" with those options; a name starting with
 "lowmem_lean" also keeps the embeddings in host memory, as bench/e2e.py does).
@@ -22,32 +26,64 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import default_out_dir, environment, markdown_table, write_jsonl  # noqa: E402
-from bench.e2e import LEAN_PREFIX, MODELS, add_lora, build_model, llama_config  # noqa: E402
+from bench.e2e import (  # noqa: E402
+    LEAN_PREFIX, MODELS, Recipe, add_lora, build_model, llama_config, load_bnb, save_model_folder,
+)
+
+
+def _dequantized(module):
+    """The 16-bit weight of a 4-bit linear layer (ours or bitsandbytes'), or None for any other module."""
+    from lowmem_compile.quantize import NF4Linear
+
+    if isinstance(module, NF4Linear):
+        return module.dequantize()
+    if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return None
 
 
 def fp32_reference(quantized):
-    """`quantized` with each NF4Linear turned back into an fp32 nn.Linear of its dequantized weight."""
+    """`quantized` with each 4-bit linear turned back into an fp32 nn.Linear of its dequantized weight."""
     import torch
-
-    from lowmem_compile.quantize import NF4Linear
 
     reference = copy.deepcopy(quantized)
     for name, module in list(reference.named_modules()):
-        if isinstance(module, NF4Linear):
-            parent, _, child = name.rpartition(".")
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device=module.weight_packed.device, dtype=torch.float32)
-            linear.weight = torch.nn.Parameter(module.dequantize().float(), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
-            setattr(reference.get_submodule(parent), child, linear)
+        weight = _dequantized(module)
+        if weight is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                 device=weight.device, dtype=torch.float32)
+        linear.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
+        setattr(reference.get_submodule(parent), child, linear)
     return reference.float()
+
+
+def quantized_model(args, config):
+    """The LoRA model with 4-bit frozen linears: `quantize_` on the random bf16 model, or (--weights bnb)
+    that model saved and loaded back through transformers' BitsAndBytesConfig, as QLoRA users load it."""
+    import lowmem_compile
+
+    if args.weights == "ours":
+        model = add_lora(build_model(config, args.device, args.seed), False)
+        lowmem_compile.quantize_(model)
+        return model
+    with tempfile.TemporaryDirectory() as folder:
+        ns = argparse.Namespace(model=args.model, layers=args.layers, seq_list=[args.seq], device=args.device,
+                                seed=args.seed, model_dir=folder)
+        save_model_folder(ns, Path(folder))
+        return load_bnb(ns, Recipe(loader="bnb"))
 
 
 def prepare(name: str, quantized, lowmem_options: dict[str, dict]):
@@ -102,6 +138,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--weights", default="ours", choices=["ours", "bnb"],
+                   help="4-bit weights from quantize_ (ours) or loaded through bitsandbytes (bnb, CUDA only)")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
     args = p.parse_args()
     lowmem_options = {"lowmem": {}}
@@ -116,8 +154,7 @@ def main() -> None:
     import lowmem_compile
 
     config = llama_config(args.model, args.layers, args.seq)
-    quantized = add_lora(build_model(config, args.device, args.seed), False)
-    lowmem_compile.quantize_(quantized)
+    quantized = quantized_model(args, config)
     gen = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=gen).to(args.device)
 
@@ -144,7 +181,7 @@ def main() -> None:
     table = [[rows[0]["config"], "", *[f"{x:.5f}" for x in ref_losses]]]
     table += [[r["config"], f"{r['grad_error_step1']:.2e}", *[f"{d:+.5f}" for d in r["delta"]]] for r in rows[1:]]
     text = (f"# Loss trajectories against fp32: {args.model} ({args.layers} layers), seq {args.seq}, "
-            f"LoRA r=16, AdamW lr {args.lr}\n\n{env['gpu'] or args.device}; {env['versions']}; {env['date']}\n\n"
+            f"LoRA r=16, AdamW lr {args.lr}, 4-bit weights: {args.weights}\n\n{env['gpu'] or args.device}; {env['versions']}; {env['date']}\n\n"
             "The reference row gives its losses; the others their loss minus the reference's at each step.\n\n"
             + markdown_table(header, table))
     (out / "trajectory.md").write_text(text)
