@@ -86,7 +86,7 @@ stage() {
       e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean_noattn --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     nf4e2e2048|nf4e2e8192)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
-      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --configs bnb_qlora,lowmem_bnb,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
+      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --profile --configs bnb_qlora,lowmem_bnb,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
