@@ -44,7 +44,7 @@ class Options:
     """Park saved activations in host memory between forward and backward: "off"; "layers" (the
     saved values of every layer but the last; the cost model then plans with them off the device);
     "parked" (the same, and `remat="auto"` may also save and park what is dear to recompute:
-    the `full+parked` plan, opt-in until its training trajectory is confirmed on a GPU)."""
+    the `full+parked` plan: docs/remat.md)."""
 
     memory_budget: int | float | None = None
     """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device memory."""
