@@ -5,8 +5,9 @@ timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays o
 M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
 is measured separately below). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
 choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), ours dequant+cuBLAS
-forced, bitsandbytes (if importable). Then the host time of one call (op, direct kernel call,
-cuBLAS) where the GPU work is short, the dequant kernel alone in TB/s on the 4096x14336 weight
+forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
+it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
+kernel alone in TB/s on the 4096x14336 weight
 against a plain bf16 copy of the same output size. Correctness is checked first against the
 reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
 
@@ -127,7 +128,9 @@ def _forced(strategy, fn, t, q):
 
 def _host_us(device, dtype) -> dict:
     """Host time of one call, µs (wall clock of 200 back-to-back calls; the GPU work of each is shorter,
-    so this is what the Python side costs): the op, the kernel entry point, cuBLAS."""
+    so this is what the Python side costs): the op, the op as a compiled graph calls it (grad mode off,
+    its input requiring grad: the autograd wrapper still runs), the kernel entry point, the dequant
+    kernel's launch alone, cuBLAS."""
     k, n = (4096, 4096) if not SMOKE else (128, 64)
     q = NF4Weight.from_float(torch.randn(n, k, device=device), 64, double_quant=True)
     out = {}
@@ -135,8 +138,16 @@ def _host_us(device, dtype) -> dict:
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = q.dequantize(dtype)
         nested = (q.absmax2, q.code2, q.offset)
+        xg = x.detach().requires_grad_()
+
+        def op_in_graph():
+            with torch.no_grad():
+                torch.ops.lowmem.nf4_linear(xg, q.packed, q.absmax, [n, k], 64, None, *nested)
+
         calls = {
             "op": lambda: torch.ops.lowmem.nf4_linear(x, q.packed, q.absmax, [n, k], 64, None, *nested),
+            "op_in_graph": op_in_graph,
+            "dequant_launch": lambda: nf4_matmul.dequantize(q.packed, q.absmax, q.shape, 64, dtype, *nested),
             "direct": lambda: nf4_matmul.linear(x, q.packed, q.absmax, (n, k), 64, None, *nested),
             "cublas": lambda: torch.nn.functional.linear(x, w),
         }
