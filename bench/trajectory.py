@@ -97,8 +97,6 @@ def prepare(name: str, quantized, lowmem_options: dict[str, dict]):
         return model, model
     if name == "inductor":
         return model, torch.compile(model)
-    if name not in lowmem_options:
-        raise SystemExit(f"unknown configuration {name!r}: eager, inductor, lowmem or a --lowmem NAME=JSON")
     if name.startswith(LEAN_PREFIX):
         lowmem_compile.offload_embeddings_(model)
         model.config.use_cache = False
@@ -127,7 +125,7 @@ def train(model, step_fn, input_ids, steps: int, lr: float, bf16: bool, label: s
     return losses, first_grads
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="eager,inductor,lowmem", help="comma-separated bf16 configurations")
     p.add_argument("--lowmem", action="append", default=[], metavar="NAME=JSON", help="a lowmem variant")
@@ -141,13 +139,19 @@ def main() -> None:
     p.add_argument("--weights", default="ours", choices=["ours", "bnb"],
                    help="4-bit weights from quantize_ (ours) or loaded through bitsandbytes (bnb, CUDA only)")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.weights == "bnb" and args.device != "cuda":
+        raise SystemExit("--weights bnb loads the model through bitsandbytes' CUDA 4-bit layers: it needs --device cuda")
     lowmem_options = {"lowmem": {}}
     for spec in args.lowmem:
         name, sep, options = spec.partition("=")
         if not sep or not name.startswith("lowmem"):
             raise SystemExit(f"--lowmem takes NAME=JSON with NAME starting with 'lowmem', got {spec!r}")
         lowmem_options[name] = json.loads(options)
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in ("eager", "inductor", *lowmem_options)]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}: eager, inductor, lowmem or a --lowmem NAME=JSON")
 
     import torch
 
@@ -163,7 +167,7 @@ def main() -> None:
     del reference
     ref_norm = sum(g.square().sum() for g in ref_grads.values()).sqrt()
     rows = [{"config": "fp32 eager (reference)", "losses": ref_losses}]
-    for name in args.configs.split(","):
+    for name in configs:
         model, step_fn = prepare(name, quantized, lowmem_options)
         losses, grads = train(model, step_fn, input_ids, args.steps, args.lr, True, name)
         error = sum((grads[k] - ref_grads[k]).square().sum() for k in ref_grads).sqrt() / ref_norm
