@@ -7,8 +7,10 @@ graph to `compile_fx` with our partitioner scoped to this one compile through `c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -19,8 +21,8 @@ from .passes.attention import AttentionPass
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.linear_nf4 import LinearNF4Pass
-from .passes.remat import RematPartitioner
-from .report import STORE
+from .passes.remat import RematPartitioner, recorded_stats
+from .report import STORE, RematStats
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,10 @@ def lowmem_backend(
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        # AOTAutograd's cache would skip the partitioner and leave the report's remat entry empty;
-        # Inductor's own cache of the partitioned graphs still applies.
+        # AOTAutograd's cache (keyed on this graph, Inductor's config and the partitioner's uuid)
+        # may serve the whole compile without calling the partitioner: the report then takes the
+        # plan the partitioner recorded when it made that entry.
+        partitioner.record = _plan_record(gm, example_inputs, partitioner.uuid())
         patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
         if opts.offload != "off":
             # An offload copy reads its source on a side stream after the forward has moved on; the
@@ -74,14 +78,37 @@ def lowmem_backend(
             # source's memory mid-copy. Both are off in such graphs.
             patches["allow_buffer_reuse"] = False
             patches["inplace_buffers"] = False
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if "remat" not in graph_report.stats:
+            _report_cached_plan(graph_report, partitioner.record)
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if opts.report:
         from .report import last_report
 
         print(last_report(), flush=True)
     return compiled
+
+
+def _plan_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], partitioner_uuid: str) -> Path:
+    """Where the partitioner records the plan of this graph: a file in Inductor's cache folder named
+    by the graph's code, its inputs' shapes and dtypes and the partitioner's uuid (what AOTAutograd's
+    cache key also holds, so an entry served from it finds the record its compile wrote)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    inputs = [(tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs]
+    key = hashlib.sha256(f"{gm.code}|{inputs}|{partitioner_uuid}".encode()).hexdigest()
+    return Path(cache_dir()) / "lowmem_plans" / f"{key}.json"
+
+
+def _report_cached_plan(graph_report, record: Path) -> None:
+    """The remat entry of a graph AOTAutograd's cache compiled: the plan recorded when the entry was made."""
+    stats = recorded_stats(record)
+    if stats is None:
+        stats = RematStats(notes=["compiled from AOTAutograd's cache; the plan's record is missing"])
+    else:
+        stats.notes.append("plan as recorded when AOTAutograd's cache entry was made (this compile reused it)")
+    graph_report.add("remat", stats)
+    log.info("remat: plan served from AOTAutograd's cache")
 
 
 def _compile_eager(

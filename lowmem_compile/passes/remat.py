@@ -31,13 +31,16 @@ exact; only memory and time change.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -53,8 +56,13 @@ from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor
 from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
+from .. import ops as lowmem_ops
 from ..sources import source_hash
 from . import offload
+
+#: Modules whose ops' autograd formulas and fake impls AOTAutograd traces into the joint graph.
+_OP_MODULES = (lowmem_ops.attention, lowmem_ops.host_embedding, lowmem_ops.linear_cross_entropy, lowmem_ops.nf4,
+               lowmem_ops.offload)
 
 log = logging.getLogger(__name__)
 
@@ -406,11 +414,16 @@ def _peak_note(memory, top: int = 6) -> str:
 
 
 class RematPartitioner(CustomPartitionerFn):
-    """Forward/backward split for one compiled graph; records its plan in the graph's report."""
+    """Forward/backward split for one compiled graph; records its plan in the graph's report.
+
+    With `record` set (by the backend, from the graph and :meth:`uuid`), the plan's stats are also
+    written there as JSON: a compile served from AOTAutograd's cache never calls the partitioner,
+    and the backend fills the report from that file instead (:func:`recorded_stats`)."""
 
     def __init__(self, options: Options, report: GraphReport) -> None:
         self.options = options
         self.report = report
+        self.record: Path | None = None
         self.plans: list[Plan] = []
         """The chosen plan of every joint graph partitioned, for inspection and tests."""
 
@@ -472,22 +485,22 @@ class RematPartitioner(CustomPartitionerFn):
             notes.append(held)
         longest = self._longest_sequence(plan, budget, notes)
         self.plans.append(plan)
-        self.report.add(
-            "remat",
-            RematStats(
-                policy=policy,
-                saved_bytes=plan.memory.saved,
-                predicted_peak_bytes=plan.peak,
-                predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed,
-                recomputed=len(plan.recomputed),
-                offloaded_bytes=plan.offloaded_bytes,
-                added_flops=plan.added_flops,
-                added_seconds=plan.added_seconds,
-                budget_bytes=budget,
-                longest_fitting_seq=longest,
-                notes=notes,
-            ),
+        stats = RematStats(
+            policy=policy,
+            saved_bytes=plan.memory.saved,
+            predicted_peak_bytes=plan.peak,
+            predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed,
+            recomputed=len(plan.recomputed),
+            offloaded_bytes=plan.offloaded_bytes,
+            added_flops=plan.added_flops,
+            added_seconds=plan.added_seconds,
+            budget_bytes=budget,
+            longest_fitting_seq=longest,
+            notes=notes,
         )
+        self.report.add("remat", stats)
+        if self.record is not None:
+            _write_record(self.record, stats)
         return plan.fw, plan.bw
 
     def _longest_sequence(self, plan: Plan, budget: int | None, notes: list[str]) -> int | None:
@@ -503,7 +516,34 @@ class RematPartitioner(CustomPartitionerFn):
         return length
 
     def uuid(self) -> str:
-        extra = self.options.cache_key()
-        if self.options.memory_budget is None and torch.cuda.is_available():
-            extra += f"|free={torch.cuda.mem_get_info()[0] >> 30}GiB"
-        return source_hash(sys.modules[__name__], offload, sizes, timing, liveness, extra=extra)
+        """What the split depends on besides the joint graph: our partition code, its module-level
+        tunables and the autograd formulas of our ops (they shape the joint graph AOTAutograd
+        caches), the options, the device's rates and, without a `memory_budget`, the budget that
+        free memory gives (GiB)."""
+        modules = (sys.modules[__name__], offload, sizes, timing, liveness)
+        tunables = sorted(
+            (m.__name__, name, value) for m in modules for name, value in vars(m).items()
+            if name.isupper() and isinstance(value, (bool, int, float, str, tuple))
+        )
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}"
+        if device.type == "cuda" and self.options.memory_budget is None:
+            extra += f"|budget={self.budget(device)[0] >> 30}GiB"
+        return source_hash(*modules, *_OP_MODULES, extra=extra)
+
+
+def _write_record(path: Path, stats: RematStats) -> None:
+    """Write `stats` to `path` atomically (a concurrent compile reads either nothing or all of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(stats)))
+    os.replace(tmp, path)
+
+
+def recorded_stats(path: Path) -> RematStats | None:
+    """The stats a partitioner recorded at `path`, or None (no record, or an unreadable one)."""
+    try:
+        fields = json.loads(path.read_text())
+        return RematStats(**fields)
+    except (OSError, ValueError, TypeError):
+        return None
