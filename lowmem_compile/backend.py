@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch._dynamo.utils import counters
 
 from .options import Options
 from .passes import CompileContext, GraphPass
@@ -78,8 +79,9 @@ def lowmem_backend(
             # source's memory mid-copy. Both are off in such graphs.
             patches["allow_buffer_reuse"] = False
             patches["inplace_buffers"] = False
+        hits = counters["aot_autograd"]["autograd_cache_hit"]
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
-        if "remat" not in graph_report.stats:
+        if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
             _report_cached_plan(graph_report, partitioner.record)
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if opts.report:

@@ -106,3 +106,16 @@ def test_recorded_stats_round_trip_and_unreadable_records(tmp_path):
     path.write_text("{not json")
     assert remat.recorded_stats(path) is None
     assert remat.recorded_stats(tmp_path / "absent.json") is None
+
+
+def test_an_inference_compile_has_no_plan_to_report(aot_cache):
+    """Without gradients AOTAutograd neither partitions nor serves a training entry: no remat entry,
+    and no note claiming a cache hit."""
+    calls, _ = aot_cache
+    lowmem_compile.reset()
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    with torch.no_grad():
+        torch.compile(mlp, backend="lowmem")(torch.randn(8, 16))
+    remat_entry = lowmem_compile.last_report().to_dict()["remat"]
+    assert not calls
+    assert not any("cache" in note for note in remat_entry["notes"]), remat_entry

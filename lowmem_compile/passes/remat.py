@@ -50,13 +50,13 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .. import ops as lowmem_ops
 from ..cost import liveness, sizes, timing
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
 from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_outputs, tensor_val
 from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_for, recompute_time
 from ..options import Options
 from ..report import GraphReport, RematStats
-from .. import ops as lowmem_ops
 from ..sources import source_hash
 from . import offload
 
