@@ -13,6 +13,8 @@
 #                                                   # lowmem lowering them, lowmem with nf4="off" (E2E_LAYERS=8: 8 layers)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
 #                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv8 at 6.3 GiB), Unsloth
+#   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
+#                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
 #   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
@@ -34,7 +36,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -87,6 +89,9 @@ stage() {
         --seq 2048 --steps 20 --out "$out" --configs eager,lowmem_bnb,lowmem_bnb_nf4off \
         --lowmem 'lowmem_bnb={}' --lowmem 'lowmem_bnb_nf4off={"nf4":"off"}' > "$out/trajectory.log" 2>&1
       tail -8 "$out/trajectory.log" ;;
+    recompile8192)  # right after e2e8192 on the same machine: the lean budget row again, its compile from the caches
+      e2e --seqs 8192 --warmup 1 --steps 2 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "compiled in\|served from" "$out"/e2e.log ;;
     attn32k)
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
