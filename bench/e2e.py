@@ -440,12 +440,13 @@ def _profile_step(args, step_fn, optimizer, input_ids) -> dict[str, Any]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    copies = [e for e in device if e.name.startswith("Memcpy") or e.name.startswith("Memset")]
+    copies = [e for e in device if e.name.startswith(("Memcpy", "Memset"))]
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=15), file=sys.stderr, flush=True)
+    copy_us = sum(e.device_time for e in copies)
     return {
         "step_s": round(wall, 4),
-        "kernel_s": round(sum(e.device_time for e in device if e not in copies) / 1e6, 4),
-        "copy_s": round(sum(e.device_time for e in copies) / 1e6, 4),
+        "kernel_s": round((sum(e.device_time for e in device) - copy_us) / 1e6, 4),
+        "copy_s": round(copy_us / 1e6, 4),
         "kernels": len(device) - len(copies),
     }
 

@@ -61,8 +61,8 @@ def fp32_reference(quantized):
         if weight is None:
             continue
         parent, _, child = name.rpartition(".")
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                 device=weight.device, dtype=torch.float32)
+        # on the meta device: both parameters are replaced right below, so nothing is initialised twice
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         linear.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
         if module.bias is not None:
             linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)

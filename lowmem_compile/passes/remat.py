@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,9 +61,9 @@ from ..report import GraphReport, RematStats
 from ..sources import source_hash
 from . import offload
 
-#: Modules whose ops' autograd formulas and fake impls AOTAutograd traces into the joint graph.
-_OP_MODULES = (lowmem_ops.attention, lowmem_ops.host_embedding, lowmem_ops.linear_cross_entropy, lowmem_ops.nf4,
-               lowmem_ops.offload)
+#: Modules whose ops' autograd formulas and fake impls AOTAutograd traces into the joint graph:
+#: every module of the ops package (each registers its ops on import).
+_OP_MODULES = tuple(m for m in vars(lowmem_ops).values() if isinstance(m, types.ModuleType))
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +524,7 @@ class RematPartitioner(CustomPartitionerFn):
         modules = (sys.modules[__name__], offload, sizes, timing, liveness)
         tunables = sorted(
             (m.__name__, name, value) for m in modules for name, value in vars(m).items()
-            if name.isupper() and isinstance(value, (bool, int, float, str, tuple))
+            if name.isupper() and not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
         )
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}"
