@@ -119,3 +119,13 @@ def test_an_inference_compile_has_no_plan_to_report(aot_cache):
     remat_entry = lowmem_compile.last_report().to_dict()["remat"]
     assert not calls
     assert not any("cache" in note for note in remat_entry["notes"]), remat_entry
+
+
+def test_an_unwritable_record_folder_does_not_fail_the_compile(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the record's folder would go
+    stats = lowmem_compile.report.RematStats(policy="full", notes=["a"])
+    with caplog.at_level("WARNING", logger="lowmem_compile.passes.remat"):
+        remat._write_record(blocker / "plans" / "x.json", stats)
+    assert "could not record the plan" in caplog.text
+    assert remat.recorded_stats(blocker / "plans" / "x.json") is None

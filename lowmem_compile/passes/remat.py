@@ -534,11 +534,17 @@ class RematPartitioner(CustomPartitionerFn):
 
 
 def _write_record(path: Path, stats: RematStats) -> None:
-    """Write `stats` to `path` atomically (a concurrent compile reads either nothing or all of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(stats)))
-    os.replace(tmp, path)
+    """Write `stats` to `path` atomically (a concurrent compile reads either nothing or all of it).
+    The record only serves later cache hits' reports: a folder that cannot be written warns, the
+    compile goes on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(stats)))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("remat: could not record the plan at %s (%s); a later compile served from the cache "
+                    "will report it as missing", path, exc)
 
 
 def recorded_stats(path: Path) -> RematStats | None:
