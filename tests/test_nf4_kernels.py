@@ -59,7 +59,7 @@ def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
 
 def _gemv_splits(m, n, k):
     """(forward splits, backward splits) the GEMV launchers use for this shape."""
-    return tuple(nf4_matmul._gemv_plan(m, n, k, d, torch.device(DEVICE))[5] for d in ("fwd", "bwd"))
+    return tuple(nf4_matmul._gemv_plan(m, n, k, d, torch.device(DEVICE))[6] for d in ("fwd", "bwd"))
 
 
 GEMV_CASES = [  # dtype, leading dims, N, K, bias; what each adds

@@ -261,24 +261,26 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 
 # --- launchers -----------------------------------------------------------------------------------
 
-#: GEMV tiles (ROWS, TPR, warps): a step covers TPR 16-byte chunks of each of ROWS rows, one chunk a
-#: thread. One token (FMA): a step spans 2 KB of a row across the program (TPR = 128), each thread
-#: holds 4 rows at the same columns, so one x load serves 4 rows. 2..16 tokens (tl.dot): TPR = 4 is
-#: the mma fragment's 4 lanes a row (`_kperm`); 32 rows are the dot's N. Backward: strips of 128
-#: (FMA) or 64 (dot) bytes of 16 or 32 rows a step.
-_GEMV_TILES = {"fwd_fma": (4, 128, 4), "fwd_dot": (32, 4, 2), "bwd_fma": (16, 8, 4), "bwd_dot": (32, 4, 4)}
-_INTERPRET_TILES = {"fwd_fma": (2, 4, 4), "fwd_dot": (16, 4, 4), "bwd_fma": (4, 2, 4), "bwd_dot": (16, 2, 4)}
-#: Splits of the reduction are added until this many warps an SM exist (memory parallelism), while
-#: the fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes.
-_WARPS_PER_SM = 16
+#: GEMV tiles (ROWS, TPR, warps, stages, warps an SM): a step covers TPR 16-byte chunks of each of ROWS
+#: rows, one chunk a thread. One token (FMA): a step spans 2 KB of a row across the program (TPR =
+#: 128), each thread holds 4 rows at the same columns, so one x load serves 4 rows. 2..16 tokens
+#: (tl.dot): TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 32 rows are the dot's N.
+#: Backward: strips of 128 (FMA) or 64 (dot) bytes of 16 or 32 rows a step. Splits of the reduction
+#: are added until the programs hold "warps an SM" warps on every SM (memory parallelism), while the
+#: fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes. `bench/nf4_gemv_tiles.py` sweeps
+#: these on a GPU.
+_GEMV_TILES = {"fwd_fma": (4, 128, 4, 2, 16), "fwd_dot": (32, 4, 2, 2, 16), "bwd_fma": (16, 8, 4, 2, 16),
+               "bwd_dot": (32, 4, 4, 2, 16)}
+_INTERPRET_TILES = {"fwd_fma": (2, 4, 4, 2, 16), "fwd_dot": (16, 4, 4, 2, 16), "bwd_fma": (4, 2, 4, 2, 16),
+                    "bwd_dot": (16, 2, 4, 2, 16)}
 _PARTIAL_SHARE = 2
 _SUM_BLOCK = 1024
 _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _gemv_tile(m: int, direction: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, ROWS, TPR, warps)."""
+def _gemv_tile(m: int, direction: str) -> tuple[int, ...]:
+    """(BLOCK_M, ROWS, TPR, warps, stages, warps an SM)."""
     key = f"{direction}_{'fma' if m == 1 else 'dot'}"
     tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
     return (1 if m == 1 else 16, *tiles[key])
@@ -292,19 +294,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_M, ROWS, TPR, warps, programs along the output, splits, reduction length per split).
+    """(BLOCK_M, ROWS, TPR, warps, stages, programs along the output, splits, reduction length per split).
 
-    The reduction (forward: a row's bytes; backward: the rows) is split until the programs hold
-    _WARPS_PER_SM warps an SM, while the fp32 partials stay under 1/_PARTIAL_SHARE of the weight's
-    bytes and each split keeps at least one step; a split's length is a multiple of the step."""
-    bm, rows, tpr, warps = _gemv_tile(m, direction)
+    The reduction (forward: a row's bytes; backward: the rows) is split until the programs hold the
+    tile's warps an SM, while the fp32 partials stay under 1/_PARTIAL_SHARE of the weight's bytes and
+    each split keeps at least one step; a split's length is a multiple of the step."""
+    bm, rows, tpr, warps, stages, warps_per_sm = _gemv_tile(m, direction)
     if direction == "fwd":
         blocks, reduce_len, step, most = triton.cdiv(n, rows), k // 2, 16 * tpr, k // (_PARTIAL_SHARE * 8 * bm)
     else:
         blocks, reduce_len, step, most = triton.cdiv(k // 2, 16 * tpr), n, rows, n // (_PARTIAL_SHARE * 8 * bm)
-    want = min(-(-_WARPS_PER_SM * _sm_count(device) // (blocks * warps)), max(1, most), -(-reduce_len // step))
+    want = min(-(-warps_per_sm * _sm_count(device) // (blocks * warps)), max(1, most), -(-reduce_len // step))
     per_split = triton.cdiv(triton.cdiv(reduce_len, want), step) * step
-    return bm, rows, tpr, warps, blocks, triton.cdiv(reduce_len, per_split), per_split
+    return bm, rows, tpr, warps, stages, blocks, triton.cdiv(reduce_len, per_split), per_split
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,12 +336,12 @@ def _use_gemv(m: int, k: int, strategy: str | None) -> bool:
     return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
 
 
-def _gemv_options(m: int, dtype: torch.dtype, warps: int) -> dict:
+def _gemv_options(m: int, dtype: torch.dtype, warps: int, stages: int) -> dict:
     """Launch options. The one-token kernel may contract into FMAs (its weights stay fp32, nothing to
     match bit for bit); the dot kernels round W like the reference, so no contraction there (the
     nested absmax is two roundings). fp32 activations are not software-pipelined (the pipelined fp32
     dot spills on sm_90)."""
-    return {"num_warps": warps, "num_stages": 1 if dtype == torch.float32 else 2, "enable_fp_fusion": m == 1}
+    return {"num_warps": warps, "num_stages": 1 if dtype == torch.float32 else stages, "enable_fp_fusion": m == 1}
 
 
 def _dequant_constexprs(blocksize: int) -> dict:
@@ -386,7 +388,7 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
-    bm, rows, tpr, warps, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
+    bm, rows, tpr, warps, stages, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
     y = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     has_bias = bias is not None and splits == 1
@@ -394,7 +396,7 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
         x2, _pairs(x2) if m == 1 else x2, packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
         m, n, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, X_KIND=_X_KIND[x.dtype], PRECISION=_precision(x),
-        BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(m, x.dtype, warps),
+        BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(m, x.dtype, warps, stages),
     )
     out = y[0] if splits == 1 else _reduce_splits(y, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
@@ -410,14 +412,14 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
-    bm, rows, tpr, warps, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
+    bm, rows, tpr, warps, stages, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     _gemv_bwd_kernel[(strips, splits)](
         g2, packed, _code(grad_y.device), absmax, a2, c2, off, gx,
         m, n, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, ROWS=rows, TPR=tpr,
-        **_gemv_options(m, grad_y.dtype, warps),
+        **_gemv_options(m, grad_y.dtype, warps, stages),
     )
     out = gx[0] if splits == 1 else _reduce_splits(gx, None, grad_y.dtype)
     return out.reshape(*grad_y.shape[:-1], k)
