@@ -264,13 +264,14 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 #: GEMV tiles (ROWS, TPR, warps, stages, warps an SM): a step covers TPR 16-byte chunks of each of ROWS
 #: rows, one chunk a thread. One token (FMA): a step spans 2 KB of a row across the program (TPR =
 #: 128), each thread holds 4 rows at the same columns, so one x load serves 4 rows. 2..16 tokens
-#: (tl.dot): TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 32 rows are the dot's N.
-#: Backward: strips of 128 (FMA) or 64 (dot) bytes of 16 or 32 rows a step. Splits of the reduction
+#: (tl.dot): TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 128 rows are the dot's N.
+#: Backward: strips of 64 (FMA) or 32 (dot) bytes of 32 or 64 rows a step. Splits of the reduction
 #: are added until the programs hold "warps an SM" warps on every SM (memory parallelism), while the
-#: fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes. `bench/nf4_gemv_tiles.py` sweeps
-#: these on a GPU.
-_GEMV_TILES = {"fwd_fma": (4, 128, 4, 2, 16), "fwd_dot": (32, 4, 2, 2, 16), "bwd_fma": (16, 8, 4, 2, 16),
-               "bwd_dot": (32, 4, 4, 2, 16)}
+#: fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes. Chosen by `bench/nf4_gemv_tiles.py`
+#: on an H200 (bench/results/nf4_gemv_tiles/2026-11-29T14/: 0.91, 0.82 and 0.82 of the previous
+#: tiles' time for the forward dot, backward FMA and backward dot; the forward FMA tile stayed).
+_GEMV_TILES = {"fwd_fma": (4, 128, 4, 2, 16), "fwd_dot": (128, 4, 4, 2, 16), "bwd_fma": (32, 4, 4, 2, 16),
+               "bwd_dot": (64, 2, 2, 3, 16)}
 _INTERPRET_TILES = {"fwd_fma": (2, 4, 4, 2, 16), "fwd_dot": (16, 4, 4, 2, 16), "bwd_fma": (4, 2, 4, 2, 16),
                     "bwd_dot": (16, 2, 4, 2, 16)}
 _PARTIAL_SHARE = 2
