@@ -1,18 +1,24 @@
 """The token-chunked MLP pass on tiny LoRA models: loss and every trainable gradient equal eager
 (fp32, so 1e-5 relative: reassociation only), at piece counts that do not divide the sequence,
 with NF4 layers and under every remat policy; sites it must not split are reported, not split;
-and under `remat="full"` the cost model predicts a lower peak with pieces than without."""
+and under `remat="full"` the cost model predicts a lower peak with pieces than without. NF4 MLP
+weights are dequantized once a block in the forward and once in the backward, never per piece, and
+never saved (or parked) for the backward in 16 bits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.backends import debugging
 
 import lowmem_compile
+from lowmem_compile.cost.timing import node_flops
 from lowmem_compile.options import Options
+from lowmem_compile.passes import offload, remat
 from lowmem_compile.passes.chunk_mlp import AUTO_MAX_PIECES, ChunkMLPPass
 
 from .models import batch, rel_err, tiny_model, trainable_grads, twin
+from .test_nf4_models import _step, _weight_shapes
 
 TOL = 1e-5
 OTHER_PASSES_OFF = {"attention": "off", "fused_loss": "off"}
@@ -64,6 +70,104 @@ def test_nf4_layers_and_auto_pieces():
     assert report["nf4"]["lowered"] > 0
     assert report["mlp"]["chunked"] == 2 and report["mlp"]["chunks"] == 3
     _check(model, ref, out, ref_out)
+
+
+class _InnerGraphs:
+    """The graphs AOTAutograd hands the eager inner compiler (forward, then backward) and the plans
+    the partitioner chose, for one compiled step."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.plans: list[remat.Plan] = []
+        nop, partition = debugging.boxed_nop, remat.RematPartitioner.__call__
+
+        def record(gm, example_inputs):
+            self.graphs.append(gm)
+            return nop(gm, example_inputs)
+
+        def keep_plan(partitioner, *args, **kwargs):
+            result = partition(partitioner, *args, **kwargs)
+            self.plans.append(partitioner.plans[-1])
+            return result
+
+        monkeypatch.setattr(debugging, "boxed_nop", record)
+        monkeypatch.setattr(remat.RematPartitioner, "__call__", keep_plan)
+
+    def dequantized(self, backward: bool) -> list[torch.fx.Node]:
+        (gm,) = [g for g in self.graphs if backward == any(p.name.startswith("tangents") for p in g.graph.nodes)]
+        return [n for n in gm.graph.nodes if n.target is torch.ops.lowmem.nf4_dequantize.default]
+
+
+NF4_MLP_WEIGHTS = 2 * 3  # 2 layers: gate, up, down
+
+
+@pytest.mark.parametrize(
+    "options,config",
+    [
+        ({"remat": "full"}, {"mlp_bias": True}),
+        ({"remat": "auto"}, {}),
+        ({"remat": "none"}, {}),
+        ({"remat": "full", "offload": "parked"}, {}),
+    ],
+    ids=["full-bias", "auto", "none", "parked"],
+)
+def test_nf4_weights_dequantized_once_a_block_and_never_saved(monkeypatch, options, config):
+    """Each NF4 MLP weight is dequantized once in the forward and once in the backward (not once a
+    piece: before, 2 pieces ran nf4_linear 12 times in the forward and dequantized 20 times in the
+    backward), the dequantized weight is never a value saved for the backward (MUST_RECOMPUTE; under
+    `auto` without the tag the min-cut saves it), nor parked in host memory by `full+parked`, and
+    loss and LoRA gradients are those of eager on the same NF4 weights (fp32: reassociation only),
+    with biases on the projections too."""
+    if options.get("offload") == "parked":
+        monkeypatch.setattr(offload, "MIN_BYTES", 1)
+        monkeypatch.setattr(remat._Planner, "layer_plan", lambda self, k: self.parked_plan())
+    model = tiny_model("llama", **config)
+    lowmem_compile.quantize_(model)
+    for name, p in model.named_parameters():
+        if name.endswith("base_layer.bias"):  # HF starts them at zero
+            torch.nn.init.normal_(p, std=0.1)
+    ref = twin(model)
+    inputs = batch(padding=True)
+    ref_out = _step(ref, inputs)
+    inner = _InnerGraphs(monkeypatch)
+    saved: list[torch.Tensor] = []
+    options = {"inner": "eager", **OTHER_PASSES_OFF, "mlp_chunks": 2, **options}
+    out = _step(torch.compile(model, backend="lowmem", options=options), inputs, saved)
+    report = lowmem_compile.last_report().to_dict()
+    assert report["mlp"]["chunked"] == 2 and report["mlp"]["chunks"] == 2
+    _check(model, ref, out, ref_out)
+    for backward in (False, True):
+        nodes = inner.dequantized(backward)
+        assert len(nodes) == len({n.args[0] for n in nodes}) == NF4_MLP_WEIGHTS, (backward, nodes)
+    big = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in _weight_shapes(model)]
+    assert not big, f"dequantized weights saved for backward: {big}"
+    if "offload" in options:
+        assert inner.plans[-1].name == "full+parked" and inner.plans[-1].offloaded_bytes > 0
+
+
+def test_nf4_chunked_equals_unchunked_and_its_weights_count_in_the_peak(monkeypatch):
+    """Under `remat="full"`, the MLP in 2 pieces gives the loss and LoRA gradients of the MLP whole
+    (fp32: reassociation only). With the weights dominating (intermediate 1024, 8 tokens), the cost
+    model's peak holds a layer's three dequantized weights at once, as the backward does: the
+    predicted peak is not under what the pieces really hold. The time model charges the dequantize
+    its bytes, not the FLOPs of a matmul."""
+    model = tiny_model("llama", num_hidden_layers=1, intermediate_size=1024)
+    lowmem_compile.quantize_(model)
+    inputs = batch(size=1, seq=8)
+    runs, inner = {}, _InnerGraphs(monkeypatch)
+    for pieces in ("off", 2):
+        twin_model = twin(model)
+        out, _ = _run(twin_model, inputs, mlp_chunks=pieces, remat="full")
+        runs[pieces] = (twin_model, out, inner.plans[-1])
+    (whole, whole_out, _), (chunked, chunked_out, plan) = runs["off"], runs[2]
+    _check(chunked, whole, chunked_out, whole_out)
+    weight_bytes = 1024 * 64 * 4
+    dequantized = {n.name for gm in (plan.fw, plan.bw) for n in gm.graph.nodes
+                   if n.target is torch.ops.lowmem.nf4_dequantize.default}
+    live = dict(plan.memory.peak_values[1:])
+    assert [live[name] for name in dequantized & live.keys()] == [weight_bytes] * 3, plan.memory.peak_values
+    assert not any(node_flops(n) for n in plan.bw.graph.nodes if n.name in dequantized)  # it moves bytes
+    assert plan.peak >= plan.memory.resident + 3 * weight_bytes
 
 
 @pytest.mark.parametrize("tokens, pieces", [(4200, 3), (32768, 16), (65536, AUTO_MAX_PIECES), (131072, AUTO_MAX_PIECES)])

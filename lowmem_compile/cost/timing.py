@@ -65,9 +65,10 @@ def _node_tensors(node: torch.fx.Node) -> tuple[list[torch.Tensor], list[torch.T
 
 
 def _lowmem_flops(node: torch.fx.Node, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> int:
-    """FLOPs of our own custom ops: attention is 4·B·H·Lq·Lk·D, the rest are linear-like (2·M·K·N)."""
+    """FLOPs of our own custom ops: attention is 4·B·H·Lq·Lk·D, NF4 dequantization none (it moves
+    bytes: N·K/2 in, N·K 16-bit values out), the rest are linear-like (2·M·K·N)."""
     name = node.target.name()
-    if not ins or not outs:
+    if not ins or not outs or "dequantize" in name:
         return 0
     if "attention" in name and len(ins) >= 2 and ins[0].dim() >= 2:
         q, k = ins[0], ins[1]

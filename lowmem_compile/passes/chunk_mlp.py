@@ -7,6 +7,17 @@ Llama-3-8B at 8192 tokens, 3.5 GiB at 128K). Every op of the block acts on each 
 pieces along the sequence compute the same function, and autograd runs the backward of each piece
 (with the recomputation of its forward) on its own.
 
+NF4 projections (`lowmem::nf4_linear`) are dequantized once a block, not once a piece: the pass
+emits one `lowmem::nf4_dequantize` per weight (in the activation dtype) before the pieces and a
+plain `F.linear` in each piece. Why: `nf4_linear` dequantizes inside the op, in its forward, its
+recomputation and its backward, so n pieces paid 3n dequantizations of each weight a step (36 a
+layer at 4 pieces, ~50 ms of the 820 ms headline step). The dequantize node is tagged
+`MUST_RECOMPUTE`, so the partitioner never saves the [N, K] 16-bit weight for the backward (the
+planner and offload leave tagged nodes alone): the backward dequantizes it again, once, and every
+piece's backward reads that one copy. The cost: the block's dequantized weights are live together
+while its pieces run, forward and backward (three weights of a gated MLP: 336 MiB in bf16 at
+Llama-3-8B shape), which the cost model sees as graph values. A block left whole keeps `nf4_linear`.
+
 Runs on the Dynamo graph, after the NF4 lowering. What it matches: a product `h = p * q` whose two
 factors derive from linear layers (`F.linear` or `lowmem::nf4_linear`) of one input `x`; the block is
 the nodes between `x` and `h` plus the nodes after `h` up to the first one that reads a value from
@@ -26,6 +37,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
 
 from ..cost.sizes import size_hint
 from ..options import Options
@@ -56,9 +68,13 @@ class _Skip(Exception):
     """A block the pass cannot split exactly; the message is the report's reason."""
 
 
-def _is_linear(node: torch.fx.Node) -> bool:
+def _is_nf4_linear(node: torch.fx.Node) -> bool:
     nf4 = torch.ops.lowmem.nf4_linear
-    return calls(node, (*LINEAR_FUNCTIONS, nf4, nf4.default))
+    return calls(node, (nf4, nf4.default))
+
+
+def _is_linear(node: torch.fx.Node) -> bool:
+    return calls(node, LINEAR_FUNCTIONS) or _is_nf4_linear(node)
 
 
 def _is_pointwise(node: torch.fx.Node) -> bool:
@@ -200,16 +216,18 @@ class ChunkMLPPass(GraphPass):
 
     @staticmethod
     def _split(graph: torch.fx.Graph, x, block: list[torch.fx.Node], out: torch.fx.Node, n: int) -> None:
-        """Copy the block once per piece of `x` along the sequence, join the pieces' outputs."""
+        """Copy the block once per piece of `x` along the sequence, join the pieces' outputs; an NF4
+        linear becomes `F.linear` of a weight dequantized once before the pieces."""
         dim = example_value(x).dim() - 2
         with graph.inserting_before(block[0]):
+            dense = _dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
             outs = []
             for i in range(n):
                 env = {x: graph.call_function(operator.getitem, (split, i))}
                 inherit_provenance(block[0], env[x])
                 for node in block:
-                    env[node] = _copy_node(graph, node, env)
+                    env[node] = _copy_node(graph, node, env, dense.get(node))
                 outs.append(env[out])
             joined = graph.call_function(torch.cat, (outs,), {"dim": dim})
             inherit_provenance(block[0], split, joined)
@@ -218,12 +236,47 @@ class ChunkMLPPass(GraphPass):
             graph.erase_node(node)
 
 
-def _copy_node(graph: torch.fx.Graph, node: torch.fx.Node, env: dict[torch.fx.Node, torch.fx.Node]) -> torch.fx.Node:
-    """`graph.node_copy(node)` with inputs mapped through `env`, asking for the name's base (`mul` for
-    `mul_5`): given a taken numbered name, torch.fx before 2.13 probes `mul_1`, `mul_2`, ... for a free
-    one, quadratic in the copies of an op (113 s for 32 layers x 64 pieces). The name chosen is the
-    one node_copy gives on later versions."""
+_NF4_LINEAR_ARGS = [a.name for a in torch.ops.lowmem.nf4_linear.default._schema.arguments]
+
+
+def _dequantize_once(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
+    """For each NF4 linear, `(weight, bias)` for `F.linear`: the weight one `nf4_dequantize` node per
+    distinct NF4 weight and activation dtype, tagged MUST_RECOMPUTE (never saved for the backward);
+    the bias cast to the activation dtype where it differs, as `nf4_linear` casts it."""
+    made: dict[tuple, torch.fx.Node] = {}
+    dense = {}
+    for node in linears:
+        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
+        dtype = example_value(arg["x"]).dtype
+        key = (arg["packed"], arg["absmax"], tuple(arg["shape"]), arg["blocksize"], dtype,
+               *(arg.get(k) for k in ("absmax2", "code2", "offset")))
+        if key not in made:
+            weight = graph.call_function(torch.ops.lowmem.nf4_dequantize.default, key)
+            weight.meta["example_value"] = example_value(arg["packed"]).new_empty(key[2], dtype=dtype)
+            weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            inherit_provenance(node, weight)
+            made[key] = weight
+        bias = arg.get("bias")
+        if bias is not None and example_value(bias).dtype != dtype:
+            bias = graph.call_method("to", (bias, dtype))
+            inherit_provenance(node, bias)
+        dense[node] = (made[key], bias)
+    return dense
+
+
+def _copy_node(
+    graph: torch.fx.Graph, node: torch.fx.Node, env: dict[torch.fx.Node, torch.fx.Node], dense: tuple | None = None
+) -> torch.fx.Node:
+    """`graph.node_copy(node)` with inputs mapped through `env` (an NF4 linear with `dense`, its
+    `(weight, bias)`, as `F.linear`), asking for the name's base (`mul` for `mul_5`): given a taken
+    numbered name, torch.fx before 2.13 probes `mul_1`, `mul_2`, ... for a free one, quadratic in the
+    copies of an op (113 s for 32 layers x 64 pieces). The name chosen is the one node_copy gives on
+    later versions."""
     args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: env.get(a, a))
-    copy = graph.create_node(node.op, node.target, args, kwargs, _NAME_SUFFIX.sub("", node.name), node.type)
+    op, target, name = node.op, node.target, _NAME_SUFFIX.sub("", node.name)
+    if dense is not None:
+        x = args[0] if args else kwargs["x"]
+        op, target, args, kwargs, name = "call_function", F.linear, (x, *dense), {}, "linear"
+    copy = graph.create_node(op, target, args, kwargs, name, node.type)
     copy.meta = dict(node.meta)
     return copy
