@@ -12,7 +12,7 @@
 #   bash bench/run_all.sh trajectory_bnb            # bitsandbytes-loaded weights, 2048, 20 steps against fp32: bnb QLoRA,
 #                                                   # lowmem lowering them, lowmem with nf4="off" (E2E_LAYERS=8: 8 layers)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
-#                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv8 at 6.3 GiB), Unsloth
+#                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv4 at 6.3 GiB), Unsloth
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -47,7 +47,7 @@ e2e() { python3 bench/e2e.py --gpu-lock "$lock" --time-limit "${E2E_TIME_LIMIT:-
 rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
 lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_budget_c2='lowmem_lean_b68c2={"offload":"parked","logits":"drop","mlp_chunks":2,"memory_budget":"6.8GiB"}'
-lean_budget_kv8='lowmem_lean_b6kv8={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","attention":"kv8"}'
+lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","attention":"kv4"}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
 stage() {
@@ -71,8 +71,8 @@ stage() {
       # the same with the MLP in 2 pieces (4 under "auto"): half the dequantizations of the MLP weights
       # (~40 ms a step in 4 pieces) for ~0.46 GiB more at the peak by the cost model, so a 6.8 GiB budget
       e2e --seqs 8192 --profile --lowmem "$lean_budget_c2" --configs lowmem_lean_b68c2 --out "$out/a" > "$out/a.log" 2>&1 &
-      # and with 8-bit K/V: near-exact LoRA gradients (bench/results/kv_bits_grads_cpu/) for ~8 MB more a layer kept
-      e2e --seqs 8192 --profile --lowmem "$lean_budget_kv8" --configs lowmem_lean_b6kv8 --out "$out/c" > "$out/c.log" 2>&1 &
+      # and with 4-bit K/V (the default is kv8 since 2026-11-29: near-exact LoRA gradients for ~0.01 GiB here)
+      e2e --seqs 8192 --profile --lowmem "$lean_budget_kv4" --configs lowmem_lean_b6kv4 --out "$out/c" > "$out/c.log" 2>&1 &
       e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md "$out"/d/e2e.md ;;
     trajectory)  # 4 layers at 8192, 7 steps: which plans train like an fp32 run of the same weights?

@@ -222,14 +222,19 @@ class ChunkMLPPass(GraphPass):
         with graph.inserting_before(block[0]):
             dense = _dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
+            # Fake values on the new nodes: AOTAutograd's cache takes a method call (`piece.to(...)`)
+            # only on a node known to be a tensor, and bypasses the cache for the whole graph otherwise.
+            split.meta["example_value"] = torch.tensor_split(example_value(x), n, dim=dim)
             outs = []
             for i in range(n):
                 env = {x: graph.call_function(operator.getitem, (split, i))}
+                env[x].meta["example_value"] = split.meta["example_value"][i]
                 inherit_provenance(block[0], env[x])
                 for node in block:
                     env[node] = _copy_node(graph, node, env, dense.get(node))
                 outs.append(env[out])
             joined = graph.call_function(torch.cat, (outs,), {"dim": dim})
+            joined.meta["example_value"] = example_value(out)
             inherit_provenance(block[0], split, joined)
         out.replace_all_uses_with(joined)
         for node in reversed(block):
