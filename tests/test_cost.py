@@ -295,3 +295,44 @@ def test_host_inputs_are_not_resident_on_an_accelerator():
         bw = bwb.module(bwb.op(aten.mul.Tensor, bwb.graph.find_nodes(op="placeholder")[0], 1.0))
         assert table.op == "placeholder"
         assert simulate_step(fw, bw, 1, fused=False).resident == expected, device
+
+
+def _one_op_step(mode, target, args, kwargs):
+    """fw: the op on fresh inputs, every output returned (held by the caller); bw: empty."""
+    fwb = _Builder(mode)
+    nodes = [fwb.input(f"in{i}", a) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    node = fwb.graph.call_function(target, tuple(nodes), kwargs)
+    with mode:
+        node.meta["val"] = target(*args, **kwargs)
+    fw = fwb.module(node)
+    bwb = _Builder(mode)
+    bw = bwb.module(bwb.input("tangents_1", torch.empty(())))
+    return simulate_step(fw, bw, 1, fused=False), node
+
+
+def _bytes(val) -> int:
+    return sum(tensor_bytes(v) for v in val) if isinstance(val, (tuple, list)) else tensor_bytes(val)
+
+
+def test_op_workspace_counts_at_its_step():
+    """Our ops' own buffers, which the graph cannot show, count at the op beside its outputs:
+    nf4_linear's dequantized weight, attention's 16-bit K/V at 4/8 bits (none at 16)."""
+    import lowmem_compile.ops  # noqa: F401  (declares the ops and their workspaces)
+
+    mode = FakeTensorMode()
+    m, n, k = 8, 48, 64
+    with mode:
+        x = torch.empty(m, k, dtype=torch.bfloat16)
+        packed, absmax = torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(n * k // 64)
+    memory, node = _one_op_step(mode, torch.ops.lowmem.nf4_linear.default, (x, packed, absmax, [n, k], 64), {})
+    assert memory.forward_peak == _bytes(node.meta["val"]) + n * k * 2
+    assert any(name.endswith("(workspace)") and b == n * k * 2 for name, b in memory.peak_values)
+
+    b, hq, hkv, s, d = 1, 4, 2, 40, 64
+    with mode:
+        q = torch.empty(b, hq, s, d, dtype=torch.bfloat16)
+        kv = [torch.empty(b, hkv, s, d, dtype=torch.bfloat16) for _ in range(2)]
+    for bits, buffers in ((8, 2 * b * hkv * s * d * 2), (4, 2 * b * hkv * s * d * 2), (16, 0)):
+        kwargs = {"causal": True, "scale": 0.125, "kv_bits": bits}
+        memory, node = _one_op_step(mode, torch.ops.lowmem.attention.default, (q, *kv), kwargs)
+        assert memory.forward_peak == _bytes(node.meta["val"]) + buffers, bits

@@ -9,6 +9,9 @@ the **resident** bytes (every forward input: weights, frozen or not, and the bat
   outputs (the caller still holds them), the incoming gradients, transient values and recomputed
   forward values, and the gradients of trainable parameters (kept to the end).
 
+Our ops' own buffers (a dequantized NF4 weight, attention's 16-bit K/V, a logits chunk), which the
+graph cannot show, count at the op's step as the op declares them (`ops.library.workspace_of`).
+
 With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
 its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it
 (`_virtual_nodes`), so a chain of residual adds is stored about once a layer rather than holding
@@ -24,6 +27,7 @@ import sympy
 import torch
 import torch.fx
 
+from ..ops.library import workspace_of
 from .sizes import is_getitem, is_host_copy, is_view, prefetch_of, storage_root, sym_bytes, tensor_bytes, tensor_val
 from .timing import is_fusible
 
@@ -161,7 +165,7 @@ def _run(
     need = _last_need(graph, order, outputs, virtual)
     frees: dict[int, list[torch.fx.Node]] = {}
     freed_at: dict[torch.fx.Node, int] = {}
-    live_int, live_expr, peak, peak_step = 0, sympy.Integer(0), 0, None
+    live_int, live_expr, peak, peak_step, peak_scratch = 0, sympy.Integer(0), 0, None, 0
     owned: dict[torch.fx.Node, tuple[int, sympy.Expr]] = {}
     # a prefetched reload's device copy exists from its prefetch on
     early = {p: n for n in nodes if (p := prefetch_of(n)) is not None}
@@ -186,10 +190,11 @@ def _run(
             if owner not in keep:
                 freed_at[owner] = max(root_need, order[node])
                 frees.setdefault(freed_at[owner], []).append(owner)
-        if live_int > peak:
-            peak, peak_step = live_int, order[node]
+        scratch = _workspace(node, sizes) if node.op == "call_function" else (0, sympy.Integer(0))
+        if live_int + scratch[0] > peak:
+            peak, peak_step, peak_scratch = live_int + scratch[0], order[node], scratch[0]
         if exprs is not None:
-            exprs.append(base_expr + live_expr)
+            exprs.append(base_expr + live_expr + scratch[1])
         for dead in frees.pop(order[node], []):
             live_int -= owned[dead][0]
             if sizes.symbolic:
@@ -199,6 +204,8 @@ def _run(
     # listed once here rather than copied at each new peak: the peak rises at thousands of steps of a
     # long backward, each copy as long as the live set
     live_at_peak = [(n.name, b) for n, (b, _) in owned.items() if order[n] <= peak_step <= freed_at.get(n, peak_step)]
+    if peak_scratch:
+        live_at_peak.append((f"{nodes[peak_step].name} (workspace)", peak_scratch))
     return peak, [(f"@{nodes[peak_step].name}", 0)] + live_at_peak
 
 
@@ -210,6 +217,14 @@ def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
         out.append(v)
         stack.extend(u for u in v.users if is_view(u))
     return out
+
+
+def _workspace(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr]:
+    """Bytes the op allocates for itself while it runs (its declared workspace, `ops/library.py`):
+    live at the op's step only, beside its outputs."""
+    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    parts = [sizes.of(t) for t in workspace_of(node.target, args, kwargs)]
+    return sum(p[0] for p in parts), sum((p[1] for p in parts), sympy.Integer(0))
 
 
 def _alloc(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr] | None:

@@ -181,6 +181,11 @@ def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
     )
 
 
+def _workspace(q, k, v, mask=None, *, causal, scale, kv_bits):
+    """At 4/8 bits the kernel reads a transient 16-bit K and V dequantized from the codes."""
+    return [] if kv_bits == 16 else [k.new_empty(k.shape, dtype=q.dtype), v.new_empty(v.shape, dtype=q.dtype)]
+
+
 def _cuda(q, k, v, mask=None, *, causal, scale, kv_bits):
     from ..codegen import attention_kv4
 
@@ -202,6 +207,15 @@ def _bwd_fake(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, c
     return q.new_empty(q.shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
 
 
+def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+    """The row statistics (delta, like lse) and, at 4/8 bits, the transient 16-bit K and V. Not
+    counted: the fp32 dK/dV partials of a split grid (chosen from the device's SM count, and only
+    for sequences short enough that they are small against the step)."""
+    b, _, _, d = q.shape
+    kv = [] if kv_bits == 16 else [q.new_empty((b, k_q.shape[1], k_q.shape[2], d)) for _ in range(2)]
+    return [lse.new_empty(lse.shape), *kv]
+
+
 def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
     from ..codegen import attention_kv4
 
@@ -217,6 +231,7 @@ attention_backward = define_op(
     reference=_bwd_reference,
     fake=_bwd_fake,
     cuda=_bwd_cuda,
+    workspace=_bwd_workspace,
 )
 
 
@@ -251,4 +266,5 @@ attention = define_op(
     cuda=_cuda,
     backward=_backward,
     setup_context=_setup_context,
+    workspace=_workspace,
 )

@@ -143,6 +143,13 @@ def _fake(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk_
     )
 
 
+def _workspace(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk_tokens,
+               grad_hidden, grad_weight, grad_bias, return_logits):  # fmt: skip
+    """One chunk's logits (in the hidden dtype, overwritten by their gradient) and its row losses."""
+    chunk = torch.sym_max(1, torch.sym_min(chunk_tokens, hidden.numel() // weight.shape[1]))
+    return [hidden.new_empty((chunk, weight.shape[0])), hidden.new_empty((chunk,), dtype=torch.float32)]
+
+
 def _setup_context(ctx, inputs, output):
     _, logits, dh, dw, db = output
     ctx.mark_non_differentiable(logits, dh, dw, db)
@@ -172,6 +179,7 @@ linear_cross_entropy = define_op(
     cuda=_cuda,
     backward=_backward,
     setup_context=_setup_context,
+    workspace=_workspace,
 )
 
 

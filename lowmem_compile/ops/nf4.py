@@ -117,6 +117,12 @@ def _linear_fake(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, c
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+def _linear_workspace(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None):
+    """The weight dequantized into a transient 16-bit buffer for the matmul (the path of every token
+    count above a few: the GEMV of <= 16 tokens needs less, and is counted as if it did the same)."""
+    return [x.new_empty(shape)]
+
+
 def _linear_cuda(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None):
     from ..codegen import nf4_matmul
 
@@ -134,6 +140,10 @@ def _backward_fake(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2
     return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
 
 
+def _backward_workspace(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None):
+    return [grad_y.new_empty(shape)]  # as the forward's
+
+
 def _backward_cuda(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None):
     from ..codegen import nf4_matmul
 
@@ -148,6 +158,7 @@ nf4_linear_backward = define_op(
     reference=_backward_reference,
     fake=_backward_fake,
     cuda=_backward_cuda,
+    workspace=_backward_workspace,
 )
 
 
@@ -178,4 +189,5 @@ nf4_linear = define_op(
     cuda=_linear_cuda,
     backward=_backward,
     setup_context=_setup_context,
+    workspace=_linear_workspace,
 )
