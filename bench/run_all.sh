@@ -26,7 +26,7 @@
 #   bash bench/run_all.sh sweep8192 e2e2048         # Inductor's activation_memory_budget points, checkpointing;
 #                                                   # 2048: defaults, fused loss off, logits dropped
 #   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
-#   bash bench/run_all.sh nf4e2e8192                # lowered and not (nf4="off"): 20 steps each
+#   bash bench/run_all.sh nf4e2e8192                # lowered (the op; nf4_matmul="graph") and not (nf4="off"): 20 steps each
 #
 # `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
@@ -98,7 +98,9 @@ stage() {
       e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean_noattn --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     nf4e2e2048|nf4e2e8192)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
-      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --profile --configs bnb_qlora,lowmem_bnb,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
+      # lowmem_bnb_graph: nf4_matmul="graph" (dequantize node + Inductor's matmul) against the op, on a host-bound step
+      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --profile --lowmem 'lowmem_bnb_graph={"nf4_matmul":"graph"}' \
+        --configs bnb_qlora,lowmem_bnb,lowmem_bnb_graph,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \

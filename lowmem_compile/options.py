@@ -39,6 +39,13 @@ class Options:
     nf4: str = "auto"
     """"auto" lowers weights already in NF4; "quantize" also quantizes frozen 16-bit linears; "off"."""
 
+    nf4_matmul: str = "op"
+    """How a lowered NF4 linear of more than 16 tokens multiplies: "op", one `nf4_linear` call that
+    dequantizes inside (forward, recomputation and backward each); "graph", one `nf4_dequantize`
+    node (never saved) and the graph's own linear, so Inductor runs the matmul and the backward
+    dequantizes once for its recomputation and its gradient. For A/B runs: less host time a call,
+    unmeasured on a GPU."""
+
     remat: str = "auto"
     """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""
 
@@ -124,6 +131,7 @@ _CHOICES = {
     "inner": ("inductor", "eager"),
     "attention": ("kv8", "kv4", "kv16", "off"),
     "nf4": ("auto", "quantize", "off"),
+    "nf4_matmul": ("op", "graph"),
     "remat": ("auto", "none", "full"),
     "offload": ("off", "layers", "parked"),
     "fused_loss": ("on", "off"),

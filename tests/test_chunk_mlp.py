@@ -145,6 +145,43 @@ def test_nf4_weights_dequantized_once_a_block_and_never_saved(monkeypatch, optio
         assert inner.plans[-1].name == "full+parked" and inner.plans[-1].offloaded_bytes > 0
 
 
+@pytest.mark.parametrize("remat_policy", ["full", "auto"])
+def test_graph_matmuls_dequantize_once_and_never_save(monkeypatch, remat_policy):
+    """`nf4_matmul="graph"` (the MLP whole): every NF4 linear of more than 16 tokens becomes a
+    dequantize node and the graph's own linear: one dequantization a weight in the forward and one in
+    the backward (shared by the recomputation and the gradient), no `nf4_linear` left, nothing
+    weight-shaped saved, loss and gradients those of eager on the same weights."""
+    model = tiny_model("llama")
+    lowmem_compile.quantize_(model)
+    ref = twin(model)
+    inputs = batch(padding=True)  # 2 x 24 tokens: above the GEMV's 16
+    ref_out = _step(ref, inputs)
+    inner, saved = _InnerGraphs(monkeypatch), []
+    options = {"inner": "eager", **OTHER_PASSES_OFF, "nf4_matmul": "graph", "remat": remat_policy}
+    out = _step(torch.compile(model, backend="lowmem", options=options), inputs, saved)
+    _check(model, ref, out, ref_out)
+    weights = sum(type(m).__name__ == "NF4Linear" for m in model.modules())
+    forward, backward = inner.dequantized(False), inner.dequantized(True)
+    assert len(forward) == len({n.args[0] for n in forward}) == weights
+    # "full" recomputes every projection; otherwise the first layer's q/k/v need W for nothing (no
+    # gradient flows into the frozen embeddings): at most once each either way
+    assert len(backward) == len({n.args[0] for n in backward}) == (weights if remat_policy == "full" else weights - 3)
+    assert not any(n.target is torch.ops.lowmem.nf4_linear.default for gm in inner.graphs for n in gm.graph.nodes)
+    big = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in _weight_shapes(model)]
+    assert not big, f"dequantized weights saved for backward: {big}"
+
+
+def test_graph_matmuls_leave_few_tokens_to_the_op(monkeypatch):
+    """16 tokens or fewer keep `nf4_linear` (its GEMV reads the 4-bit weight once)."""
+    model = tiny_model("llama")
+    lowmem_compile.quantize_(model)
+    inner = _InnerGraphs(monkeypatch)
+    options = {"inner": "eager", **OTHER_PASSES_OFF, "nf4_matmul": "graph"}
+    _step(torch.compile(model, backend="lowmem", options=options), batch(size=2, seq=8))
+    assert not inner.dequantized(False)
+    assert any(n.target is torch.ops.lowmem.nf4_linear.default for n in inner.graphs[0].graph.nodes)
+
+
 def test_nf4_chunked_equals_unchunked_and_its_weights_count_in_the_peak(monkeypatch):
     """Under `remat="full"`, the MLP in 2 pieces gives the loss and LoRA gradients of the MLP whole
     (fp32: reassociation only). With the weights dominating (intermediate 1024, 8 tokens), the cost

@@ -37,12 +37,12 @@ import re
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy
 
 from ..cost.sizes import size_hint
 from ..options import Options
 from ..report import MLPStats
 from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value, inherit_provenance
+from .linear_nf4 import dequantize_once
 
 #: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
 AUTO_TOKENS_PER_CHUNK = 2048
@@ -220,7 +220,7 @@ class ChunkMLPPass(GraphPass):
         linear becomes `F.linear` of a weight dequantized once before the pieces."""
         dim = example_value(x).dim() - 2
         with graph.inserting_before(block[0]):
-            dense = _dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
+            dense = dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
             # Fake values on the new nodes: AOTAutograd's cache takes a method call (`piece.to(...)`)
             # only on a node known to be a tensor, and bypasses the cache for the whole graph otherwise.
@@ -239,34 +239,6 @@ class ChunkMLPPass(GraphPass):
         out.replace_all_uses_with(joined)
         for node in reversed(block):
             graph.erase_node(node)
-
-
-_NF4_LINEAR_ARGS = [a.name for a in torch.ops.lowmem.nf4_linear.default._schema.arguments]
-
-
-def _dequantize_once(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
-    """For each NF4 linear, `(weight, bias)` for `F.linear`: the weight one `nf4_dequantize` node per
-    distinct NF4 weight and activation dtype, tagged MUST_RECOMPUTE (never saved for the backward);
-    the bias cast to the activation dtype where it differs, as `nf4_linear` casts it."""
-    made: dict[tuple, torch.fx.Node] = {}
-    dense = {}
-    for node in linears:
-        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
-        dtype = example_value(arg["x"]).dtype
-        key = (arg["packed"], arg["absmax"], tuple(arg["shape"]), arg["blocksize"], dtype,
-               *(arg.get(k) for k in ("absmax2", "code2", "offset")))
-        if key not in made:
-            weight = graph.call_function(torch.ops.lowmem.nf4_dequantize.default, key)
-            weight.meta["example_value"] = example_value(arg["packed"]).new_empty(key[2], dtype=dtype)
-            weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            inherit_provenance(node, weight)
-            made[key] = weight
-        bias = arg.get("bias")
-        if bias is not None and example_value(bias).dtype != dtype:
-            bias = graph.call_method("to", (bias, dtype))
-            inherit_provenance(node, bias)
-        dense[node] = (made[key], bias)
-    return dense
 
 
 def _copy_node(

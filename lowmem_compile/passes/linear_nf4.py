@@ -10,6 +10,13 @@ A bare `gemm_4bit` (bitsandbytes skips autograd when nothing needs a gradient, e
 projections under frozen embeddings) is replaced the same way. Layers made by `quantize_` already
 call `nf4_linear`; they are counted, not rewritten.
 
+With `nf4_matmul="graph"`, every `nf4_linear` of more than `GEMV_TOKENS` tokens (known at compile
+time) then becomes `F.linear` of a weight from one `nf4_dequantize` node: Inductor runs the matmul
+from its own code instead of one Python op call doing both, and under recomputation the backward
+dequantizes once for the recomputed forward and the gradient (the op does it twice). The node is
+tagged MUST_RECOMPUTE, so no plan saves the 16-bit weight (`dequantize_once`, which the chunked MLP
+uses too). Fewer tokens keep the op: its GEMV kernels read the 4-bit weight once.
+
 Invariants: the graph computes the same function (the dequantized W is bit-identical to bitsandbytes');
 a site it cannot take (FP4, an unexpected body, a non-float activation) keeps its bitsandbytes op and
 is listed in `NF4Stats.skipped` with the reason. Counts: layers lowered (including `quantize_` ones),
@@ -22,12 +29,18 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
 
 from ..options import Options
 from ..report import NF4Stats
-from . import CompileContext, GraphPass, example_value
+from . import CompileContext, GraphPass, example_value, inherit_provenance
 
 _GEMM_4BIT = "bitsandbytes::gemm_4bit"
+#: Up to this many tokens `nf4_linear` runs its GEMV kernels (codegen/nf4_matmul.py), which beat
+#: any dequantized matmul there: `nf4_matmul="graph"` leaves such sites to the op.
+GEMV_TOKENS = 16
+_NF4_LINEAR_ARGS = [a.name for a in torch.ops.lowmem.nf4_linear.default._schema.arguments]
 _BODY_OK = {"view", "reshape", torch._C._set_grad_enabled}
 
 
@@ -85,6 +98,8 @@ class LinearNF4Pass(GraphPass):
                 self._lower_gemm(gm, node)
             elif node.target is torch.ops.lowmem.nf4_linear.default or node.target is torch.ops.lowmem.nf4_linear:
                 self._count(node.args[1], node.args[2:3] + tuple(node.args[6:]), node.args[3])
+        if ctx.options.nf4_matmul == "graph":
+            _to_graph_matmuls(gm.graph)
         return NF4Stats(lowered=self.lowered, bytes_before=self.before, bytes_after=self.after, skipped=self.skipped)
 
     def _count(self, packed, others, shape) -> None:
@@ -169,3 +184,56 @@ class LinearNF4Pass(GraphPass):
         if not hop.users:
             return "its result is unused"
         return None
+
+
+def _tokens(x: torch.fx.Node, features: int) -> int | None:
+    """Rows of the matmul (tokens), or None where the count is not known at compile time."""
+    numel = example_value(x).numel()
+    return numel // features if isinstance(numel, int) else None
+
+
+def _to_graph_matmuls(graph: torch.fx.Graph) -> None:
+    """`nf4_matmul="graph"`: each `nf4_linear` of more than GEMV_TOKENS tokens becomes `F.linear` of
+    its weight dequantized by a node of its own."""
+    linear = torch.ops.lowmem.nf4_linear
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (linear, linear.default):
+            continue
+        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
+        tokens = _tokens(arg["x"], int(arg["shape"][1]))
+        if tokens is None or tokens <= GEMV_TOKENS:
+            continue
+        with graph.inserting_before(node):
+            weight, bias = dequantize_once(graph, [node])[node]
+            dense = graph.call_function(F.linear, (arg["x"], weight, bias))
+        dense.meta = dict(node.meta)
+        node.replace_all_uses_with(dense)
+        graph.erase_node(node)
+
+
+def dequantize_once(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
+    """For each NF4 linear, `(weight, bias)` for `F.linear`: the weight one `nf4_dequantize` node per
+    distinct NF4 weight and activation dtype, tagged MUST_RECOMPUTE (never saved for the backward);
+    the bias cast to the activation dtype where it differs, as `nf4_linear` casts it. Inserted at the
+    graph's insertion point."""
+    made: dict[tuple, torch.fx.Node] = {}
+    dense = {}
+    for node in linears:
+        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
+        dtype = example_value(arg["x"]).dtype
+        key = (arg["packed"], arg["absmax"], tuple(arg["shape"]), arg["blocksize"], dtype,
+               *(arg.get(k) for k in ("absmax2", "code2", "offset")))
+        if key not in made:
+            weight = graph.call_function(torch.ops.lowmem.nf4_dequantize.default, key)
+            weight.meta["example_value"] = example_value(arg["packed"]).new_empty(key[2], dtype=dtype)
+            weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            inherit_provenance(node, weight)
+            made[key] = weight
+        bias = arg.get("bias")
+        if bias is not None and example_value(bias).dtype != dtype:
+            cast = graph.call_method("to", (bias, dtype))
+            cast.meta["example_value"] = example_value(bias).to(dtype)
+            inherit_provenance(node, cast)
+            bias = cast
+        dense[node] = (made[key], bias)
+    return dense
