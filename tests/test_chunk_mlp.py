@@ -145,20 +145,22 @@ def test_nf4_weights_dequantized_once_a_block_and_never_saved(monkeypatch, optio
         assert inner.plans[-1].name == "full+parked" and inner.plans[-1].offloaded_bytes > 0
 
 
-@pytest.mark.parametrize("remat_policy", ["full", "auto"])
-def test_graph_matmuls_dequantize_once_and_never_save(monkeypatch, remat_policy):
-    """`nf4_matmul="graph"` (the MLP whole): every NF4 linear of more than 16 tokens becomes a
-    dequantize node and the graph's own linear: one dequantization a weight in the forward and one in
-    the backward (shared by the recomputation and the gradient), no `nf4_linear` left, nothing
-    weight-shaped saved, loss and gradients those of eager on the same weights."""
+@pytest.mark.parametrize("remat_policy,pieces", [("full", "off"), ("auto", "off"), ("full", 2)])
+def test_graph_matmuls_dequantize_once_and_never_save(monkeypatch, remat_policy, pieces):
+    """`nf4_matmul="graph"`: every NF4 linear of more than 16 tokens becomes a dequantize node and
+    the graph's own linear: one dequantization a weight in the forward and one in the backward
+    (shared by the recomputation and the gradient), no `nf4_linear` left, nothing weight-shaped
+    saved, loss and gradients those of eager on the same weights; the MLP still splits into pieces
+    (its weights are then computed inside the block's span and move ahead of the pieces)."""
     model = tiny_model("llama")
     lowmem_compile.quantize_(model)
     ref = twin(model)
     inputs = batch(padding=True)  # 2 x 24 tokens: above the GEMV's 16
     ref_out = _step(ref, inputs)
     inner, saved = _InnerGraphs(monkeypatch), []
-    options = {"inner": "eager", **OTHER_PASSES_OFF, "nf4_matmul": "graph", "remat": remat_policy}
+    options = {"inner": "eager", **OTHER_PASSES_OFF, "nf4_matmul": "graph", "remat": remat_policy, "mlp_chunks": pieces}
     out = _step(torch.compile(model, backend="lowmem", options=options), inputs, saved)
+    assert lowmem_compile.last_report().to_dict()["mlp"]["chunked"] == (0 if pieces == "off" else 2)
     _check(model, ref, out, ref_out)
     weights = sum(type(m).__name__ == "NF4Linear" for m in model.modules())
     forward, backward = inner.dequantized(False), inner.dequantized(True)

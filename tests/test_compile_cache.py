@@ -71,6 +71,17 @@ def test_second_compile_is_served_from_the_cache_with_its_plan(aot_cache):
     assert second["nf4"] == first["nf4"] and second["attention"] == first["attention"]
 
 
+def test_every_pass_leaves_a_graph_the_cache_takes(aot_cache):
+    """AOTAutograd bypasses its cache for a whole graph with one node it cannot vet (a tensor method
+    called on a node without a fake value: the chunked MLP's pieces were such nodes). With every
+    graph-rewriting pass on, the graph is saved to the cache, not bypassed."""
+    options = {"remat": "full", "mlp_chunks": 2, "logits": "drop", "nf4_matmul": "graph", "attention": "kv8"}
+    _, report = _compile_step(options)
+    assert report["attention"]["replaced"] and report["mlp"]["chunked"] and report["loss"]["fused"]
+    assert counters["aot_autograd"].get("autograd_cache_bypass", 0) == 0
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1
+
+
 def test_other_options_partition_again(aot_cache):
     calls, _ = aot_cache
     _compile_mlp({"remat": "full"})

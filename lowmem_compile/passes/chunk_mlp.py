@@ -19,7 +19,8 @@ while its pieces run, forward and backward (three weights of a gated MLP: 336 Mi
 Llama-3-8B shape), which the cost model sees as graph values. A block left whole keeps `nf4_linear`.
 
 Runs on the Dynamo graph, after the NF4 lowering. What it matches: a product `h = p * q` whose two
-factors derive from linear layers (`F.linear` or `lowmem::nf4_linear`) of one input `x`; the block is
+factors derive from linear layers (`F.linear` or `lowmem::nf4_linear`; a weight is a graph input, or
+one dequantized or cast in the graph, as `nf4_matmul="graph"` makes them) of one input `x`; the block is
 the nodes between `x` and `h` plus the nodes after `h` up to the first one that reads a value from
 outside the block (the residual add). Every node must be token-wise (a linear on the last dim, or a
 pointwise op or cast whose other operands are numbers or tensors of at most one dimension), every
@@ -184,11 +185,17 @@ class ChunkMLPPass(GraphPass):
             raise _Skip("a value in the block does not keep the input's token dimensions")
         return x, block, leaving.pop()
 
-    @staticmethod
-    def _is_operand(node: torch.fx.Node) -> bool:
-        """A value every token shares: a graph input or attribute of at most two dims (a weight, a scale)."""
+    @classmethod
+    def _is_operand(cls, node: torch.fx.Node) -> bool:
+        """A value every token shares: a graph input or attribute of at most two dims (a weight, a scale),
+        or such a weight dequantized or cast in the graph (`nf4_matmul="graph"` emits both)."""
         val = example_value(node)
-        return node.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor) and val.dim() <= 2
+        if not isinstance(val, torch.Tensor) or val.dim() > 2:
+            return False
+        if node.op in ("placeholder", "get_attr"):
+            return True
+        made = calls(node, (torch.ops.lowmem.nf4_dequantize.default,), ("to",))
+        return made and all(cls._is_operand(a) for a in node.all_input_nodes)
 
     def _check_op(self, node: torch.fx.Node) -> None:
         if _is_linear(node):
@@ -219,6 +226,11 @@ class ChunkMLPPass(GraphPass):
         """Copy the block once per piece of `x` along the sequence, join the pieces' outputs; an NF4
         linear becomes `F.linear` of a weight dequantized once before the pieces."""
         dim = example_value(x).dim() - 2
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        inside = set(block)
+        for operand in {a for node in block for a in node.all_input_nodes if a not in inside and a is not x}:
+            if order[operand] > order[block[0]]:  # a weight dequantized in the graph, next to its linear
+                _hoist(operand, block[0], order)
         with graph.inserting_before(block[0]):
             dense = dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
@@ -239,6 +251,18 @@ class ChunkMLPPass(GraphPass):
         out.replace_all_uses_with(joined)
         for node in reversed(block):
             graph.erase_node(node)
+
+
+def _hoist(node: torch.fx.Node, before: torch.fx.Node, order: dict[torch.fx.Node, int]) -> None:
+    """Move `node`, with the values it reads from after `before`, ahead of `before`: the pieces are
+    inserted before the block's first node and read the block's weights, some of which
+    (`nf4_matmul="graph"`'s dequantized ones) are computed just before their own linear, inside the
+    block's span. Only a block operand is moved, and it reads no value of the block."""
+    for a in node.all_input_nodes:
+        if order[a] > order[before]:
+            _hoist(a, before, order)
+    before.prepend(node)
+    order[node] = -1  # now ahead of `before`: a second reader does not move it again
 
 
 def _copy_node(
