@@ -104,9 +104,9 @@ def test_gemv_cases_cover_the_splits():
 
 
 def test_per_shape_choice_and_bad_strategy():
-    assert nf4_matmul._use_gemv(1, 4096, None) and nf4_matmul._use_gemv(16, 4096, None)
-    assert not nf4_matmul._use_gemv(17, 4096, None) and not nf4_matmul._use_gemv(1, 4112, None)
-    assert not nf4_matmul._use_gemv(4, 4096, "dequant")
+    assert nf4_matmul.use_gemv(1, 4096, None) and nf4_matmul.use_gemv(16, 4096, None)
+    assert not nf4_matmul.use_gemv(17, 4096, None) and not nf4_matmul.use_gemv(1, 4112, None)
+    assert not nf4_matmul.use_gemv(4, 4096, "dequant")
     q = _weight(16, 64, False)
     with pytest.raises(ValueError, match="strategy"):
         nf4_matmul.linear(torch.randn(1, 64, device=DEVICE), q.packed, q.absmax, q.shape, 64, strategy="fused")

@@ -3,7 +3,7 @@
     forward   y      = x      · Wᵀ (+ b)      x [..., K],      y [..., N]
     backward  grad_x = grad_y · W             grad_y [..., N], grad_x [..., K]
 
-Two strategies, chosen per shape by :func:`_use_gemv` (M = tokens = product of leading dims):
+Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of leading dims):
 
 * GEMV (M ≤ GEMV_MAX_M, memory-bound): each program streams 16-byte chunks of W rows (32 NF4
   values, one absmax), one chunk a thread a row per step, every load 16 bytes wide and coalesced,
@@ -327,7 +327,9 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
     return absmax2, code2, offset, True
 
 
-def _use_gemv(m: int, k: int, strategy: str | None) -> bool:
+def use_gemv(m: int, k: int, strategy: str | None) -> bool:
+    """Whether M tokens of K features take the GEMV kernels: `strategy` forces one, None is the
+    per-shape choice (which `nf4_matmul="graph"` also asks, to leave such sites to the op)."""
     if strategy not in (None, "gemv", "dequant"):
         raise ValueError(f"NF4 strategy must be 'gemv', 'dequant' or None (per shape), got {strategy!r}")
     if strategy == "gemv" and not (0 < m <= 16 and k % 32 == 0):
@@ -385,7 +387,7 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if not _use_gemv(m, k, strategy):
+    if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
@@ -409,7 +411,7 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
-    if not _use_gemv(m, k, strategy):
+    if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()

@@ -27,7 +27,7 @@ import sympy
 import torch
 import torch.fx
 
-from ..ops.library import workspace_of
+from ..ops.library import declares_workspace, workspace_of
 from .sizes import is_getitem, is_host_copy, is_view, prefetch_of, storage_root, sym_bytes, tensor_bytes, tensor_val
 from .timing import is_fusible
 
@@ -190,7 +190,7 @@ def _run(
             if owner not in keep:
                 freed_at[owner] = max(root_need, order[node])
                 frees.setdefault(freed_at[owner], []).append(owner)
-        scratch = _workspace(node, sizes) if node.op == "call_function" else (0, sympy.Integer(0))
+        scratch = _workspace(node, sizes) if declares_workspace(node.target) else _NO_BYTES
         if live_int + scratch[0] > peak:
             peak, peak_step, peak_scratch = live_int + scratch[0], order[node], scratch[0]
         if exprs is not None:
@@ -219,9 +219,13 @@ def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+_NO_BYTES = (0, sympy.Integer(0))
+
+
 def _workspace(node: torch.fx.Node, sizes: _Sizes) -> tuple[int, sympy.Expr]:
     """Bytes the op allocates for itself while it runs (its declared workspace, `ops/library.py`):
-    live at the op's step only, beside its outputs."""
+    live at the op's step only, beside its outputs. Asked only of ops that declare one: the
+    simulation runs over every node of many candidate plans."""
     args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
     parts = [sizes.of(t) for t in workspace_of(node.target, args, kwargs)]
     return sum(p[0] for p in parts), sum((p[1] for p in parts), sympy.Integer(0))

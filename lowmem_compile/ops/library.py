@@ -56,10 +56,12 @@ def define_op(
     return getattr(torch.ops.lowmem, name)
 
 
+def declares_workspace(target: Any) -> bool:
+    """`target` is one of our ops and declares a workspace (a cheap test before `workspace_of`)."""
+    return isinstance(target, torch._ops.OpOverload) and target._schema.name in _WORKSPACE
+
+
 def workspace_of(target: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The buffers op `target` allocates while it runs, beyond its outputs, from its (fake) arguments;
     empty for an op that declares none and for anything that is not one of our ops."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return []
-    declared = _WORKSPACE.get(target._schema.name)
-    return declared(*args, **kwargs) if declared is not None else []
+    return _WORKSPACE[target._schema.name](*args, **kwargs) if declares_workspace(target) else []

@@ -10,8 +10,8 @@ A bare `gemm_4bit` (bitsandbytes skips autograd when nothing needs a gradient, e
 projections under frozen embeddings) is replaced the same way. Layers made by `quantize_` already
 call `nf4_linear`; they are counted, not rewritten.
 
-With `nf4_matmul="graph"`, every `nf4_linear` of more than `GEMV_TOKENS` tokens (known at compile
-time) then becomes `F.linear` of a weight from one `nf4_dequantize` node: Inductor runs the matmul
+With `nf4_matmul="graph"`, every `nf4_linear` whose token count (known at compile time) would not
+take the op's GEMV kernels (more than 16 tokens, `codegen.nf4_matmul.use_gemv`) then becomes `F.linear` of a weight from one `nf4_dequantize` node: Inductor runs the matmul
 from its own code instead of one Python op call doing both, and under recomputation the backward
 dequantizes once for the recomputed forward and the gradient (the op does it twice). The node is
 tagged MUST_RECOMPUTE, so no plan saves the 16-bit weight (`dequantize_once`, which the chunked MLP
@@ -37,10 +37,7 @@ from ..report import NF4Stats
 from . import CompileContext, GraphPass, example_value, inherit_provenance
 
 _GEMM_4BIT = "bitsandbytes::gemm_4bit"
-#: Up to this many tokens `nf4_linear` runs its GEMV kernels (codegen/nf4_matmul.py), which beat
-#: any dequantized matmul there: `nf4_matmul="graph"` leaves such sites to the op.
-GEMV_TOKENS = 16
-_NF4_LINEAR_ARGS = [a.name for a in torch.ops.lowmem.nf4_linear.default._schema.arguments]
+_NF4_LINEAR = torch.ops.lowmem.nf4_linear.default._schema
 _BODY_OK = {"view", "reshape", torch._C._set_grad_enabled}
 
 
@@ -54,9 +51,13 @@ def _nbytes(node) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
+def _named_args(node: torch.fx.Node, schema: torch._C.FunctionSchema) -> dict:
+    """A call's arguments by the names `schema` gives them."""
+    return {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+
+
 def _gemm_args(gemm: torch.fx.Node) -> dict:
-    names = [a.name for a in gemm.target._schema.arguments]
-    return {**dict(zip(names, gemm.args)), **gemm.kwargs}
+    return _named_args(gemm, gemm.target._schema)
 
 
 def _nf4_args(gemm: torch.fx.Node, resolve) -> tuple:
@@ -193,15 +194,18 @@ def _tokens(x: torch.fx.Node, features: int) -> int | None:
 
 
 def _to_graph_matmuls(graph: torch.fx.Graph) -> None:
-    """`nf4_matmul="graph"`: each `nf4_linear` of more than GEMV_TOKENS tokens becomes `F.linear` of
-    its weight dequantized by a node of its own."""
+    """`nf4_matmul="graph"`: each `nf4_linear` that would not run the op's GEMV kernels becomes
+    `F.linear` of its weight dequantized by a node of its own."""
+    from ..codegen.nf4_matmul import use_gemv
+
     linear = torch.ops.lowmem.nf4_linear
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (linear, linear.default):
             continue
-        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
-        tokens = _tokens(arg["x"], int(arg["shape"][1]))
-        if tokens is None or tokens <= GEMV_TOKENS:
+        arg = _named_args(node, _NF4_LINEAR)
+        features = int(arg["shape"][1])
+        tokens = _tokens(arg["x"], features)
+        if tokens is None or use_gemv(tokens, features, None):
             continue
         with graph.inserting_before(node):
             weight, bias = dequantize_once(graph, [node])[node]
@@ -219,7 +223,7 @@ def dequantize_once(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> dict
     made: dict[tuple, torch.fx.Node] = {}
     dense = {}
     for node in linears:
-        arg = {**dict(zip(_NF4_LINEAR_ARGS, node.args)), **node.kwargs}
+        arg = _named_args(node, _NF4_LINEAR)
         dtype = example_value(arg["x"]).dtype
         key = (arg["packed"], arg["absmax"], tuple(arg["shape"]), arg["blocksize"], dtype,
                *(arg.get(k) for k in ("absmax2", "code2", "offset")))

@@ -24,9 +24,9 @@ tags `torch.utils.checkpoint` policies set), then predicts the step's peak with
   to recompute per byte (attention's first), as many as the host link hides behind each layer's
   forward; its prefetched copies make it nearly as small as `full` and faster.
 
-User `torch.utils.checkpoint` regions keep their own tags, as do the weights a chunked MLP
-dequantizes (`MUST_RECOMPUTE`, passes/chunk_mlp.py: never saved, parked or offloaded); random,
-mutating and effectful ops are never forced to recompute. Invariant: whatever the tags, the
+User `torch.utils.checkpoint` regions keep their own tags, as do the NF4 weights dequantized in
+the graph (`MUST_RECOMPUTE`, passes/linear_nf4.dequantize_once: never saved, parked or
+offloaded); random, mutating and effectful ops are never forced to recompute. Invariant: whatever the tags, the
 partition is torch's, so gradients are exact; only memory and time change.
 """
 
