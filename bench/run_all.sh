@@ -26,7 +26,9 @@
 #   bash bench/run_all.sh sweep8192 e2e2048         # Inductor's activation_memory_budget points, checkpointing;
 #                                                   # 2048: defaults, fused loss off, logits dropped
 #   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
-#   bash bench/run_all.sh nf4e2e8192                # lowered (the op; nf4_matmul="graph") and not (nf4="off"): 20 steps each
+#                                                   # lowered (the op; with CUDA graphs; nf4_matmul="graph") and not
+#                                                   # (nf4="off"): 20 steps each (E2E_LAYERS=8: 8 layers)
+#   bash bench/run_all.sh nf4e2e8192                # the same at 8192, 32 layers: bnb, the op, nf4="off" (~8 min)
 #
 # `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
@@ -97,11 +99,17 @@ stage() {
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
       e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean_noattn --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
-    nf4e2e2048|nf4e2e8192)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
-      # lowmem_bnb_graph: nf4_matmul="graph" (dequantize node + Inductor's matmul) against the op, on a host-bound step
-      e2e --seqs "${stage#nf4e2e}" --warmup 2 --steps 18 --profile --lowmem 'lowmem_bnb_graph={"nf4_matmul":"graph"}' \
-        --configs bnb_qlora,lowmem_bnb,lowmem_bnb_graph,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
+    nf4e2e2048)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
+      # lowmem_bnb_cg: CUDA graph replay (the step is host-bound here); lowmem_bnb_graph: nf4_matmul="graph"
+      e2e --seqs 2048 --warmup 2 --steps 18 --profile --lowmem 'lowmem_bnb_graph={"nf4_matmul":"graph"}' \
+        --lowmem 'lowmem_bnb_cg={"cudagraphs":true}' \
+        --configs bnb_qlora,lowmem_bnb,lowmem_bnb_cg,lowmem_bnb_graph,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
+    nf4e2e8192)  # the same at 8192 on the whole model: bnb QLoRA (~75 GiB) beside lowmem and lowmem with nf4="off",
+      # one process (attention autotuned once, so the two lowmem runs differ by the NF4 lowering alone)
+      e2e --seqs 8192 --warmup 2 --steps 18 --profile --configs lowmem_bnb,lowmem_bnb_nf4off --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --warmup 2 --steps 18 --configs bnb_qlora --out "$out/b" > "$out/b.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
         --configs lowmem,lowmem_nofl,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1

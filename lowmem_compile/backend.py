@@ -79,6 +79,8 @@ def lowmem_backend(
             # source's memory mid-copy. Both are off in such graphs.
             patches["allow_buffer_reuse"] = False
             patches["inplace_buffers"] = False
+        if opts.cudagraphs:
+            patches["triton.cudagraphs"] = True
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
         if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:

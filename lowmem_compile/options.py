@@ -68,6 +68,13 @@ class Options:
     """Run each gated MLP in pieces along the sequence, so its [tokens, intermediate] values exist a
     piece at a time: "off", "auto" (pieces of about 2048 tokens), or a number of pieces (>= 2)."""
 
+    cudagraphs: bool = False
+    """Replay each compiled graph (forward, backward) as a CUDA graph: Inductor's CUDA graph trees.
+    For steps whose host time exceeds their GPU time (short sequences, many small kernels, an op
+    call costs the host tens of µs). Inductor skips a graph it cannot capture (a CPU input, e.g.
+    embeddings in host memory) and logs why; not with `offload` (its ops hand the prefetched copy to
+    the reload through a host-side table, Python work that a replay would skip)."""
+
     report: bool = False
     """Print the report after each compiled graph."""
 
@@ -97,8 +104,15 @@ class Options:
         chunks = self.mlp_chunks
         if chunks not in ("off", "auto") and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2):
             raise ValueError(f"lowmem option mlp_chunks={chunks!r} is not allowed; choose 'off', 'auto' or a number of pieces >= 2")
-        if not isinstance(self.report, bool):
-            raise ValueError(f"lowmem option report={self.report!r} must be True or False")
+        for flag in ("report", "cudagraphs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"lowmem option {flag}={getattr(self, flag)!r} must be True or False")
+        if self.cudagraphs and self.offload != "off":
+            raise ValueError(f"lowmem option cudagraphs=True does not combine with offload={self.offload!r}: "
+                             "the offload ops hand copies from prefetch to reload through a host-side "
+                             "table, which a CUDA graph replay would skip")
+        if self.cudagraphs and self.inner != "inductor":
+            raise ValueError("lowmem option cudagraphs=True needs inner='inductor' (Inductor captures the graphs)")
         budget = self.memory_budget
         if isinstance(budget, bool) or (budget is not None and not isinstance(budget, (int, float))):
             raise ValueError(f"lowmem option memory_budget={budget!r}: use Options.from_user or parse_memory_budget")

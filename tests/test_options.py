@@ -33,6 +33,9 @@ def test_budget_fraction_and_bytes():
         ({"memory_budget": -1}, "must be positive"),
         ({"memory_budget": 1.5}, "fraction"),
         ({"report": "yes"}, "report='yes'"),
+        ({"cudagraphs": 1}, "cudagraphs=1"),
+        ({"cudagraphs": True, "offload": "layers"}, "offload='layers'"),
+        ({"cudagraphs": True, "inner": "eager"}, "inner='inductor'"),
     ],
 )
 def test_bad_options_name_the_problem(options, needle):
