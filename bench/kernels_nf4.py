@@ -5,8 +5,7 @@ timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays o
 M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
 is measured separately below). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
 choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), ours dequant+cuBLAS
-forced in one piece and (M >= 256) in 2..4 slices overlapped with the matmuls, bitsandbytes (if
-importable). Then the host time of one call (op, op as compiled graphs call
+forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
 kernel alone in TB/s on the 4096x14336 weight
 against a plain bf16 copy of the same output size. Correctness is checked first against the
@@ -40,7 +39,6 @@ from bench._common import graph_replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16, 256, 2048, 8192]
-SLICES = [2, 3, 4]  # dequant + cuBLAS in slices, each count timed from 256 tokens
 
 
 def _time_ms(fn) -> float:
@@ -91,17 +89,13 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             fwd = {
                 "cublas": lambda: torch.nn.functional.linear(x, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear(x, *args, None, **nested),
-                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear, x, q, 1),
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear, x, q),
             }
             bwd = {
                 "cublas": lambda: torch.matmul(gy, w_dq),
                 "ours": lambda: torch.ops.lowmem.nf4_linear_backward(gy, *args, **nested),
-                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear_backward, gy, q, 1),
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear_backward, gy, q),
             }
-            if m >= 256 or SMOKE:
-                for count in SLICES:
-                    fwd[f"slices{count}"] = lambda c=count: _forced("dequant", nf4_matmul.linear, x, q, c)
-                    bwd[f"slices{count}"] = lambda c=count: _forced("dequant", nf4_matmul.linear_backward, gy, q, c)
             if m <= 16:
                 fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
                 bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
@@ -126,12 +120,10 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             "host_us": _host_us(device, dtype)}
 
 
-def _forced(strategy, fn, t, q, slices=None):
-    """Run one strategy regardless of the per-shape choice: "gemv" or "dequant" (+ cuBLAS, W in
-    `slices` slices overlapped with the matmuls; 1: dequantize all, then one matmul)."""
+def _forced(strategy, fn, t, q):
+    """Run one strategy regardless of the per-shape choice: "gemv" or "dequant" (+ cuBLAS)."""
     bias = () if fn is nf4_matmul.linear_backward else (None,)
-    return fn(t, q.packed, q.absmax, q.shape, 64, *bias, q.absmax2, q.code2, q.offset, strategy=strategy,
-              slices=slices)
+    return fn(t, q.packed, q.absmax, q.shape, 64, *bias, q.absmax2, q.code2, q.offset, strategy=strategy)
 
 
 def _host_us(device, dtype) -> dict:
@@ -218,7 +210,7 @@ def main() -> None:
 
 
 def _table(result) -> str:
-    cols = ["cublas_ms", "ours_ms", "gemv_ms", "dequant_mm_ms", *(f"slices{c}_ms" for c in SLICES), "bnb_ms"]
+    cols = ["cublas_ms", "ours_ms", "gemv_ms", "dequant_mm_ms", "bnb_ms"]
     lines = ["| K->N | M | dir | " + " | ".join(c[:-3] + " (us)" for c in cols) + " | ours/cuBLAS speed |",
              "|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:

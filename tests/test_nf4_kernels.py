@@ -95,27 +95,6 @@ def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
     assert rel_err(gx, g.double() @ w64) < TOL[dtype]
 
 
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("n,k,blocksize,slices", [(40, 192, 64, 3), (33, 256, 64, 2), (8, 96, 32, 4), (12, 100, 32, 2)])
-def test_sliced_dequant_matmul(nested, n, k, blocksize, slices):
-    """The dequant + cuBLAS path in slices (rows forward, whole-block columns backward; slices that do
-    not divide N or K; blocks per row 1..4; K % blocksize != 0 falls back to one slice) against a
-    float64 product, fp32 so that a misplaced block cannot hide under the tolerance."""
-    q = _weight(n, k, nested, blocksize)
-    p, a, s, bs, a2, c2, off = _args(q)
-    w64 = q.dequantize(torch.float32).double()
-    x = torch.randn(2, 5, k, device=DEVICE)
-    b = torch.randn(n, device=DEVICE)
-    assert nf4_matmul.dequant_slices(10, k, blocksize, slices) == (slices if k % blocksize == 0 else 1)
-    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="dequant", slices=slices)
-    assert y.shape == (2, 5, n) and rel_err(y, x.double() @ w64.T + b.double()) < 1e-5
-    g = torch.randn(2, 5, n, device=DEVICE)
-    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="dequant", slices=slices)
-    assert gx.shape == (2, 5, k) and rel_err(gx, g.double() @ w64) < 1e-5
-    with pytest.raises(ValueError, match="slices"):
-        nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="dequant", slices=0)
-
-
 def test_gemv_cases_cover_the_splits():
     """The cases above reach both split reductions of both kernels (the sum kernel, bias included)."""
     splits = {(torch.Size(lead).numel(), n, k): _gemv_splits(torch.Size(lead).numel(), n, k)

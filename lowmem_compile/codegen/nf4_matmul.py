@@ -16,10 +16,7 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
   write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
   transient buffer (freed right after the matmul, so the caching allocator hands the same block to
-  the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once. From
-  DEQUANT_SLICES_MIN_M tokens W goes in slices (forward: runs of rows; backward: whole-block
-  columns): slice j+1 is dequantized on a high-priority side stream while cuBLAS multiplies slice j
-  into its columns of the output, so only the first slice's dequant is exposed.
+  the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once.
 
 The dequantized W (dequant kernel, and the GEMV's tl.dot operand) is code[nibble] · absmax in fp32
 rounded once to the activation dtype, bit-identical to the reference and to bitsandbytes; a
@@ -43,10 +40,6 @@ from ..formats import nf4 as nf4_format
 
 #: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS (at most 16: one mma tile).
 GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
-#: From this many tokens the dequant + cuBLAS path cuts W into DEQUANT_SLICES slices, dequantizing
-#: the next beside the matmul of the previous (`_sliced`).
-DEQUANT_SLICES = int(os.environ.get("LOWMEM_NF4_DEQUANT_SLICES", "2"))
-DEQUANT_SLICES_MIN_M = 256
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -233,19 +226,13 @@ def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
 
 @triton.jit
 def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel, nbytes,
-                    first_block, slice_row_blocks, row_blocks,
                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr):
     """ROWS whole NF4 blocks a program, one row each: one scale load per block and contiguous, wide
-    loads and stores (out[2i], out[2i+1] = code[hi], code[lo] of byte i, times the block's absmax).
-
-    `numel` elements are written contiguously from out_ptr. They are W's blocks from `first_block` on,
-    `slice_row_blocks` of every W row of `row_blocks` blocks: a slice of whole rows or of whole-block
-    columns (equal counts: the flat run of blocks)."""
-    local = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    block = first_block + (local // slice_row_blocks) * row_blocks + local % slice_row_blocks
+    loads and stores (out[2i], out[2i+1] = code[hi], code[lo] of byte i, times the block's absmax)."""
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     byte = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    elem = local[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, local * BLOCKSIZE < numel, NESTED)
+    elem = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, block * BLOCKSIZE < numel, NESTED)
     if EVEN:  # every program full: unmasked, so loads and stores vectorize regardless of numel's alignment
         packed = tl.load(packed_ptr + byte).to(tl.int32)
     else:
@@ -374,118 +361,17 @@ def _reduce_splits(part: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor
     return out
 
 
-def _dequant_into(out, packed, absmax, shape, blocksize, absmax2, code2, offset, first_block=0, slice_row_blocks=1,
-                  row_blocks=1) -> None:
-    """Launch the dequant kernel for `out.numel()` elements from `first_block` (see the kernel)."""
-    numel = out.numel()
+def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None, offset=None) -> torch.Tensor:
+    """W in `dtype`, bit-identical to `formats.nf4.dequantize` (and bitsandbytes)."""
+    numel = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     rows = _dequant_constexprs(blocksize)["ROWS"]
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), rows),)
-    _dequant_kernel[grid](packed, _code(packed.device), absmax, a2, c2, off, out, numel, (math.prod(shape) + 1) // 2,
-                          first_block, slice_row_blocks, row_blocks,
+    _dequant_kernel[grid](packed, _code(packed.device), absmax, a2, c2, off, out, numel, (numel + 1) // 2,
                           BLOCKSIZE=blocksize, NESTED=nested, ROWS=rows, EVEN=numel % (rows * blocksize) == 0,
                           num_warps=_DEQUANT_WARPS, enable_fp_fusion=False)
-
-
-def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None, offset=None) -> torch.Tensor:
-    """W in `dtype`, bit-identical to `formats.nf4.dequantize` (and bitsandbytes)."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    _dequant_into(out, packed, absmax, shape, blocksize, absmax2, code2, offset)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """High priority, so that a slice's dequant blocks are scheduled as soon as matmul blocks retire."""
-    return torch.cuda.Stream(device, priority=-1)
-
-
-def dequant_slices(m: int, k: int, blocksize: int, slices: int | None = None) -> int:
-    """How many slices the dequant + cuBLAS path cuts W into (1: no overlap). W's rows must hold whole
-    blocks for a slice to start on one."""
-    if slices is not None and slices < 1:
-        raise ValueError(f"NF4 dequant slices must be >= 1, got {slices}")
-    if k % blocksize:
-        return 1
-    return slices if slices is not None else (DEQUANT_SLICES if m >= DEQUANT_SLICES_MIN_M else 1)
-
-
-def _sliced(count: int, dequant_slice, multiply_slice, device: torch.device) -> None:
-    """dequant_slice(j) for every j on a side stream, multiply_slice(j) on the current stream once
-    slice j is written: the bandwidth-bound dequant of slice j+1 runs beside the matmul of slice j.
-    The buffers are allocated on the current stream before the fork and read there after the join,
-    so the caching allocator's stream order stays correct without record_stream."""
-    if device.type != "cuda" or count == 1:
-        for j in range(count):
-            dequant_slice(j)
-            multiply_slice(j)
-        return
-    main, side = torch.cuda.current_stream(device), _side_stream(device)
-    side.wait_stream(main)
-    ready = []
-    with torch.cuda.stream(side):
-        for j in range(count):
-            dequant_slice(j)
-            ready.append(torch.cuda.Event())
-            ready[-1].record(side)
-    for j in range(count):
-        main.wait_event(ready[j])
-        multiply_slice(j)
-
-
-def _bounds(total: int, count: int, unit: int) -> list[tuple[int, int]]:
-    """`count` near-equal [start, end) ranges over `total`, each a multiple of `unit` but the last."""
-    step = triton.cdiv(triton.cdiv(total, count), unit) * unit
-    return [(a, min(a + step, total)) for a in range(0, total, step)]
-
-
-def _dequant_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset, slices) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) with W dequantized into a transient buffer in slices of rows (each a run of
-    whole blocks), cuBLAS writing each slice's output columns in place."""
-    n, k = shape
-    w = torch.empty(shape, dtype=x2.dtype, device=x2.device)
-    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
-    parts = _bounds(n, slices, 1)
-    b = None if bias is None else bias.to(x2.dtype)
-
-    def dequant_slice(j):
-        r0, r1 = parts[j]
-        _dequant_into(w[r0:r1], packed, absmax, shape, blocksize, absmax2, code2, offset, r0 * k // blocksize)
-
-    def multiply_slice(j):
-        r0, r1 = parts[j]
-        if b is None:
-            torch.mm(x2, w[r0:r1].t(), out=y[:, r0:r1])
-        else:
-            torch.addmm(b[r0:r1], x2, w[r0:r1].t(), out=y[:, r0:r1])
-
-    _sliced(len(parts), dequant_slice, multiply_slice, x2.device)
-    return y
-
-
-def _dequant_linear_backward(g2, packed, absmax, shape, blocksize, absmax2, code2, offset, slices) -> torch.Tensor:
-    """grad_x = grad_y · W with W dequantized in slices of whole-block columns, each into its own
-    contiguous [N, columns] part of one transient buffer; cuBLAS writes the slice's grad_x columns."""
-    n, k = shape
-    gx = torch.empty((g2.shape[0], k), dtype=g2.dtype, device=g2.device)
-    w = torch.empty(n * k, dtype=g2.dtype, device=g2.device)
-    parts = _bounds(k, slices, blocksize)
-
-    def part(j):
-        c0, c1 = parts[j]
-        return w[n * c0:n * c1].view(n, c1 - c0)
-
-    def dequant_slice(j):
-        c0, c1 = parts[j]
-        columns = (c0 // blocksize, (c1 - c0) // blocksize, k // blocksize) if len(parts) > 1 else ()
-        _dequant_into(part(j), packed, absmax, shape, blocksize, absmax2, code2, offset, *columns)
-
-    def multiply_slice(j):
-        c0, c1 = parts[j]
-        torch.mm(g2, part(j), out=gx[:, c0:c1])
-
-    _sliced(len(parts), dequant_slice, multiply_slice, g2.device)
-    return gx
 
 
 def _pairs(t: torch.Tensor) -> torch.Tensor:
@@ -496,16 +382,14 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None, *,
-           strategy: str | None = None, slices: int | None = None) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant") overrides the per-shape choice,
-    `slices` the dequant path's slice count."""
+           strategy: str | None = None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant") overrides the per-shape choice."""
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if not use_gemv(m, k, strategy):
-        y = _dequant_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset,
-                            dequant_slices(m, k, blocksize, slices))
-        return y.reshape(*x.shape[:-1], n)
+        w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
     bm, rows, tpr, warps, stages, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
     y = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
@@ -522,15 +406,14 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
 
 
 def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code2=None, offset=None, *,
-                    strategy: str | None = None, slices: int | None = None) -> torch.Tensor:
-    """grad_x = grad_y · W in grad_y's dtype. `strategy` and `slices` as in :func:`linear`."""
+                    strategy: str | None = None) -> torch.Tensor:
+    """grad_x = grad_y · W in grad_y's dtype. `strategy` as in :func:`linear`."""
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
     if not use_gemv(m, k, strategy):
-        gx = _dequant_linear_backward(g2, packed, absmax, shape, blocksize, absmax2, code2, offset,
-                                      dequant_slices(m, k, blocksize, slices))
-        return gx.reshape(*grad_y.shape[:-1], k)
+        w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
+        return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
     bm, rows, tpr, warps, stages, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)

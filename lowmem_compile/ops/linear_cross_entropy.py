@@ -75,8 +75,14 @@ def _check(hidden, weight, bias, labels, ignore_index, reduction, softcap, chunk
 
 
 def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Out-of-range labels: a clear error here rather than a device-side assert or garbage."""
+    """Out-of-range labels: a clear error here rather than garbage. While a CUDA graph is captured
+    the host cannot read the flag, so the check becomes a device-side assertion with the same message
+    (it stops the process where a wrong label reaches a replay)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(~bad.any(), f"linear_cross_entropy: a label is outside [0, {vocab}) and is not "
+                                        f"ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         value = labels[bad][0].item()
         raise ValueError(f"linear_cross_entropy: label {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}")
