@@ -28,7 +28,9 @@
 #   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
 #                                                   # lowered (the op; with CUDA graphs; nf4_matmul="graph") and not
 #                                                   # (nf4="off"): 20 steps each (E2E_LAYERS=8: 8 layers)
-#   bash bench/run_all.sh nf4e2e8192                # the same at 8192, 32 layers: bnb, the op, nf4="off" (~8 min)
+#   bash bench/run_all.sh nf4e2e2048cg              # its CUDA-graph row again beside bnb QLoRA
+#   bash bench/run_all.sh nf4e2e8192                # the same at 8192, 32 layers: bnb beside the op (~5 min)
+#   bash bench/run_all.sh nf4e2e8192off             # and nf4="off" there (~4 min)
 #
 # `kernels` (and `kernels_loss`) run alone: an e2e worker's first step (the compile) runs on the GPU outside the lock, and
 # on 2026-11-29 such steps inflated some kernel timings (cuBLAS at M=8192: 613 µs against 346 alone).
@@ -38,7 +40,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e8192" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -105,11 +107,17 @@ stage() {
         --lowmem 'lowmem_bnb_cg={"cudagraphs":true}' \
         --configs bnb_qlora,lowmem_bnb,lowmem_bnb_cg,lowmem_bnb_graph,lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
-    nf4e2e8192)  # the same at 8192 on the whole model: bnb QLoRA (~75 GiB) beside lowmem and lowmem with nf4="off",
-      # one process (attention autotuned once, so the two lowmem runs differ by the NF4 lowering alone)
-      e2e --seqs 8192 --warmup 2 --steps 18 --profile --configs lowmem_bnb,lowmem_bnb_nf4off --out "$out/a" > "$out/a.log" 2>&1 &
+    nf4e2e2048cg)  # the CUDA-graph row beside bnb QLoRA again (E2E_LAYERS=8: 8 layers)
+      e2e --seqs 2048 --warmup 2 --steps 18 --profile --lowmem 'lowmem_bnb_cg={"cudagraphs":true}' \
+        --configs bnb_qlora,lowmem_bnb_cg --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
+    nf4e2e8192)  # the same at 8192 on the whole model: bnb QLoRA (~75 GiB) beside lowmem (~45 GiB), 20 steps each
+      e2e --seqs 8192 --warmup 2 --steps 18 --profile --configs lowmem_bnb --out "$out/a" > "$out/a.log" 2>&1 &
       e2e --seqs 8192 --warmup 2 --steps 18 --configs bnb_qlora --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
+    nf4e2e8192off)  # lowmem with nf4="off" on those weights at 8192 (each e2e config is a process of its own)
+      e2e --seqs 8192 --warmup 2 --steps 18 --profile --configs lowmem_bnb_nf4off --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
         --configs lowmem,lowmem_nofl,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1

@@ -312,8 +312,13 @@ def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> 
 
 @functools.lru_cache(maxsize=None)
 def _code(device: torch.device) -> torch.Tensor:
-    """The 16 NF4 values on `device`, made once (a host-to-device copy cannot run inside a CUDA graph)."""
-    return nf4_format.code_table(device)
+    """The 16 NF4 values on `device`, made once (a host-to-device copy cannot run inside a CUDA graph).
+    Made on a stream of its own: a CUDA graph tree's warm-up routes the current stream's allocations
+    to its private pool and refuses to capture while a tensor it did not return lives there."""
+    if device.type != "cuda":
+        return nf4_format.code_table(device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        return nf4_format.code_table(device)  # a blocking copy: complete before it is returned
 
 
 def _precision(t: torch.Tensor) -> str:
