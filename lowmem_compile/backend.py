@@ -81,6 +81,7 @@ def lowmem_backend(
             patches["inplace_buffers"] = False
         if opts.cudagraphs:
             patches["triton.cudagraphs"] = True
+            _make_device_constants(example_inputs)
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
         if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
@@ -91,6 +92,15 @@ def lowmem_backend(
 
         print(last_report(), flush=True)
     return compiled
+
+
+def _make_device_constants(example_inputs: Sequence[Any]) -> None:
+    """Our kernels' lazily made device tensors, made now: made during a CUDA graph tree's warm-up they
+    would sit in its private pool and it would refuse to capture."""
+    from .codegen import nf4_matmul
+
+    for device in {x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda}:
+        nf4_matmul.code_table(device)
 
 
 def _plan_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], partitioner_uuid: str) -> Path:

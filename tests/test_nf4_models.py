@@ -173,7 +173,7 @@ def test_cudagraphs_train_like_without():
     for cudagraphs in (False, True):
         model = twin(base)
         torch._dynamo.reset()
-        nf4_matmul._code.cache_clear()  # made lazily by the first call: inside the graph tree's warm-up
+        nf4_matmul.code_table.cache_clear()  # made lazily by the first call: inside the graph tree's warm-up
         skips = counters["inductor"]["cudagraph_skips"]
         step = torch.compile(model, backend="lowmem", options={"cudagraphs": cudagraphs})
         params = [p for p in model.parameters() if p.requires_grad]

@@ -311,14 +311,12 @@ def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def _code(device: torch.device) -> torch.Tensor:
+def code_table(device: torch.device) -> torch.Tensor:
     """The 16 NF4 values on `device`, made once (a host-to-device copy cannot run inside a CUDA graph).
-    Made on a stream of its own: a CUDA graph tree's warm-up routes the current stream's allocations
-    to its private pool and refuses to capture while a tensor it did not return lives there."""
-    if device.type != "cuda":
-        return nf4_format.code_table(device)
-    with torch.cuda.stream(torch.cuda.Stream(device)):
-        return nf4_format.code_table(device)  # a blocking copy: complete before it is returned
+    Made lazily by the first call; a caller about to hand allocation to a CUDA graph tree makes it
+    first (the tree's warm-up routes its thread's allocations to a private pool and refuses to
+    capture while a tensor it did not return lives there)."""
+    return nf4_format.code_table(device)
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -373,7 +371,7 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     rows = _dequant_constexprs(blocksize)["ROWS"]
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), rows),)
-    _dequant_kernel[grid](packed, _code(packed.device), absmax, a2, c2, off, out, numel, (numel + 1) // 2,
+    _dequant_kernel[grid](packed, code_table(packed.device), absmax, a2, c2, off, out, numel, (numel + 1) // 2,
                           BLOCKSIZE=blocksize, NESTED=nested, ROWS=rows, EVEN=numel % (rows * blocksize) == 0,
                           num_warps=_DEQUANT_WARPS, enable_fp_fusion=False)
     return out
@@ -401,7 +399,7 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     has_bias = bias is not None and splits == 1
     _gemv_fwd_kernel[(blocks, splits)](
-        x2, _pairs(x2) if m == 1 else x2, packed, _code(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
+        x2, _pairs(x2) if m == 1 else x2, packed, code_table(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
         m, n, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, X_KIND=_X_KIND[x.dtype], PRECISION=_precision(x),
         BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(m, x.dtype, warps, stages),
@@ -424,7 +422,7 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     _gemv_bwd_kernel[(strips, splits)](
-        g2, packed, _code(grad_y.device), absmax, a2, c2, off, gx,
+        g2, packed, code_table(grad_y.device), absmax, a2, c2, off, gx,
         m, n, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, ROWS=rows, TPR=tpr,
         **_gemv_options(m, grad_y.dtype, warps, stages),
