@@ -403,6 +403,9 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
                   f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
         if cuda:  # the timed steps' peak, read before the profiled step (the profiler holds buffers of its own)
             row["peak_steps_bytes"] = torch.cuda.max_memory_allocated()
+            # CUDA graph trees keep a replayed graph's tensors in a private pool outside the allocated
+            # count; the reserved peak holds that pool (and, for every row, the allocator's slack)
+            row["peak_steps_reserved_bytes"] = torch.cuda.max_memory_reserved()
             if args.profile:
                 row["profile"] = _profile_step(args, step_fn, optimizer, input_ids)
     timed = times[args.warmup :]
