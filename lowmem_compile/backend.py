@@ -23,7 +23,7 @@ from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, recorded_stats
-from .report import STORE, RematStats
+from .report import STORE, CudaGraphStats, RematStats
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,10 @@ def lowmem_backend(
             patches["triton.cudagraphs"] = True
             _make_device_constants(example_inputs)
         hits = counters["aot_autograd"]["autograd_cache_hit"]
+        skips = counters["inductor"]["cudagraph_skips"]
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if opts.cudagraphs:
+            graph_report.add("cudagraphs", _cudagraph_stats(counters["inductor"]["cudagraph_skips"] - skips))
         if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
             _report_cached_plan(graph_report, partitioner.record)
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
@@ -92,6 +95,14 @@ def lowmem_backend(
 
         print(last_report(), flush=True)
     return compiled
+
+
+def _cudagraph_stats(new_skips: int) -> CudaGraphStats:
+    """Inductor decides to skip CUDA graphs while compiling (a CPU input, a mutated input, ...), or
+    for the backward when it first runs; the report carries what was seen by the end of the compile."""
+    skipped = [f"Inductor will not replay {new_skips} graph(s) of this compile as CUDA graphs "
+               "(TORCH_LOGS=cudagraphs prints why; a backward refused at its first run is not counted here)"]
+    return CudaGraphStats(requested=1, skipped=skipped if new_skips else [])
 
 
 def _make_device_constants(example_inputs: Sequence[Any]) -> None:

@@ -84,6 +84,12 @@ class RematStats:
     notes: list[str] = _rule(_CONCAT)
 
 
+@dataclass(frozen=True)
+class CudaGraphStats:
+    requested: int = _rule(_SUM)  # graphs compiled with `cudagraphs=True`
+    skipped: list[str] = _rule(_CONCAT)  # Inductor's refusals seen while compiling them
+
+
 #: The report's keys (a public contract) and the stats each holds.
 SECTIONS: dict[str, type] = {
     "attention": AttentionStats,
@@ -91,6 +97,7 @@ SECTIONS: dict[str, type] = {
     "remat": RematStats,
     "loss": LossStats,
     "mlp": MLPStats,
+    "cudagraphs": CudaGraphStats,
 }
 
 
@@ -128,7 +135,7 @@ class Report:
 
     def __str__(self) -> str:
         d = self.to_dict()
-        att, nf4, remat, loss, mlp = d["attention"], d["nf4"], d["remat"], d["loss"], d["mlp"]
+        att, nf4, remat, loss, mlp, graphs = (d[k] for k in ("attention", "nf4", "remat", "loss", "mlp", "cudagraphs"))
         peak = remat["predicted_peak_bytes"]
         rows = [
             ("graphs compiled", str(d["graphs"])),
@@ -149,6 +156,8 @@ class Report:
             rows.append(("memory budget", _gib(remat["budget_bytes"])))
         if remat["longest_fitting_seq"] is not None:
             rows.append(("longest sequence in budget", str(remat["longest_fitting_seq"])))
+        if graphs["requested"]:
+            rows.append(("CUDA graphs requested", f"{graphs['requested']} graph(s)"))
         width = max(len(k) for k, _ in rows)
         lines = ["lowmem report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -156,7 +165,7 @@ class Report:
         if att["general_masks"]:
             fallbacks.append(("attention", _GENERAL_MASK_NOTE.format(n=att["general_masks"])))
         fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]
-        fallbacks += [("remat", s) for s in remat["notes"]]
+        fallbacks += [("remat", s) for s in remat["notes"]] + [("cudagraphs", s) for s in graphs["skipped"]]
         for section, reason in fallbacks:
             lines.append(f"  [{section}] {reason}")
         return "\n".join(lines)

@@ -77,6 +77,7 @@ def test_report_contract_and_print(capsys):
     assert set(d["remat"]) >= {"policy", "saved_bytes", "predicted_peak_bytes", "recomputed"}
     assert set(d["loss"]) >= {"fused", "chunk_tokens"}
     assert set(d["mlp"]) >= {"chunked", "chunks", "skipped"}
+    assert d["cudagraphs"] == {"requested": 0, "skipped": []}
     # the forward saves at least the GELU input (8x64 fp32 here would be 2 KiB at batch 8; batch 4 -> 1 KiB)
     assert d["remat"]["saved_bytes"] >= 4 * 64 * 4
 

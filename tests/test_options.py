@@ -54,3 +54,21 @@ def test_kv_bits():
     assert Options(attention="kv16").kv_bits == 16
     assert Options(attention="off").kv_bits is None
     assert lowmem_compile.Options is Options
+
+
+def test_cudagraphs_skip_is_reported():
+    """On the CPU Inductor refuses CUDA graphs: the report counts the request and says it was refused;
+    without the option the section stays empty."""
+    import lowmem_compile
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 8, requires_grad=True)
+    for cudagraphs in (True, False):
+        lowmem_compile.reset()
+        torch.compile(model, backend="lowmem", options={"cudagraphs": cudagraphs})(x).sum().backward()
+        section = lowmem_compile.last_report().to_dict()["cudagraphs"]
+        if cudagraphs:
+            assert section["requested"] == 1 and "will not replay 1 graph" in section["skipped"][0]
+            assert "[cudagraphs]" in str(lowmem_compile.last_report())
+        else:
+            assert section == {"requested": 0, "skipped": []}
