@@ -630,7 +630,7 @@ def _predicted_over_measured(row: dict[str, Any]) -> str | None:
 
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
-    header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "tokens/s", "vs eager"]
+    header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "reserved GiB", "tokens/s", "vs eager"]
     header += ["predicted / measured peak", "first step s", "last loss", "error"]
     body = []
     for r in rows:
@@ -642,6 +642,7 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
                 _gib(r.get("peak_steps_bytes")),
                 _ratio(r.get("peak_steps_bytes"), b.get("peak_steps_bytes")),
                 _gib(r.get("peak_run_bytes")),
+                _gib(r.get("peak_steps_reserved_bytes")),
                 r.get("tokens_per_s"),
                 _ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
                 _predicted_over_measured(r),
@@ -658,7 +659,8 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
         f"{' (--no-head: the decoder alone, no LM head or loss)' if getattr(args, 'no_head', False) else ''}\n\n"
         f"Device: {env['gpu'] or args.device}. {versions}. Python {env['python']}. {env['date']}.\n\n"
         "Peak steps: max allocated over the timed steps (weights, optimizer state and activations); "
-        "peak run: from before loading to the end. Tokens/s: median timed step. "
+        "peak run: from before loading to the end. Reserved: the allocator's reserved peak over the timed "
+        "steps (it holds CUDA graph pools, which the allocated peaks do not count). Tokens/s: median timed step. "
         "First step includes compilation. Predicted / measured: lowmem's cost model (outputs freed "
         "before the backward, as this loop does, plus the optimizer's state) over peak steps.\n\n"
     )

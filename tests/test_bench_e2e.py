@@ -160,7 +160,7 @@ def test_table_compares_with_eager_at_the_same_length():
     args = e2e.parse_args(["--model", "small"])
     env = {"gpu": "GPU X", "python": "3.12", "versions": {"torch": "2.11"}, "date": "2026-01-01"}
     table = e2e.render_table(_fake_rows(), env, args)
-    assert "| lowmem | 8 | 4.00 | 0.40x |  | 150.0 | 1.50x | 0.900 |" in table  # (3 + 0.6) / 4
+    assert "| lowmem | 8 | 4.00 | 0.40x |  |  | 150.0 | 1.50x | 0.900 |" in table  # (3 + 0.6) / 4
     assert "ImportError: no module named unsloth" in table and "GPU X" in table and "torch 2.11" in table
 
 
