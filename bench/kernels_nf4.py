@@ -3,7 +3,8 @@
 For each weight (K -> N) and token count M: forward y = x Wᵀ and backward grad_x = grad_y W, bf16,
 timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays of 20 calls at every
 M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
-is measured separately below). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
+is measured separately below; every variant of a row is timed in 3 rounds, the order rotated each
+round, and the median kept: see `_interleaved_ms`). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
 choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), ours dequant+cuBLAS
 forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -38,6 +40,7 @@ from lowmem_compile.formats.nf4 import NF4Weight  # noqa: E402
 from bench._common import graph_replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
+ROUNDS = int(os.environ.get("NF4_BENCH_ROUNDS", "1" if SMOKE else "3"))
 TOKENS = [1, 2, 4, 8, 16, 256, 2048, 8192]
 
 
@@ -54,6 +57,19 @@ def _time_ms(fn) -> float:
         print(f"graph capture failed ({str(err).splitlines()[0][:120]}); timing eagerly", flush=True)
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _interleaved_ms(fns: dict) -> dict[str, list[float]]:
+    """GPU ms of each variant in ROUNDS rounds, the order rotated every round (each variant once
+    first): a heavy matmul warms the GPU and lowers its clock for what runs next (cuBLAS alone moved
+    303 -> 341 µs on one shape between two runs), so one pass in a fixed order biases the later
+    columns. The row keeps every round and reports the median."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_time_ms(fns[name]))
+    return times
 
 
 def _rel(a, b) -> float:
@@ -112,7 +128,9 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
                     err = _rel(fn(), ref)
                     if err > 1e-2:
                         errors.append(f"{direction} {name} {k}->{n} M={m}: rel err {err:.2e}")
-                    row[f"{name}_ms"] = _time_ms(fn)
+                for name, times in _interleaved_ms(fns).items():
+                    row[f"{name}_ms"] = statistics.median(times)
+                    row[f"{name}_ms_rounds"] = times
                 row["ours_vs_cublas"] = row["cublas_ms"] / row["ours_ms"]
                 rows.append(row)
         save({"rows": rows, "errors": errors})
