@@ -26,9 +26,13 @@ def _args(q):
 
 
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("shape,blocksize", [((24, 96), 64), ((7, 37), 32), ((16, 256), 128), ((64, 128), 64)])
+@pytest.mark.parametrize("shape,blocksize", [((24, 96), 64), ((7, 37), 32), ((16, 256), 128), ((64, 128), 64),
+                                             ((128, 128), 64), ((96, 136), 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_dequant_kernel_bit_exact(nested, shape, blocksize, dtype):
+    """Odd element counts, partial and full programs (4096 packed bytes each: 128x128 fills two,
+    96x136 ends inside the second). bf16 runs on the GPU (`test_bf16_on_gpu`): Triton's interpreter
+    truncates fp32 -> bf16 instead of rounding to nearest."""
     q = _weight(*shape, nested, blocksize)
     p, a, s, b, a2, c2, off = _args(q)
     assert torch.equal(nf4_matmul.dequantize(p, a, s, b, dtype, a2, c2, off), q.dequantize(dtype))
