@@ -24,7 +24,7 @@
 #                                                   # remat_sweep.json, default the committed 2026-11-29 one;
 #                                                   # BUDGETS= GiB list, FIXED= policies)
 #   bash bench/run_all.sh sweep8192 e2e2048         # Inductor's activation_memory_budget points, checkpointing;
-#                                                   # 2048: defaults, fused loss off, logits dropped
+#                                                   # 2048: defaults, with CUDA graphs, fused loss off, logits dropped
 #   bash bench/run_all.sh nf4e2e2048                # bnb QLoRA (no checkpointing) vs lowmem on its 4-bit weights,
 #                                                   # lowered (the op; with CUDA graphs; nf4_matmul="graph") and not
 #                                                   # (nf4="off"): 20 steps each (E2E_LAYERS=8: 8 layers)
@@ -120,7 +120,8 @@ stage() {
       rows "$out"/e2e.md ;;
     e2e2048)
       e2e --seqs 2048 --lowmem 'lowmem_nofl={"fused_loss":"off"}' --lowmem 'lowmem_drop={"logits":"drop"}' \
-        --configs lowmem,lowmem_nofl,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
+        --lowmem 'lowmem_cg={"cudagraphs":true}' \
+        --configs lowmem,lowmem_cg,lowmem_nofl,lowmem_drop --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
     nohead)
       e2e --seqs 8192,2048 --configs lowmem --no-head --out "$out" > "$out/e2e.log.txt" 2>&1
