@@ -7,6 +7,7 @@ op to fp16 rounding; the dequantization kernel must equal the format's exactly.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -377,3 +378,19 @@ def test_gpu_dkdv_split_bf16(bits):
     for s in (2, 4, None):
         for name, a, b in zip(("dQ", "dK", "dV"), grads[s], grads[1]):
             assert rel_err(a, b) < 4e-3, (name, s)
+
+
+def test_tuned_configs_are_kept_on_disk():
+    """Each autotuned attention kernel asks Triton to keep its tuned config on disk (where this
+    Triton has the option), so processes on one machine launch the same kernels and round alike."""
+    import inspect
+
+    import triton
+
+    from lowmem_compile.codegen import attention_kv4
+
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert attention_kv4._DISK_CACHE == ({"cache_results": True} if supported else {})
+    if not os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter never caches tuning
+        for tuner in (attention_kv4._fwd, attention_kv4._dq, attention_kv4._dkdv):
+            assert tuner.cache_results == supported

@@ -42,6 +42,7 @@ dots are exact), D in SUPPORTED_HEAD_DIMS, any sequence length, causal (Sq == Sk
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -472,7 +473,14 @@ def _autotune(kind: str, kernel):
         return [c for c in configs if config_key(c) in keep]
 
     key = _KEY + ["SPLIT"] if kind == "dkdv" else _KEY
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **_DISK_CACHE)(kernel)
+
+
+#: The tuned config kept in Triton's on-disk cache (keyed on Triton's version, the kernel's source
+#: and the tuning key), so every later process on the machine launches the same kernels and rounds
+#: alike instead of tuning again, with timing noise, to a possibly different config. Older Triton
+#: versions without the option tune in each process.
+_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 _fwd = _autotune("fwd", _fwd_kernel)
