@@ -228,7 +228,10 @@ class ChunkMLPPass(GraphPass):
         dim = example_value(x).dim() - 2
         order = {node: i for i, node in enumerate(graph.nodes)}
         inside = set(block)
-        for operand in {a for node in block for a in node.all_input_nodes if a not in inside and a is not x}:
+        # in the block's order, not a set's (which follows object ids): the graph, hence its cache
+        # key, must be the same in every compile
+        operands = dict.fromkeys(a for node in block for a in node.all_input_nodes if a not in inside and a is not x)
+        for operand in operands:
             if order[operand] > order[block[0]]:  # a weight dequantized in the graph, next to its linear
                 _hoist(operand, block[0], order)
         with graph.inserting_before(block[0]):
