@@ -43,8 +43,8 @@ class Options:
     """How a lowered NF4 linear of more than 16 tokens multiplies: "op", one `nf4_linear` call that
     dequantizes inside (forward, recomputation and backward each); "graph", one `nf4_dequantize`
     node (never saved) and the graph's own linear, so Inductor runs the matmul and the backward
-    dequantizes once for its recomputation and its gradient. For A/B runs: less host time a call,
-    unmeasured on a GPU."""
+    dequantizes once for its recomputation and its gradient. Measured as fast as the op on
+    bitsandbytes weights at 2048 tokens (bench/results/nf4e2e/2026-11-29T17/)."""
 
     remat: str = "auto"
     """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""

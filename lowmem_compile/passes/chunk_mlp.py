@@ -43,7 +43,7 @@ from ..cost.sizes import size_hint
 from ..options import Options
 from ..report import MLPStats
 from . import LINEAR_FUNCTIONS, CompileContext, GraphPass, calls, example_value, inherit_provenance
-from .linear_nf4 import dequantize_once
+from .linear_nf4 import dequantize_once, is_nf4_linear
 
 #: Tokens per piece under `mlp_chunks="auto"`: matmuls of this many rows still run at full speed.
 AUTO_TOKENS_PER_CHUNK = 2048
@@ -69,13 +69,8 @@ class _Skip(Exception):
     """A block the pass cannot split exactly; the message is the report's reason."""
 
 
-def _is_nf4_linear(node: torch.fx.Node) -> bool:
-    nf4 = torch.ops.lowmem.nf4_linear
-    return calls(node, (nf4, nf4.default))
-
-
 def _is_linear(node: torch.fx.Node) -> bool:
-    return calls(node, LINEAR_FUNCTIONS) or _is_nf4_linear(node)
+    return calls(node, LINEAR_FUNCTIONS) or is_nf4_linear(node)
 
 
 def _is_pointwise(node: torch.fx.Node) -> bool:
@@ -235,7 +230,7 @@ class ChunkMLPPass(GraphPass):
             if order[operand] > order[block[0]]:  # a weight dequantized in the graph, next to its linear
                 _hoist(operand, block[0], order)
         with graph.inserting_before(block[0]):
-            dense = dequantize_once(graph, [node for node in block if _is_nf4_linear(node)])
+            dense = dequantize_once(graph, [node for node in block if is_nf4_linear(node)])
             split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
             # Fake values on the new nodes: AOTAutograd's cache takes a method call (`piece.to(...)`)
             # only on a node known to be a tensor, and bypasses the cache for the whole graph otherwise.

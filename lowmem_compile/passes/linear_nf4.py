@@ -34,7 +34,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from ..options import Options
 from ..report import NF4Stats
-from . import CompileContext, GraphPass, example_value, inherit_provenance
+from . import CompileContext, GraphPass, calls, example_value, inherit_provenance
 
 _GEMM_4BIT = "bitsandbytes::gemm_4bit"
 _NF4_LINEAR = torch.ops.lowmem.nf4_linear.default._schema
@@ -49,6 +49,13 @@ def _is_op(node: torch.fx.Node, qualname: str) -> bool:
 def _nbytes(node) -> int:
     value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def is_nf4_linear(node: torch.fx.Node) -> bool:
+    """`node` calls `lowmem::nf4_linear`, as its overload packet or its default overload (a graph may
+    hold either)."""
+    nf4 = torch.ops.lowmem.nf4_linear
+    return calls(node, (nf4, nf4.default))
 
 
 def _named_args(node: torch.fx.Node, schema: torch._C.FunctionSchema) -> dict:
@@ -97,7 +104,7 @@ class LinearNF4Pass(GraphPass):
                 self._lower_bnb(gm, node)
             elif _is_op(node, _GEMM_4BIT):  # bnb calls gemm_4bit directly when nothing needs a gradient
                 self._lower_gemm(gm, node)
-            elif node.target is torch.ops.lowmem.nf4_linear.default or node.target is torch.ops.lowmem.nf4_linear:
+            elif is_nf4_linear(node):
                 self._count(node.args[1], node.args[2:3] + tuple(node.args[6:]), node.args[3])
         if ctx.options.nf4_matmul == "graph":
             _to_graph_matmuls(gm.graph)
@@ -198,9 +205,8 @@ def _to_graph_matmuls(graph: torch.fx.Graph) -> None:
     `F.linear` of its weight dequantized by a node of its own."""
     from ..codegen.nf4_matmul import use_gemv
 
-    linear = torch.ops.lowmem.nf4_linear
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (linear, linear.default):
+        if not is_nf4_linear(node):
             continue
         arg = _named_args(node, _NF4_LINEAR)
         features = int(arg["shape"][1])
