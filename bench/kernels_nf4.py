@@ -5,8 +5,8 @@ timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays o
 M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
 is measured separately below; every variant of a row is timed in 3 rounds, the order rotated each
 round, and the median kept: see `_interleaved_ms`). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
-choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), ours dequant+cuBLAS
-forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
+choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), at 2..4 tokens the
+GEMV's FMA and tl.dot kernels each forced, ours dequant+cuBLAS forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
 kernel alone in TB/s on the 4096x14336 weight
 against a plain bf16 copy of the same output size. Correctness is checked first against the
@@ -41,7 +41,7 @@ from bench._common import graph_replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 ROUNDS = int(os.environ.get("NF4_BENCH_ROUNDS", "1" if SMOKE else "3"))
-TOKENS = [1, 2, 4, 8, 16, 256, 2048, 8192]
+TOKENS = [int(m) for m in os.environ.get("NF4_BENCH_TOKENS", "1,2,4,8,16,256,2048,8192").split(",")]
 
 
 def _time_ms(fn) -> float:
@@ -115,6 +115,11 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             if m <= 16:
                 fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
                 bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
+            if 1 < m <= 4:  # the GEMV's two ways at the tokens where either may run
+                fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=1)
+                bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=1)
+                fwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=4)
+                bwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=4)
             if bnb_state is not None:
                 import bitsandbytes as bnb
 
@@ -138,10 +143,16 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             "host_us": _host_us(device, dtype)}
 
 
-def _forced(strategy, fn, t, q):
-    """Run one strategy regardless of the per-shape choice: "gemv" or "dequant" (+ cuBLAS)."""
+def _forced(strategy, fn, t, q, fma_max_m=None):
+    """Run one strategy regardless of the per-shape choice: "gemv" or "dequant" (+ cuBLAS); for the
+    GEMV, `fma_max_m` overrides the FMA / tl.dot crossover for this call."""
     bias = () if fn is nf4_matmul.linear_backward else (None,)
-    return fn(t, q.packed, q.absmax, q.shape, 64, *bias, q.absmax2, q.code2, q.offset, strategy=strategy)
+    default = nf4_matmul.FMA_MAX_M
+    nf4_matmul.FMA_MAX_M = default if fma_max_m is None else fma_max_m
+    try:
+        return fn(t, q.packed, q.absmax, q.shape, 64, *bias, q.absmax2, q.code2, q.offset, strategy=strategy)
+    finally:
+        nf4_matmul.FMA_MAX_M = default
 
 
 def _host_us(device, dtype) -> dict:
@@ -228,7 +239,7 @@ def main() -> None:
 
 
 def _table(result) -> str:
-    cols = ["cublas_ms", "ours_ms", "gemv_ms", "dequant_mm_ms", "bnb_ms"]
+    cols = ["cublas_ms", "ours_ms", "gemv_ms", "gemv_fma_ms", "gemv_dot_ms", "dequant_mm_ms", "bnb_ms"]
     lines = ["| K->N | M | dir | " + " | ".join(c[:-3] + " (us)" for c in cols) + " | ours/cuBLAS speed |",
              "|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:

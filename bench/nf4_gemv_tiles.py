@@ -1,8 +1,8 @@
 """Sweep the NF4 GEMV tiles (M ≤ 16) on a GPU and print the best per kernel family.
 
 The GEMV kernels (`lowmem_compile/codegen/nf4_matmul.py`) take their tile from `_GEMV_TILES`:
-(ROWS, TPR, warps, stages, warps an SM) for each of forward/backward × one token (FMA) / 2..16
-tokens (tl.dot). This script sets each candidate in turn, checks the result against the
+(ROWS, TPR, warps, stages, warps an SM) for each of forward/backward × FMA (timed at 1 and 4 tokens)
+/ tl.dot (8 and 16 tokens). This script sets each candidate in turn, checks the result against the
 dequantized weight's product (bf16 on the GPU, 1e-2 relative), and times it as GPU time (CUDA-graph replay) on
 Llama-3-8B's projection shapes. A family's score is the geometric mean, over shapes and token counts,
 of the time relative to the tile in the table today; the best tile goes into `_GEMV_TILES` by hand
@@ -43,7 +43,7 @@ SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 SMOKE_SHAPES = [(256, 48)]
 #: bf16 on the GPU; fp16 under the interpreter, whose tl.dot on two bf16 operands is wrong on the CPU
 DTYPE = torch.float16 if SMOKE else torch.bfloat16
-TOKENS = {"fma": [1], "dot": [2, 16]}
+TOKENS = {"fma": [1, 4], "dot": [8, 16]}
 #: Candidates per family: ROWS x TPR x warps x stages x warps an SM (the last changes the grid only).
 CANDIDATES = {
     "fwd_fma": itertools.product((2, 4, 8), (64, 128, 256), (4, 8), (1, 2, 3), (16, 32, 64)),

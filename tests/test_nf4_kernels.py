@@ -63,18 +63,20 @@ def test_linear_forward_and_backward(nested, dtype, lead, n, k, bias):
 
 def _gemv_splits(m, n, k):
     """(forward splits, backward splits) the GEMV launchers use for this shape."""
-    return tuple(nf4_matmul._gemv_plan(m, n, k, d, torch.device(DEVICE))[6] for d in ("fwd", "bwd"))
+    return tuple(nf4_matmul._gemv_plan(m, n, k, d, torch.device(DEVICE))[7] for d in ("fwd", "bwd"))
 
 
 GEMV_CASES = [  # dtype, leading dims, N, K, bias; what each adds
     (torch.float16, (1,), 37, 96, True),       # one token (FMA), odd N, K not a multiple of the step
     (torch.bfloat16, (1, 1), 45, 160, True),   # one token in bf16 (no dot), leading dims
-    (torch.float32, (3,), 21, 224, False),     # 3 tokens (dot, fp32), K % 64 != 0 (blocksize 32)
+    (torch.float32, (3,), 21, 224, False),     # 3 tokens (FMA, a 4th padded), fp32, K % 64 != 0 (blocksize 32)
+    (torch.float32, (6,), 21, 224, False),     # 6 tokens (dot, fp32), K % 64 != 0
     (torch.float16, (16,), 50, 1088, True),    # 16 tokens, the whole mma tile
     (torch.float32, (1,), 3, 1024, True),      # one token, forward split into 8 + bias in the sum kernel
     (torch.float16, (4, 4), 20, 2048, True),   # 16 tokens, forward split + bias, batch dims
     (torch.float16, (1,), 130, 64, False),     # one token, backward split over rows
-    (torch.float16, (3,), 2048, 64, False),    # 3 tokens, backward (dot) split over rows
+    (torch.float16, (6,), 2048, 64, False),    # 6 tokens, backward (dot) split over rows
+    (torch.float16, (2,), 2048, 64, False),    # 2 tokens, backward (FMA) split over rows
 ]
 
 
@@ -82,11 +84,11 @@ GEMV_CASES = [  # dtype, leading dims, N, K, bias; what each adds
 @pytest.mark.parametrize("dtype,lead,n,k,bias", GEMV_CASES)
 def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
     """The GEMV kernels (M <= 16) in both directions against a float64 product of the dequantized W
-    (in x's dtype where the kernel rounds W to it: the dot; fp32 for the one-token FMA kernel)."""
+    (in x's dtype where the kernel rounds W to it: the dot; fp32 for the FMA kernel)."""
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     p, a, s, bs, a2, c2, off = _args(q)
     m = torch.Size(lead).numel()
-    w64 = q.dequantize(torch.float32 if m == 1 else dtype).double()
+    w64 = q.dequantize(torch.float32 if m <= nf4_matmul.FMA_MAX_M else dtype).double()
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE) if bias else None
     y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
@@ -104,7 +106,7 @@ def test_gemv_cases_cover_the_splits():
     splits = {(torch.Size(lead).numel(), n, k): _gemv_splits(torch.Size(lead).numel(), n, k)
               for _, lead, n, k, _ in GEMV_CASES}
     assert splits[(1, 3, 1024)][0] > 1 and splits[(16, 20, 2048)][0] > 1
-    assert splits[(1, 130, 64)][1] > 1 and splits[(3, 2048, 64)][1] > 1
+    assert splits[(1, 130, 64)][1] > 1 and splits[(6, 2048, 64)][1] > 1 and splits[(2, 2048, 64)][1] > 1
 
 
 def test_per_shape_choice_and_bad_strategy():
@@ -174,7 +176,7 @@ def test_gemv_bf16_on_gpu(m, n, k):
     its permuted reduction, the splits, nested absmax and bias."""
     q = _weight(n, k, True)
     p, a, s, bs, a2, c2, off = _args(q)
-    w64 = q.dequantize(torch.float32 if m == 1 else torch.bfloat16).double()
+    w64 = q.dequantize(torch.float32 if m <= nf4_matmul.FMA_MAX_M else torch.bfloat16).double()
     x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)[1]  # a view at an offset
     b = torch.randn(n, device="cuda")
     y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")

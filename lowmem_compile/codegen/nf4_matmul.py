@@ -9,8 +9,8 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
   values, one absmax), one chunk a thread a row per step, every load 16 bytes wide and coalesced,
   each byte read once. The nibbles index the 16 code values held in shared memory (`tl.gather`);
   everything is computed in the load layout, so no tile goes through shared memory to change
-  layout. One token: fp32 FMAs, the chunk summed in registers and scaled once. 2..16 tokens: a
-  16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
+  layout. Up to FMA_MAX_M tokens: fp32 FMAs, each token's chunk sum kept apart (`_token_stack`),
+  summed in registers and scaled once. Above, up to 16 tokens: a 16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
   fragment of each thread is exactly the 16 bytes it loaded (see `_kperm`). The backward reduces
   over W's rows: a program owns a strip of columns and a range of rows. Splits of the reduction
   write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
@@ -21,7 +21,7 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
 The dequantized W (dequant kernel, and the GEMV's tl.dot operand) is code[nibble] · absmax in fp32
 rounded once to the activation dtype, bit-identical to the reference and to bitsandbytes; a
 double-quantized absmax is code2[q] · absmax2 + offset in two fp32 roundings (those launches
-disable fp contraction). The one-token GEMV keeps the weights in fp32 (differences at the level of
+disable fp contraction). The FMA GEMV keeps the weights in fp32 (differences at the level of
 that rounding). The GEMV needs K % 32 == 0 (a 16-byte chunk never straddles a row or an NF4 block);
 other shapes take the dequant path. Activations: bf16, fp16, fp32; any leading dims; optional bias.
 """
@@ -40,6 +40,9 @@ from ..formats import nf4 as nf4_format
 
 #: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS (at most 16: one mma tile).
 GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
+#: Up to this many tokens the GEMV computes with FMAs on fp32 weights (an FMA an element a token),
+#: above it with the 16-row tl.dot (W rounded to x's dtype, a fixed cost whatever M).
+FMA_MAX_M = int(os.environ.get("LOWMEM_NF4_FMA_MAX_M", "4"))
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -95,6 +98,34 @@ def _unpair(word, X_KIND: tl.constexpr):
 
 
 @triton.jit
+def _token_stack(t0, t1, t2, t3, BLOCK_M: tl.constexpr):
+    """The first BLOCK_M (1, 2 or 4) of four same-shape tensors stacked on new last dims (one: t0
+    itself; [..., 2]; [..., 2, 2]; flattened, token order). `tl.join` keeps each element in the thread that
+    computed it, so per-token accumulators of the FMA kernels stay in the decode's layout (a token
+    dim made by broadcasting went through shared memory every step)."""
+    if BLOCK_M == 1:
+        out = t0
+    elif BLOCK_M == 2:
+        out = tl.join(t0, t1)
+    else:
+        out = tl.join(tl.join(t0, t2), tl.join(t1, t3))  # [..., i, j] = t(2i + j)
+    return out
+
+
+@triton.jit
+def _token_dot(hi, lo, words, ok, scale, X_KIND: tl.constexpr):
+    """One token's [C] chunk sums Σ code · x, scaled (0 where not `ok`): x's element pairs at `words`."""
+    xe, xo = _unpair(tl.load(words), X_KIND)
+    return tl.where(ok, tl.sum(hi * xe + lo * xo, axis=1) * scale, 0.0)
+
+
+@triton.jit
+def _token_grad(g_ptrs, ok, scale):
+    """One token's grad_y at the chunks' rows times their absmax, [C, 1] fp32."""
+    return (tl.load(g_ptrs, mask=ok, other=0.0).to(tl.float32) * scale)[:, None]
+
+
+@triton.jit
 def _kperm(t, TPR: tl.constexpr):
     """Reorder the reduction index of a step [B, 32·TPR] (TPR 16-byte chunks of a row) for tl.dot.
 
@@ -118,13 +149,14 @@ def _opaque(v):
 def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
                      y_ptr, M, N, KH, stride_xm, stride_ym, stride_ys, KH_PER_SPLIT,
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TPR: tl.constexpr):
+                     PRECISION: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                     TPR: tl.constexpr):
     """y[m, n] (or split pid_s's fp32 partial) = Σ_k x[m, k] · W[n, k] over this split's bytes of ROWS rows.
 
     A step covers TPR chunks (16·TPR bytes) of each of the ROWS rows: chunk q of the step is chunk
-    q % TPR of row q // TPR. BLOCK_M == 1: FMAs on the fp32 codes, each chunk summed and then scaled
-    (one x load serves the thread's rows). Otherwise one tl.dot of the 16 rows of x (masked to M)
-    with the scaled W in x's dtype, reduction index permuted by `_kperm` (TPR = 4 there)."""
+    q % TPR of row q // TPR. FMA: fp32 FMAs on the codes for each of the BLOCK_M tokens, each chunk
+    summed and then scaled (one x load serves the thread's rows). Otherwise one tl.dot of the 16 rows
+    of x (masked to M) with the scaled W in x's dtype, reduction index permuted by `_kperm` (TPR = 4)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     CH: tl.constexpr = ROWS * TPR
     STEP: tl.constexpr = 16 * TPR
@@ -135,8 +167,10 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
     kh_start = pid_s * KH_PER_SPLIT
     kh_end = tl.minimum(kh_start + KH_PER_SPLIT, KH)
     code = tl.load(code_ptr + tl.arange(0, 16))
-    if BLOCK_M == 1:
-        acc = tl.zeros((CH,), dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    if FMA:
+        zero = tl.zeros((CH,), dtype=tl.float32)
+        acc = _token_stack(zero, zero, zero, zero, BLOCK_M)
         for k0 in range(kh_start, kh_end, STEP):
             kc = k0 + chunk
             ok = (row < N) & (kc < kh_end)
@@ -144,13 +178,19 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
                                        ok, BLOCKSIZE, NESTED)
             hi, lo = _halves(codes)
             # Unmasked (clamped into x, the chunk dropped below) so that the thread's rows, which share
-            # these x words, share one load: masked loads are not merged.
-            xw = tl.load(xw_ptr + tl.minimum(kc, KH - 16)[:, None] + tl.arange(0, 16)[None, :])
-            xe, xo = _unpair(xw, X_KIND)
-            acc += tl.where(ok, tl.sum(hi * xe + lo * xo, axis=1) * scale, 0.0)
-        out = tl.sum(tl.reshape(acc, (ROWS, TPR)), axis=1)[None, :]
+            # these x words, share one load: masked loads are not merged. Tokens past M read token
+            # M - 1 and are dropped by the store's mask.
+            words = xw_ptr + tl.minimum(kc, KH - 16)[:, None] + tl.arange(0, 16)[None, :]
+            d0 = _token_dot(hi, lo, words, ok, scale, X_KIND)
+            d1, d2, d3 = d0, d0, d0
+            if BLOCK_M >= 2:
+                d1 = _token_dot(hi, lo, words + tl.minimum(1, M - 1) * KH, ok, scale, X_KIND)
+            if BLOCK_M == 4:
+                d2 = _token_dot(hi, lo, words + tl.minimum(2, M - 1) * KH, ok, scale, X_KIND)
+                d3 = _token_dot(hi, lo, words + tl.minimum(3, M - 1) * KH, ok, scale, X_KIND)
+            acc += _token_stack(d0, d1, d2, d3, BLOCK_M)
+        out = tl.trans(tl.sum(tl.reshape(acc, (ROWS, TPR, BLOCK_M)), axis=1))
     else:
-        offs_m = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
         for k0 in range(kh_start, kh_end, STEP):
             kc = k0 + chunk
@@ -165,7 +205,6 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
             acc = tl.dot(_kperm(x, TPR), tl.trans(w), acc, input_precision=PRECISION)
         out = acc
     rows = pid_n * ROWS + tl.arange(0, ROWS)
-    offs_m = tl.arange(0, BLOCK_M)
     if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
         out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
     dest = y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + rows[None, :]
@@ -175,15 +214,15 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
 @triton.jit
 def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, gx_ptr,
                      M, N, KH, stride_gm, stride_xm, stride_xs, ROWS_PER_SPLIT,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     ROWS: tl.constexpr, TPR: tl.constexpr):
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, FMA: tl.constexpr,
+                     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TPR: tl.constexpr):
     """grad_x[m, k] (or split pid_s's fp32 partial) = Σ_n grad_y[m, n] · W[n, k] over this split's rows,
     for a strip of 32·TPR columns (TPR chunks of each row).
 
-    A step covers ROWS rows of the strip, the same chunk layout as the forward. BLOCK_M == 1: FMAs
-    into per-chunk accumulators (grad_y · absmax once a chunk), summed over the rows at the end.
-    Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here, so the
-    operand changes layout through shared memory)."""
+    A step covers ROWS rows of the strip, the same chunk layout as the forward. FMA: per-chunk
+    accumulators for each of the BLOCK_M tokens (grad_y · absmax once a chunk), summed over the rows
+    at the end. Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here,
+    so the operand changes layout through shared memory)."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
     CH: tl.constexpr = ROWS * TPR
     q = tl.arange(0, CH)
@@ -192,21 +231,29 @@ def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     code = tl.load(code_ptr + tl.arange(0, 16))
     offs_m = tl.arange(0, BLOCK_M)
-    if BLOCK_M == 1:
-        acc_hi = tl.zeros((CH, 16), dtype=tl.float32)
-        acc_lo = tl.zeros((CH, 16), dtype=tl.float32)
+    if FMA:
+        zero = tl.zeros((CH, 16), dtype=tl.float32)
+        acc_hi = _token_stack(zero, zero, zero, zero, BLOCK_M)
+        acc_lo = _token_stack(zero, zero, zero, zero, BLOCK_M)
         for n0 in range(row_start, row_end, ROWS):
             row = n0 + q // TPR
             ok = (row < row_end) & (kc < KH)
             codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                        row.to(tl.int64) * KH + kc, ok, BLOCKSIZE, NESTED)
             hi, lo = _halves(codes)
-            gs = (tl.load(g_ptr + row, mask=row < row_end, other=0.0).to(tl.float32) * scale)[:, None]
-            acc_hi += gs * hi
-            acc_lo += gs * lo
-        hi = tl.sum(tl.reshape(acc_hi, (ROWS, TPR, 16)), axis=0)
-        lo = tl.sum(tl.reshape(acc_lo, (ROWS, TPR, 16)), axis=0)
-        out = tl.reshape(tl.join(hi, lo), (1, 32 * TPR))
+            g, in_rows = g_ptr + row, row < row_end  # tokens past M read token M - 1, never stored
+            g0 = _token_grad(g, in_rows, scale)
+            g1, g2, g3 = g0, g0, g0
+            if BLOCK_M >= 2:
+                g1 = _token_grad(g + tl.minimum(1, M - 1) * stride_gm, in_rows, scale)
+            if BLOCK_M == 4:
+                g2 = _token_grad(g + tl.minimum(2, M - 1) * stride_gm, in_rows, scale)
+                g3 = _token_grad(g + tl.minimum(3, M - 1) * stride_gm, in_rows, scale)
+            acc_hi += _token_stack(g0 * hi, g1 * hi, g2 * hi, g3 * hi, BLOCK_M)
+            acc_lo += _token_stack(g0 * lo, g1 * lo, g2 * lo, g3 * lo, BLOCK_M)
+        hi = tl.sum(tl.reshape(acc_hi, (ROWS, TPR, 16, BLOCK_M)), axis=0)
+        lo = tl.sum(tl.reshape(acc_lo, (ROWS, TPR, 16, BLOCK_M)), axis=0)
+        out = tl.reshape(tl.permute(tl.join(hi, lo), (2, 0, 1, 3)), (BLOCK_M, 32 * TPR))
     else:
         out = tl.zeros((BLOCK_M, 32 * TPR), dtype=tl.float32)
         for n0 in range(row_start, row_end, ROWS):
@@ -280,11 +327,17 @@ _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _gemv_tile(m: int, direction: str) -> tuple[int, ...]:
-    """(BLOCK_M, ROWS, TPR, warps, stages, warps an SM)."""
-    key = f"{direction}_{'fma' if m == 1 else 'dot'}"
+def _gemv_tile(m: int, direction: str) -> tuple:
+    """(FMA, BLOCK_M, ROWS, TPR, warps, stages, warps an SM). An FMA tile holds the tokens rounded up
+    to a power of two; at 4 tokens the forward's rows halve (a thread keeps x of every token and the
+    codes of every row in registers: 80 registers a thread at 2 rows, 156 at 4, on sm_90)."""
+    fma = m <= FMA_MAX_M
     tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
-    return (1 if m == 1 else 16, *tiles[key])
+    rows, tpr, warps, stages, warps_per_sm = tiles[f"{direction}_{'fma' if fma else 'dot'}"]
+    if not fma:
+        return False, 16, rows, tpr, warps, stages, warps_per_sm
+    bm = triton.next_power_of_2(m)
+    return True, bm, max(1, rows // max(1, bm // 2)) if direction == "fwd" else rows, tpr, warps, stages, warps_per_sm
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,19 +348,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_M, ROWS, TPR, warps, stages, programs along the output, splits, reduction length per split).
+    """(FMA, BLOCK_M, ROWS, TPR, warps, stages, programs along the output, splits, reduction length per split).
 
     The reduction (forward: a row's bytes; backward: the rows) is split until the programs hold the
     tile's warps an SM, while the fp32 partials stay under 1/_PARTIAL_SHARE of the weight's bytes and
     each split keeps at least one step; a split's length is a multiple of the step."""
-    bm, rows, tpr, warps, stages, warps_per_sm = _gemv_tile(m, direction)
+    fma, bm, rows, tpr, warps, stages, warps_per_sm = _gemv_tile(m, direction)
     if direction == "fwd":
         blocks, reduce_len, step, most = triton.cdiv(n, rows), k // 2, 16 * tpr, k // (_PARTIAL_SHARE * 8 * bm)
     else:
         blocks, reduce_len, step, most = triton.cdiv(k // 2, 16 * tpr), n, rows, n // (_PARTIAL_SHARE * 8 * bm)
     want = min(-(-warps_per_sm * _sm_count(device) // (blocks * warps)), max(1, most), -(-reduce_len // step))
     per_split = triton.cdiv(triton.cdiv(reduce_len, want), step) * step
-    return bm, rows, tpr, warps, stages, blocks, triton.cdiv(reduce_len, per_split), per_split
+    return fma, bm, rows, tpr, warps, stages, blocks, triton.cdiv(reduce_len, per_split), per_split
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,12 +395,12 @@ def use_gemv(m: int, k: int, strategy: str | None) -> bool:
     return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
 
 
-def _gemv_options(m: int, dtype: torch.dtype, warps: int, stages: int) -> dict:
-    """Launch options. The one-token kernel may contract into FMAs (its weights stay fp32, nothing to
-    match bit for bit); the dot kernels round W like the reference, so no contraction there (the
+def _gemv_options(fma: bool, dtype: torch.dtype, warps: int, stages: int) -> dict:
+    """Launch options. The FMA kernels may contract (their weights stay fp32, nothing to match bit
+    for bit); the dot kernels round W like the reference, so no contraction there (the
     nested absmax is two roundings). fp32 activations are not software-pipelined (the pipelined fp32
     dot spills on sm_90)."""
-    return {"num_warps": warps, "num_stages": 1 if dtype == torch.float32 else stages, "enable_fp_fusion": m == 1}
+    return {"num_warps": warps, "num_stages": 1 if dtype == torch.float32 else stages, "enable_fp_fusion": fma}
 
 
 def _dequant_constexprs(blocksize: int) -> dict:
@@ -394,15 +447,15 @@ def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=N
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x2.contiguous()
-    bm, rows, tpr, warps, stages, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
+    fma, bm, rows, tpr, warps, stages, blocks, splits, per_split = _gemv_plan(m, n, k, "fwd", x.device)
     y = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     has_bias = bias is not None and splits == 1
     _gemv_fwd_kernel[(blocks, splits)](
-        x2, _pairs(x2) if m == 1 else x2, packed, code_table(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
+        x2, _pairs(x2) if fma else x2, packed, code_table(x.device), absmax, a2, c2, off, bias if has_bias else x2, y,
         m, n, k // 2, x2.stride(0), y.stride(1), y.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, X_KIND=_X_KIND[x.dtype], PRECISION=_precision(x),
-        BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(m, x.dtype, warps, stages),
+        FMA=fma, BLOCK_M=bm, ROWS=rows, TPR=tpr, **_gemv_options(fma, x.dtype, warps, stages),
     )
     out = y[0] if splits == 1 else _reduce_splits(y, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
@@ -418,14 +471,14 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
     g2 = g2.contiguous()
-    bm, rows, tpr, warps, stages, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
+    fma, bm, rows, tpr, warps, stages, strips, splits, per_split = _gemv_plan(m, n, k, "bwd", grad_y.device)
     gx = torch.empty((splits, m, k), dtype=grad_y.dtype if splits == 1 else torch.float32, device=grad_y.device)
     a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     _gemv_bwd_kernel[(strips, splits)](
         g2, packed, code_table(grad_y.device), absmax, a2, c2, off, gx,
         m, n, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
-        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), BLOCK_M=bm, ROWS=rows, TPR=tpr,
-        **_gemv_options(m, grad_y.dtype, warps, stages),
+        BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), FMA=fma, BLOCK_M=bm, ROWS=rows,
+        TPR=tpr, **_gemv_options(fma, grad_y.dtype, warps, stages),
     )
     out = gx[0] if splits == 1 else _reduce_splits(gx, None, grad_y.dtype)
     return out.reshape(*grad_y.shape[:-1], k)
