@@ -76,7 +76,6 @@ GEMV_CASES = [  # dtype, leading dims, N, K, bias; what each adds
     (torch.float16, (4, 4), 20, 2048, True),   # 16 tokens, forward split + bias, batch dims
     (torch.float16, (1,), 130, 64, False),     # one token, backward split over rows
     (torch.float16, (6,), 2048, 64, False),    # 6 tokens, backward (dot) split over rows
-    (torch.float16, (2,), 2048, 64, False),    # 2 tokens, backward (FMA) split over rows
 ]
 
 
@@ -88,7 +87,7 @@ def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     p, a, s, bs, a2, c2, off = _args(q)
     m = torch.Size(lead).numel()
-    w64 = q.dequantize(torch.float32 if m <= nf4_matmul.FMA_MAX_M else dtype).double()
+    w64, g64 = (q.dequantize(torch.float32 if nf4_matmul.uses_fma(m, n, k, d) else dtype).double() for d in ("fwd", "bwd"))
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE) if bias else None
     y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
@@ -98,7 +97,25 @@ def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
     g = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
     gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="gemv")
     assert gx.dtype == dtype and gx.shape == (*lead, k)
-    assert rel_err(gx, g.double() @ w64) < TOL[dtype]
+    assert rel_err(gx, g.double() @ g64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_gemv_fma_forced_both_directions(monkeypatch, m):
+    """The FMA kernels at 2 and 3 (a 4th padded) tokens in both directions, forced where the per-shape
+    choice takes the dot (a backward split over rows, nested absmax, fp16), against fp32 weights."""
+    monkeypatch.setattr(nf4_matmul, "FMA_MAX_M", 4)
+    n, k = 2048, 64
+    q = _weight(n, k, True)
+    p, a, s, bs, a2, c2, off = _args(q)
+    w64 = q.dequantize(torch.float32).double()
+    assert _gemv_splits(m, n, k)[1] > 1
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    y = nf4_matmul.linear(x, p, a, s, bs, None, a2, c2, off, strategy="gemv")
+    assert rel_err(y, x.double() @ w64.T) < TOL[torch.float16]
+    g = torch.randn(m, n, device=DEVICE, dtype=torch.float16)
+    gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="gemv")
+    assert rel_err(gx, g.double() @ w64) < TOL[torch.float16]
 
 
 def test_gemv_cases_cover_the_splits():
@@ -106,7 +123,7 @@ def test_gemv_cases_cover_the_splits():
     splits = {(torch.Size(lead).numel(), n, k): _gemv_splits(torch.Size(lead).numel(), n, k)
               for _, lead, n, k, _ in GEMV_CASES}
     assert splits[(1, 3, 1024)][0] > 1 and splits[(16, 20, 2048)][0] > 1
-    assert splits[(1, 130, 64)][1] > 1 and splits[(6, 2048, 64)][1] > 1 and splits[(2, 2048, 64)][1] > 1
+    assert splits[(1, 130, 64)][1] > 1 and splits[(6, 2048, 64)][1] > 1
 
 
 def test_per_shape_choice_and_bad_strategy():
@@ -176,11 +193,12 @@ def test_gemv_bf16_on_gpu(m, n, k):
     its permuted reduction, the splits, nested absmax and bias."""
     q = _weight(n, k, True)
     p, a, s, bs, a2, c2, off = _args(q)
-    w64 = q.dequantize(torch.float32 if m <= nf4_matmul.FMA_MAX_M else torch.bfloat16).double()
+    w64, g64 = (q.dequantize(torch.float32 if nf4_matmul.uses_fma(m, n, k, d) else torch.bfloat16).double()
+                for d in ("fwd", "bwd"))
     x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)[1]  # a view at an offset
     b = torch.randn(n, device="cuda")
     y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
     assert rel_err(y, x.double() @ w64.T + b.bfloat16().double()) < TOL[torch.bfloat16]
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     gx = nf4_matmul.linear_backward(g, p, a, s, bs, a2, c2, off, strategy="gemv")
-    assert rel_err(gx, g.double() @ w64) < TOL[torch.bfloat16]
+    assert rel_err(gx, g.double() @ g64) < TOL[torch.bfloat16]

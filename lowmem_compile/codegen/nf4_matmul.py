@@ -9,8 +9,9 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
   values, one absmax), one chunk a thread a row per step, every load 16 bytes wide and coalesced,
   each byte read once. The nibbles index the 16 code values held in shared memory (`tl.gather`);
   everything is computed in the load layout, so no tile goes through shared memory to change
-  layout. Up to FMA_MAX_M tokens: fp32 FMAs, each token's chunk sum kept apart (`_token_stack`),
-  summed in registers and scaled once. Above, up to 16 tokens: a 16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
+  layout. Few tokens (`uses_fma`: 1-4 forward, 1-2 backward, by weight size): fp32 FMAs, each
+  token's sums kept apart (`_token_stack`), a chunk summed in registers and scaled once. Otherwise,
+  up to 16 tokens: a 16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
   fragment of each thread is exactly the 16 bytes it loaded (see `_kperm`). The backward reduces
   over W's rows: a program owns a strip of columns and a range of rows. Splits of the reduction
   write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
@@ -40,9 +41,8 @@ from ..formats import nf4 as nf4_format
 
 #: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS (at most 16: one mma tile).
 GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
-#: Up to this many tokens the GEMV computes with FMAs on fp32 weights (an FMA an element a token),
-#: above it with the 16-row tl.dot (W rounded to x's dtype, a fixed cost whatever M).
-FMA_MAX_M = int(os.environ.get("LOWMEM_NF4_FMA_MAX_M", "4"))
+#: Overrides `uses_fma`'s per-shape choice when set: FMAs up to this many tokens (1..4), tl.dot above.
+FMA_MAX_M = int(os.environ["LOWMEM_NF4_FMA_MAX_M"]) if "LOWMEM_NF4_FMA_MAX_M" in os.environ else None
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
 
@@ -327,11 +327,26 @@ _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _gemv_tile(m: int, direction: str) -> tuple:
+def uses_fma(m: int, n: int, k: int, direction: str) -> bool:
+    """Whether the M-token GEMV ("fwd" / "bwd") on an [N, K] weight uses FMAs (fp32 weights, an FMA
+    an element a token, one launch) rather than the 16-row tl.dot (W rounded to x's dtype, a cost
+    that does not grow with M, plus the split sum on small weights). Measured on an H200
+    (bench/results/nf4/2026-11-29T21/): forward FMAs to 2 tokens (1.1-2.1x faster than the dot on
+    every Llama-3-8B shape), to 4 on weights up to 2^23 elements (4096->1024: 5.8 against 10.0 µs;
+    4096^2 even; 4096->14336: 49.7 against 40.1); backward one token, and 2 on weights of 2^25
+    elements or more (4096->14336: 39.2 against 43.0 µs; 4096->1024: 14.5 against 7.7)."""
+    if FMA_MAX_M is not None:
+        return m <= FMA_MAX_M
+    if direction == "fwd":
+        return m <= 2 or (m <= 4 and n * k <= 1 << 23)
+    return m == 1 or (m == 2 and n * k >= 1 << 25)
+
+
+def _gemv_tile(m: int, n: int, k: int, direction: str) -> tuple:
     """(FMA, BLOCK_M, ROWS, TPR, warps, stages, warps an SM). An FMA tile holds the tokens rounded up
     to a power of two; at 4 tokens the forward's rows halve (a thread keeps x of every token and the
     codes of every row in registers: 80 registers a thread at 2 rows, 156 at 4, on sm_90)."""
-    fma = m <= FMA_MAX_M
+    fma = uses_fma(m, n, k, direction)
     tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
     rows, tpr, warps, stages, warps_per_sm = tiles[f"{direction}_{'fma' if fma else 'dot'}"]
     if not fma:
@@ -353,7 +368,7 @@ def _gemv_plan(m: int, n: int, k: int, direction: str, device: torch.device) -> 
     The reduction (forward: a row's bytes; backward: the rows) is split until the programs hold the
     tile's warps an SM, while the fp32 partials stay under 1/_PARTIAL_SHARE of the weight's bytes and
     each split keeps at least one step; a split's length is a multiple of the step."""
-    fma, bm, rows, tpr, warps, stages, warps_per_sm = _gemv_tile(m, direction)
+    fma, bm, rows, tpr, warps, stages, warps_per_sm = _gemv_tile(m, n, k, direction)
     if direction == "fwd":
         blocks, reduce_len, step, most = triton.cdiv(n, rows), k // 2, 16 * tpr, k // (_PARTIAL_SHARE * 8 * bm)
     else:
