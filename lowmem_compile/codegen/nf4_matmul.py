@@ -309,9 +309,9 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 # --- launchers -----------------------------------------------------------------------------------
 
 #: GEMV tiles (ROWS, TPR, warps, stages, warps an SM): a step covers TPR 16-byte chunks of each of ROWS
-#: rows, one chunk a thread. One token (FMA): a step spans 2 KB of a row across the program (TPR =
-#: 128), each thread holds 4 rows at the same columns, so one x load serves 4 rows. 2..16 tokens
-#: (tl.dot): TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 128 rows are the dot's N.
+#: rows, one chunk a thread. FMA: a step spans 2 KB of a row across the program (TPR = 128), each
+#: thread holds 4 rows at the same columns (2 at 4 tokens, `_gemv_tile`), so one x load serves them.
+#: tl.dot: TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 128 rows are the dot's N.
 #: Backward: strips of 64 (FMA) or 32 (dot) bytes of 32 or 64 rows a step. Splits of the reduction
 #: are added until the programs hold "warps an SM" warps on every SM (memory parallelism), while the
 #: fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes. Chosen by `bench/nf4_gemv_tiles.py`
