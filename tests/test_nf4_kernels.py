@@ -87,7 +87,8 @@ def test_gemv_matches_reference(nested, dtype, lead, n, k, bias):
     q = _weight(n, k, nested, 64 if k % 64 == 0 else 32)
     p, a, s, bs, a2, c2, off = _args(q)
     m = torch.Size(lead).numel()
-    w64, g64 = (q.dequantize(torch.float32 if nf4_matmul.uses_fma(m, n, k, d) else dtype).double() for d in ("fwd", "bwd"))
+    w64, g64 = (q.dequantize(torch.float32 if nf4_matmul.uses_fma(m, n, k, d) else dtype).double()
+                for d in ("fwd", "bwd"))
     x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE) if bias else None
     y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="gemv")
@@ -136,6 +137,17 @@ def test_per_shape_choice_and_bad_strategy():
     with pytest.raises(ValueError, match="K % 32"):
         nf4_matmul.linear(torch.randn(1, 48, device=DEVICE), *_weight(16, 48, False, 32).tensors().values(),
                           (16, 48), 32, strategy="gemv")
+
+
+def test_fma_choice_and_bad_override(monkeypatch):
+    """The GEMV's FMA / tl.dot choice per shape (forward to 2 tokens, to 4 on small weights; backward
+    one token, 2 on large weights) and a clear error for an override the kernels cannot hold."""
+    assert nf4_matmul.uses_fma(2, 14336, 4096, "fwd") and not nf4_matmul.uses_fma(3, 14336, 4096, "fwd")
+    assert nf4_matmul.uses_fma(4, 1024, 4096, "fwd") and not nf4_matmul.uses_fma(5, 1024, 4096, "fwd")
+    assert nf4_matmul.uses_fma(2, 14336, 4096, "bwd") and not nf4_matmul.uses_fma(2, 1024, 4096, "bwd")
+    monkeypatch.setattr(nf4_matmul, "FMA_MAX_M", 8)
+    with pytest.raises(ValueError, match="LOWMEM_NF4_FMA_MAX_M must be 1..4"):
+        nf4_matmul.uses_fma(2, 64, 64, "fwd")
 
 
 def test_op_autograd_saves_only_the_packed_weight():

@@ -11,8 +11,8 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
   everything is computed in the load layout, so no tile goes through shared memory to change
   layout. Few tokens (`uses_fma`: 1-4 forward, 1-2 backward, by weight size): fp32 FMAs, each
   token's sums kept apart (`_token_stack`), a chunk summed in registers and scaled once. Otherwise,
-  up to 16 tokens: a 16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that the mma operand
-  fragment of each thread is exactly the 16 bytes it loaded (see `_kperm`). The backward reduces
+  up to 16 tokens: a 16-row `tl.dot` on W in x's dtype, with the reduction index permuted so that
+  the mma operand fragment of each thread is exactly the 16 bytes it loaded (see `_kperm`). The backward reduces
   over W's rows: a program owns a strip of columns and a range of rows. Splits of the reduction
   write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
@@ -364,6 +364,8 @@ def uses_fma(m: int, n: int, k: int, direction: str) -> bool:
     4096^2 even; 4096->14336: 49.7 against 40.1); backward one token, and 2 on weights of 2^25
     elements or more (4096->14336: 39.2 against 43.0 µs; 4096->1024: 14.5 against 7.7)."""
     if FMA_MAX_M is not None:
+        if not 1 <= FMA_MAX_M <= 4:  # the FMA kernels hold 1, 2 or 4 tokens
+            raise ValueError(f"LOWMEM_NF4_FMA_MAX_M must be 1..4, got {FMA_MAX_M}")
         return m <= FMA_MAX_M
     if direction == "fwd":
         return m <= 2 or (m <= 4 and n * k <= 1 << 23)
@@ -373,7 +375,7 @@ def uses_fma(m: int, n: int, k: int, direction: str) -> bool:
 def _gemv_tile(m: int, n: int, k: int, direction: str) -> tuple:
     """(FMA, BLOCK_M, ROWS, TPR, warps, stages, warps an SM). An FMA tile holds the tokens rounded up
     to a power of two; at 4 tokens the forward's rows halve (a thread keeps x of every token and the
-    codes of every row in registers: 80 registers a thread at 2 rows, 156 at 4, on sm_90)."""
+    codes of every row in registers: ~100 registers a thread at 2 rows, over 150 at 4, on sm_90)."""
     fma = uses_fma(m, n, k, direction)
     tiles = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _GEMV_TILES
     rows, tpr, warps, stages, warps_per_sm = tiles[f"{direction}_{'fma' if fma else 'dot'}"]
