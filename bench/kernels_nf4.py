@@ -5,7 +5,7 @@ timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays o
 M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
 is measured separately below; every variant of a row is timed in 3 rounds, the order rotated each
 round, and the median kept: see `_interleaved_ms`). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
-choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), at 2..4 tokens the
+choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), at 1..4 tokens the
 GEMV's FMA and tl.dot kernels each forced, ours dequant+cuBLAS forced, bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
 kernel alone in TB/s on every weight against a plain bf16 copy of the same output size. Correctness is checked first against the
@@ -114,9 +114,9 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             if m <= 16:
                 fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
                 bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
-            if 1 < m <= 4:  # the GEMV's two ways at the tokens where either may run
-                fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=1)
-                bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=1)
+            if m <= 4:  # the GEMV's two ways at the tokens where either may run
+                fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=0)
+                bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=0)
                 fwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=4)
                 bwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=4)
             if bnb_state is not None:

@@ -41,7 +41,7 @@ from ..formats import nf4 as nf4_format
 
 #: Up to this many tokens the GEMV kernels run, above it dequant + cuBLAS (at most 16: one mma tile).
 GEMV_MAX_M = int(os.environ.get("LOWMEM_NF4_GEMV_MAX_M", "16"))
-#: Overrides `uses_fma`'s per-shape choice when set: FMAs up to this many tokens (1..4), tl.dot above.
+#: Overrides `uses_fma`'s per-shape choice when set: FMAs up to this many tokens (0..4), tl.dot above.
 FMA_MAX_M = int(os.environ["LOWMEM_NF4_FMA_MAX_M"]) if "LOWMEM_NF4_FMA_MAX_M" in os.environ else None
 _DEQUANT_BYTES = 4096  # packed bytes a dequant program handles: 16 per thread at 8 warps
 _DEQUANT_WARPS = 8
@@ -362,14 +362,16 @@ def uses_fma(m: int, n: int, k: int, direction: str) -> bool:
     (bench/results/nf4/2026-11-29T21/): forward FMAs to 2 tokens (1.1-2.1x faster than the dot on
     every Llama-3-8B shape), to 4 on weights up to 2^23 elements (4096->1024: 5.8 against 10.0 µs;
     4096^2 even; 4096->14336: 49.7 against 40.1); backward one token, and 2 on weights of 2^25
-    elements or more (4096->14336: 39.2 against 43.0 µs; 4096->1024: 14.5 against 7.7)."""
+    elements or more (4096->14336: 39.2 against 43.0 µs; 4096->1024: 14.5 against 7.7), but not on
+    weights up to 2^23 elements, where the one-token FMA backward took 11.3 µs and the dot 7.6-7.7
+    at every token count measured (2-16; its cost does not depend on M, one token not yet timed)."""
     if FMA_MAX_M is not None:
-        if not 1 <= FMA_MAX_M <= 4:  # the FMA kernels hold 1, 2 or 4 tokens
-            raise ValueError(f"LOWMEM_NF4_FMA_MAX_M must be 1..4, got {FMA_MAX_M}")
+        if not 0 <= FMA_MAX_M <= 4:  # the FMA kernels hold 1, 2 or 4 tokens
+            raise ValueError(f"LOWMEM_NF4_FMA_MAX_M must be 0..4 (0: always the dot), got {FMA_MAX_M}")
         return m <= FMA_MAX_M
     if direction == "fwd":
         return m <= 2 or (m <= 4 and n * k <= 1 << 23)
-    return m == 1 or (m == 2 and n * k >= 1 << 25)
+    return n * k > 1 << 23 and (m == 1 or (m == 2 and n * k >= 1 << 25))
 
 
 def _gemv_tile(m: int, n: int, k: int, direction: str) -> tuple:
