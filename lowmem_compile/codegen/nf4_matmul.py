@@ -18,6 +18,9 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
   transient buffer (freed right after the matmul, so the caching allocator hands the same block to
   the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once.
+* fused (forward only, `strategy="fused"`, never the per-shape choice until measured): one matmul
+  that decodes its W tile in registers each k-step, so no 16-bit W exists; the dequant's share of
+  dequant + cuBLAS (10-17% at 2048 tokens) is what it could win, if its mainloop keeps up with cuBLAS.
 
 The dequantized W (dequant kernel, and the GEMV's tl.dot operand) is code[nibble] · absmax in fp32
 rounded once to the activation dtype, bit-identical to the reference and to bitsandbytes; a
@@ -322,6 +325,41 @@ def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
 
 
 @triton.jit
+def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, y_ptr,
+                      M, N, K, stride_xm, stride_ym,
+                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """yᵀ tile [BLOCK_N, BLOCK_M] = W tile · xᵀ tile, W decoded in registers each k-step (the dot's
+    A operand: on sm_90 a wgmma reads it from registers, xᵀ from shared memory). A k-step stays in
+    one NF4 block of each row (BLOCK_K divides the block size), so one scale a row a step. Programs
+    run GROUP row blocks of W down each column of tokens, so the weight tile is reused from L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    first_n = (pid // (GROUP * grid_m)) * GROUP
+    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP)
+    pid_n = first_n + (pid % (GROUP * grid_m)) % size
+    pid_m = (pid % (GROUP * grid_m)) // size
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: loads stay in bounds, the store masks
+    toks = tl.minimum(offs_m, M - 1).to(tl.int64)
+    code = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        start = rows * K + k0
+        byte = tl.load(packed_ptr + start[:, None] // 2 + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start // BLOCKSIZE, rows >= 0, NESTED)
+        index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N * BLOCK_K,))  # high nibble first
+        w = (tl.reshape(tl.gather(code, index, 0), (BLOCK_N, BLOCK_K)) * scale[:, None]).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptr + toks[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None])
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
+    dest = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
 def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out = Σ_s part[s] (+ bias rounded to out's dtype) in one pass: the split reduction's epilogue."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -433,8 +471,8 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
 def use_gemv(m: int, k: int, strategy: str | None) -> bool:
     """Whether M tokens of K features take the GEMV kernels: `strategy` forces one, None is the
     per-shape choice (which `nf4_matmul="graph"` also asks, to leave such sites to the op)."""
-    if strategy not in (None, "gemv", "dequant"):
-        raise ValueError(f"NF4 strategy must be 'gemv', 'dequant' or None (per shape), got {strategy!r}")
+    if strategy not in (None, "gemv", "dequant", "fused"):
+        raise ValueError(f"NF4 strategy must be 'gemv', 'dequant', 'fused' or None (per shape), got {strategy!r}")
     if strategy == "gemv" and not (0 < m <= 16 and k % 32 == 0):
         raise ValueError(f"the NF4 GEMV needs 1..16 tokens and K % 32 == 0, got M={m}, K={k}")
     if strategy is not None:
@@ -477,6 +515,32 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     return out
 
 
+#: The fused kernel's tile (BLOCK_N, BLOCK_M, BLOCK_K, GROUP, warps, stages): on sm_90 two warpgroups
+#: wgmma over 128 weight rows and 256 tokens, W decoded 64 columns a step (231 registers a thread).
+_FUSED_TILE = (128, 256, 64, 8, 8, 3)
+_INTERPRET_FUSED_TILE = (16, 16, 64, 2, 4, 1)
+
+
+def _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset) -> torch.Tensor:
+    """[M, N] = x2 · Wᵀ (+ bias) by `_fused_fwd_kernel`: no 16-bit W in memory."""
+    n, k = shape
+    bn, bm, bk, group, warps, stages = _INTERPRET_FUSED_TILE if os.environ.get("TRITON_INTERPRET") == "1" else _FUSED_TILE
+    if k % blocksize or blocksize % bk:
+        raise ValueError(f"the fused NF4 kernel needs K and the block size to be multiples of {bk}, "
+                         f"got K={k}, block size {blocksize}")
+    x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
+    _fused_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bm),)](
+        x2, packed, code_table(x2.device), absmax, a2, c2, off, x2 if bias is None else bias, y,
+        m, n, k, x2.stride(0), y.stride(0), BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
+        PRECISION=_precision(x2), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP=group,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+    return y
+
+
 def _pairs(t: torch.Tensor) -> torch.Tensor:
     """`t` (contiguous [M, K]) viewed as words of two elements, for the one-token kernel's x loads."""
     if t.storage_offset() % 2:  # the word view needs an even element offset
@@ -486,10 +550,13 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
 
 def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None, *,
            strategy: str | None = None) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant") overrides the per-shape choice."""
+    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant" / "fused") overrides the
+    per-shape choice, which never takes "fused" (the dequant-in-the-matmul kernel, not yet measured)."""
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if strategy == "fused":
+        return _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset).reshape(*x.shape[:-1], n)
     if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -514,6 +581,8 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
+    if strategy == "fused":
+        raise ValueError("the fused NF4 kernel computes the forward only")
     if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
