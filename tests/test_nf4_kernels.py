@@ -108,7 +108,7 @@ def test_gemv_fma_forced_both_directions(monkeypatch, m):
     """The FMA kernels at 1, 2 and 3 (a 4th padded) tokens in both directions, forced where the
     per-shape choice takes the dot (a backward split over rows, nested absmax, fp16), against fp32 weights."""
     monkeypatch.setattr(nf4_matmul, "FMA_MAX_M", 4)
-    n, k = 2048, 64
+    n, k = 128, 64
     q = _weight(n, k, True)
     p, a, s, bs, a2, c2, off = _args(q)
     w64 = q.dequantize(torch.float32).double()
