@@ -64,18 +64,20 @@ def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NE
 
 @triton.jit
 def _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, ok,
-                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
-    """Decode the 16-byte chunks beginning at byte `start` [C] (masked by `ok`): the code values of
-    their 32 elements [C, 32] fp32 (unscaled, element order) and the chunk's absmax [C].
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr = 16):
+    """Decode the BYTES-byte chunks beginning at byte `start` [C] (masked by `ok`; a chunk inside one
+    NF4 block): the code values of their 2·BYTES elements [C, 2·BYTES] fp32 (unscaled, element
+    order) and the chunk's absmax [C].
 
-    The chunk layout keeps one chunk's bytes in one thread (a 16-byte load) and the per-chunk values
-    (start, mask, absmax) one a thread, so the scale is one load a chunk and no value changes layout.
-    The lookup is one gather from the 16 code values (`code`, in shared memory once lowered)."""
+    The GEMV's 16-byte chunks keep one chunk's bytes in one thread (a 16-byte load) and the
+    per-chunk values (start, mask, absmax) one a thread, so the scale is one load a chunk and no
+    value changes layout. The lookup is one gather from the 16 code values (`code`, in shared memory
+    once lowered)."""
     C: tl.constexpr = start.shape[0]
-    byte = tl.load(packed_ptr + start[:, None] + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + start[:, None] + tl.arange(0, BYTES)[None, :], mask=ok[:, None], other=0).to(tl.int32)
     scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start // (BLOCKSIZE // 2), ok, NESTED)
-    index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (C * 32,))  # high nibble first
-    return tl.reshape(tl.gather(code, index, 0), (C, 32)), scale
+    index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (C * 2 * BYTES,))  # high nibble first
+    return tl.reshape(tl.gather(code, index, 0), (C, 2 * BYTES)), scale
 
 
 @triton.jit
@@ -346,11 +348,9 @@ def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code
     code = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        start = rows * K + k0
-        byte = tl.load(packed_ptr + start[:, None] // 2 + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
-        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start // BLOCKSIZE, rows >= 0, NESTED)
-        index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N * BLOCK_K,))  # high nibble first
-        w = (tl.reshape(tl.gather(code, index, 0), (BLOCK_N, BLOCK_K)) * scale[:, None]).to(x_ptr.dtype.element_ty)
+        codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                   (rows * K + k0) // 2, rows >= 0, BLOCKSIZE, NESTED, BLOCK_K // 2)
+        w = (codes * scale[:, None]).to(x_ptr.dtype.element_ty)
         xt = tl.load(x_ptr + toks[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None])
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
