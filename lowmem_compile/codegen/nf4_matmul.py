@@ -327,14 +327,16 @@ def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
 
 
 @triton.jit
-def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, y_ptr,
-                      M, N, K, stride_xm, stride_ym,
-                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """yᵀ tile [BLOCK_N, BLOCK_M] = W tile · xᵀ tile, W decoded in registers each k-step (the dot's
     A operand: on sm_90 a wgmma reads it from registers, xᵀ from shared memory). A k-step stays in
     one NF4 block of each row (BLOCK_K divides the block size), so one scale a row a step. Programs
-    run GROUP row blocks of W down each column of tokens, so the weight tile is reused from L2."""
+    run GROUP row blocks of W down each column of tokens, so the weight tile is reused from L2. The
+    absmax is fp32 (`_absmax_kernel` expands a nested one first): every load of the loop is then
+    independent of the others, and Triton software-pipelines them all (a nested absmax is two
+    dependent loads, the first one byte wide: not pipelined, so each step waited for memory)."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     first_n = (pid // (GROUP * grid_m)) * GROUP
@@ -348,8 +350,8 @@ def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code
     code = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                   (rows * K + k0) // 2, rows >= 0, BLOCKSIZE, NESTED, BLOCK_K // 2)
+        codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax_ptr, absmax_ptr, absmax_ptr,
+                                   (rows * K + k0) // 2, rows >= 0, BLOCKSIZE, False, BLOCK_K // 2)
         w = (codes * scale[:, None]).to(x_ptr.dtype.element_ty)
         xt = tl.load(x_ptr + toks[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None])
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
@@ -357,6 +359,14 @@ def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
     dest = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _absmax_kernel(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, blocks, BLOCK: tl.constexpr):
+    """out[b] = the fp32 absmax of NF4 block b from its nested form (code2[q] · absmax2 + offset)."""
+    block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = block < blocks
+    tl.store(out_ptr + block, _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, ok, True), mask=ok)
 
 
 @triton.jit
@@ -515,28 +525,46 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     return out
 
 
-#: The fused kernel's tile (BLOCK_N, BLOCK_M, BLOCK_K, GROUP, warps, stages): on sm_90 two warpgroups
-#: wgmma over 128 weight rows and 256 tokens, W decoded 64 columns a step (231 registers a thread).
-_FUSED_TILE = (128, 256, 64, 8, 8, 3)
+#: The fused kernel's tiles (BLOCK_N, BLOCK_M, BLOCK_K, GROUP, warps, stages): on sm_90 two warpgroups
+#: wgmma over 128 weight rows and 256 tokens (231 registers a thread), or 128 tokens where 256 leave
+#: SMs idle (4096->1024 at 2048 tokens: 64 programs on 132 SMs); W decoded 64 columns a step.
+_FUSED_TILES = ((128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3))
 _INTERPRET_FUSED_TILE = (16, 16, 64, 2, 4, 1)
 
 
-def _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset) -> torch.Tensor:
-    """[M, N] = x2 · Wᵀ (+ bias) by `_fused_fwd_kernel`: no 16-bit W in memory."""
+def _fused_tile(m: int, n: int, device: torch.device) -> tuple:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _INTERPRET_FUSED_TILE
+    big, small = _FUSED_TILES
+    return big if triton.cdiv(n, big[0]) * triton.cdiv(m, big[1]) >= _sm_count(device) else small
+
+
+def _fp32_absmax(absmax, absmax2, code2, offset, blocks: int) -> torch.Tensor:
+    """The nested absmax expanded to fp32 (4 bytes a block: 1/16 of the packed weight's bytes at
+    block size 64), bit-identical to the scale the other kernels compute."""
+    out = torch.empty(blocks, dtype=torch.float32, device=absmax.device)
+    _absmax_kernel[(triton.cdiv(blocks, _SUM_BLOCK),)](absmax, absmax2, code2, offset, out, blocks, BLOCK=_SUM_BLOCK,
+                                                        enable_fp_fusion=False)
+    return out
+
+
+def _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset, tile=None) -> torch.Tensor:
+    """[M, N] = x2 · Wᵀ (+ bias) by `_fused_fwd_kernel`: no 16-bit W in memory. `tile` overrides the
+    per-shape tile (one of `_FUSED_TILES`, for the benchmark)."""
     n, k = shape
-    bn, bm, bk, group, warps, stages = _INTERPRET_FUSED_TILE if os.environ.get("TRITON_INTERPRET") == "1" else _FUSED_TILE
+    x2 = x2.contiguous()
+    m = x2.shape[0]
+    bn, bm, bk, group, warps, stages = tile or _fused_tile(m, n, x2.device)
     if k % blocksize or blocksize % bk:
         raise ValueError(f"the fused NF4 kernel needs K and the block size to be multiples of {bk}, "
                          f"got K={k}, block size {blocksize}")
-    x2 = x2.contiguous()
-    m = x2.shape[0]
+    if absmax2 is not None:
+        absmax = _fp32_absmax(absmax, absmax2, code2, offset, n * k // blocksize)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    a2, c2, off, nested = _weight_args(absmax, absmax2, code2, offset)
     _fused_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bm),)](
-        x2, packed, code_table(x2.device), absmax, a2, c2, off, x2 if bias is None else bias, y,
-        m, n, k, x2.stride(0), y.stride(0), BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
-        PRECISION=_precision(x2), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP=group,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        x2, packed, code_table(x2.device), absmax, x2 if bias is None else bias, y, m, n, k, x2.stride(0), y.stride(0),
+        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, PRECISION=_precision(x2), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
+        GROUP=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
     return y
 
