@@ -6,8 +6,8 @@ M, so neither launch overhead nor a busy host hides or inflates the kernels; the
 is measured separately below; every variant of a row is timed in 3 rounds, the order rotated each
 round, and the median kept: see `_interleaved_ms`). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
 choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), at 1..4 tokens the
-GEMV's FMA and tl.dot kernels each forced, ours dequant+cuBLAS forced, from 256 tokens the fused
-dequant-in-the-matmul forward (`strategy="fused"`), bitsandbytes (if importable). Then the host time of one call (op, op as compiled graphs call
+GEMV's FMA and tl.dot kernels each forced, ours dequant+cuBLAS forced, bitsandbytes (if
+importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
 kernel alone in TB/s on every weight against a plain bf16 copy of the same output size. Correctness is checked first against the
 reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
@@ -115,8 +115,6 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             if m <= 16:
                 fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
                 bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
-            if m >= 256 and k % 64 == 0:  # the dequant-in-the-matmul forward (the per-shape choice does not take it yet)
-                fwd["fused"] = lambda: _forced("fused", nf4_matmul.linear, x, q)
             if m <= 4:  # the GEMV's two ways at the tokens where either may run
                 fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=0)
                 bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=0)
@@ -217,7 +215,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     opts = parser.parse_args()
     if opts.smoke:
-        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (96, 48)], [1, 3, 16, 256]
+        device, dtype, shapes, tokens = "cpu", torch.float16, [(128, 64), (96, 48)], [1, 3, 16, 80]
     else:
         device, dtype, shapes, tokens = "cuda", torch.bfloat16, SHAPES, TOKENS
     out_dir = os.environ.get("OUT", "bench/results")
@@ -246,7 +244,7 @@ def main() -> None:
 
 
 def _table(result) -> str:
-    cols = ["cublas_ms", "ours_ms", "gemv_ms", "gemv_fma_ms", "gemv_dot_ms", "dequant_mm_ms", "fused_ms", "bnb_ms"]
+    cols = ["cublas_ms", "ours_ms", "gemv_ms", "gemv_fma_ms", "gemv_dot_ms", "dequant_mm_ms", "bnb_ms"]
     lines = ["| K->N | M | dir | " + " | ".join(c[:-3] + " (us)" for c in cols) + " | ours/cuBLAS speed |",
              "|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:

@@ -141,42 +141,6 @@ def test_per_shape_choice_and_bad_strategy():
                           (16, 48), 32, strategy="gemv")
 
 
-@pytest.mark.parametrize("dtype,lead,n,k,nested,bias", [
-    (torch.float16, (2, 9), 40, 192, True, True),    # ragged tokens and rows, batch dims, nested absmax
-    (torch.float32, (5,), 24, 128, False, False),    # fp32 (an fp32 dot), plain absmax
-])
-def test_fused_forward_matches_reference(dtype, lead, n, k, nested, bias):
-    """The fused dequant-in-the-matmul forward against a float64 product of W rounded to x's dtype
-    (the kernel rounds W exactly so), masked tails in both tile dims."""
-    q = _weight(n, k, nested)
-    p, a, s, bs, a2, c2, off = _args(q)
-    x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
-    b = torch.randn(n, device=DEVICE) if bias else None
-    y = nf4_matmul.linear(x, p, a, s, bs, b, a2, c2, off, strategy="fused")
-    expected = torch.nn.functional.linear(x.double(), q.dequantize(dtype).double(),
-                                          None if b is None else b.to(dtype).double())
-    assert y.dtype == dtype and y.shape == (*lead, n)
-    assert rel_err(y, expected) < TOL[dtype]
-    with pytest.raises(ValueError, match="forward only"):
-        nf4_matmul.linear_backward(torch.randn(*lead, n, device=DEVICE, dtype=dtype), p, a, s, bs, a2, c2, off,
-                                   strategy="fused")
-    with pytest.raises(ValueError, match="multiples of 64"):
-        q32 = _weight(n, 96, False, 32)
-        nf4_matmul.linear(torch.randn(2, 96, device=DEVICE, dtype=dtype), *_args(q32)[:4], strategy="fused")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m,n,k", [(2048, 4096, 4096), (300, 1000, 4096)])
-def test_fused_forward_bf16_on_gpu(m, n, k):
-    """The fused forward in bf16 (wgmma on sm_90) at a Llama shape and with ragged tiles."""
-    q = _weight(n, k, True)
-    p, a, s, bs, a2, c2, off = _args(q)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    y = nf4_matmul.linear(x, p, a, s, bs, None, a2, c2, off, strategy="fused")
-    assert rel_err(y, x.double() @ q.dequantize(torch.bfloat16).double().T) < TOL[torch.bfloat16]
-
-
 def test_fma_choice_and_bad_override(monkeypatch):
     """The GEMV's FMA / tl.dot choice per shape (forward to 2 tokens, to 4 on small weights; backward
     one token but on small weights, 2 on large ones) and a clear error for an override the kernels cannot hold."""

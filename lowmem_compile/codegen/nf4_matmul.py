@@ -17,10 +17,9 @@ Two strategies, chosen per shape by :func:`use_gemv` (M = tokens = product of le
   write fp32 partials that one small kernel sums with the bias (deterministic, no atomics).
 * dequant + cuBLAS (large M, compute-bound): a bandwidth-bound kernel writes W in 16 bits into a
   transient buffer (freed right after the matmul, so the caching allocator hands the same block to
-  the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once.
-* fused (forward only, `strategy="fused"`, never the per-shape choice until measured): one matmul
-  that decodes its W tile in registers each k-step, so no 16-bit W exists; the dequant's share of
-  dequant + cuBLAS (10-17% at 2048 tokens) is what it could win, if its mainloop keeps up with cuBLAS.
+  the next layer), then cuBLAS multiplies. Extra traffic: 2·N·K bytes written and read once. A
+  Triton matmul decoding W inside its loop was measured at 1.5-2.2x the time of the same loop on a
+  16-bit W, itself 0.83-0.92x of cuBLAS, and removed (docs/nf4.md).
 
 The dequantized W (dequant kernel, and the GEMV's tl.dot operand) is code[nibble] · absmax in fp32
 rounded once to the activation dtype, bit-identical to the reference and to bitsandbytes; a
@@ -64,20 +63,19 @@ def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NE
 
 @triton.jit
 def _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, ok,
-                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr = 16):
-    """Decode the BYTES-byte chunks beginning at byte `start` [C] (masked by `ok`; a chunk inside one
-    NF4 block): the code values of their 2·BYTES elements [C, 2·BYTES] fp32 (unscaled, element
-    order) and the chunk's absmax [C].
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """Decode the 16-byte chunks beginning at byte `start` [C] (masked by `ok`; a chunk inside one
+    NF4 block): the code values of their 32 elements [C, 32] fp32 (unscaled, element order) and the
+    chunk's absmax [C].
 
-    The GEMV's 16-byte chunks keep one chunk's bytes in one thread (a 16-byte load) and the
-    per-chunk values (start, mask, absmax) one a thread, so the scale is one load a chunk and no
-    value changes layout. The lookup is one gather from the 16 code values (`code`, in shared memory
-    once lowered)."""
+    One chunk's bytes stay in one thread (a 16-byte load) and the per-chunk values (start, mask,
+    absmax) one a thread, so the scale is one load a chunk and no value changes layout. The lookup
+    is one gather from the 16 code values (`code`, in shared memory once lowered)."""
     C: tl.constexpr = start.shape[0]
-    byte = tl.load(packed_ptr + start[:, None] + tl.arange(0, BYTES)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + start[:, None] + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0).to(tl.int32)
     scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start // (BLOCKSIZE // 2), ok, NESTED)
-    index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (C * 2 * BYTES,))  # high nibble first
-    return tl.reshape(tl.gather(code, index, 0), (C, 2 * BYTES)), scale
+    index = tl.reshape(tl.join(byte >> 4, byte & 0xF), (C * 32,))  # high nibble first
+    return tl.reshape(tl.gather(code, index, 0), (C, 32)), scale
 
 
 @triton.jit
@@ -327,49 +325,6 @@ def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
 
 
 @triton.jit
-def _fused_fwd_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                      BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """yᵀ tile [BLOCK_N, BLOCK_M] = W tile · xᵀ tile, W decoded in registers each k-step (the dot's
-    A operand: on sm_90 a wgmma reads it from registers, xᵀ from shared memory). A k-step stays in
-    one NF4 block of each row (BLOCK_K divides the block size), so one scale a row a step. Programs
-    run GROUP row blocks of W down each column of tokens, so the weight tile is reused from L2. The
-    absmax is fp32 (`_absmax_kernel` expands a nested one first): every load of the loop is then
-    independent of the others, and Triton software-pipelines them all (a nested absmax is two
-    dependent loads, the first one byte wide: not pipelined, so each step waited for memory)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    first_n = (pid // (GROUP * grid_m)) * GROUP
-    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP)
-    pid_n = first_n + (pid % (GROUP * grid_m)) % size
-    pid_m = (pid % (GROUP * grid_m)) // size
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: loads stay in bounds, the store masks
-    toks = tl.minimum(offs_m, M - 1).to(tl.int64)
-    code = tl.load(code_ptr + tl.arange(0, 16))
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax_ptr, absmax_ptr, absmax_ptr,
-                                   (rows * K + k0) // 2, rows >= 0, BLOCKSIZE, False, BLOCK_K // 2)
-        w = (codes * scale[:, None]).to(x_ptr.dtype.element_ty)
-        xt = tl.load(x_ptr + toks[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None])
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    if HAS_BIAS:  # rounded to the activation dtype first, as F.linear(x, W, bias.to(x.dtype)) does
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
-    dest = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
-
-
-@triton.jit
-def _absmax_kernel(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, blocks, BLOCK: tl.constexpr):
-    """out[b] = the fp32 absmax of NF4 block b from its nested form (code2[q] · absmax2 + offset)."""
-    block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = block < blocks
-    tl.store(out_ptr + block, _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, ok, True), mask=ok)
-
-
-@triton.jit
 def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out = Σ_s part[s] (+ bias rounded to out's dtype) in one pass: the split reduction's epilogue."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -481,8 +436,8 @@ def _weight_args(absmax, absmax2, code2, offset) -> tuple[torch.Tensor, torch.Te
 def use_gemv(m: int, k: int, strategy: str | None) -> bool:
     """Whether M tokens of K features take the GEMV kernels: `strategy` forces one, None is the
     per-shape choice (which `nf4_matmul="graph"` also asks, to leave such sites to the op)."""
-    if strategy not in (None, "gemv", "dequant", "fused"):
-        raise ValueError(f"NF4 strategy must be 'gemv', 'dequant', 'fused' or None (per shape), got {strategy!r}")
+    if strategy not in (None, "gemv", "dequant"):
+        raise ValueError(f"NF4 strategy must be 'gemv', 'dequant' or None (per shape), got {strategy!r}")
     if strategy == "gemv" and not (0 < m <= 16 and k % 32 == 0):
         raise ValueError(f"the NF4 GEMV needs 1..16 tokens and K % 32 == 0, got M={m}, K={k}")
     if strategy is not None:
@@ -525,50 +480,6 @@ def dequantize(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None
     return out
 
 
-#: The fused kernel's tiles (BLOCK_N, BLOCK_M, BLOCK_K, GROUP, warps, stages): on sm_90 two warpgroups
-#: wgmma over 128 weight rows and 256 tokens (231 registers a thread), or 128 tokens where 256 leave
-#: SMs idle (4096->1024 at 2048 tokens: 64 programs on 132 SMs); W decoded 64 columns a step.
-_FUSED_TILES = ((128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3))
-_INTERPRET_FUSED_TILE = (16, 16, 64, 2, 4, 1)
-
-
-def _fused_tile(m: int, n: int, device: torch.device) -> tuple:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _INTERPRET_FUSED_TILE
-    big, small = _FUSED_TILES
-    return big if triton.cdiv(n, big[0]) * triton.cdiv(m, big[1]) >= _sm_count(device) else small
-
-
-def _fp32_absmax(absmax, absmax2, code2, offset, blocks: int) -> torch.Tensor:
-    """The nested absmax expanded to fp32 (4 bytes a block: 1/16 of the packed weight's bytes at
-    block size 64), bit-identical to the scale the other kernels compute."""
-    out = torch.empty(blocks, dtype=torch.float32, device=absmax.device)
-    _absmax_kernel[(triton.cdiv(blocks, _SUM_BLOCK),)](absmax, absmax2, code2, offset, out, blocks, BLOCK=_SUM_BLOCK,
-                                                        enable_fp_fusion=False)
-    return out
-
-
-def _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset, tile=None) -> torch.Tensor:
-    """[M, N] = x2 · Wᵀ (+ bias) by `_fused_fwd_kernel`: no 16-bit W in memory. `tile` overrides the
-    per-shape tile (one of `_FUSED_TILES`, for the benchmark)."""
-    n, k = shape
-    x2 = x2.contiguous()
-    m = x2.shape[0]
-    bn, bm, bk, group, warps, stages = tile or _fused_tile(m, n, x2.device)
-    if k % blocksize or blocksize % bk:
-        raise ValueError(f"the fused NF4 kernel needs K and the block size to be multiples of {bk}, "
-                         f"got K={k}, block size {blocksize}")
-    if absmax2 is not None:
-        absmax = _fp32_absmax(absmax, absmax2, code2, offset, n * k // blocksize)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    _fused_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bm),)](
-        x2, packed, code_table(x2.device), absmax, x2 if bias is None else bias, y, m, n, k, x2.stride(0), y.stride(0),
-        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, PRECISION=_precision(x2), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
-        GROUP=group, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
-    )
-    return y
-
-
 def _pairs(t: torch.Tensor) -> torch.Tensor:
     """`t` (contiguous [M, K]) viewed as words of two elements, for the one-token kernel's x loads."""
     if t.storage_offset() % 2:  # the word view needs an even element offset
@@ -578,13 +489,10 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
 
 def linear(x, packed, absmax, shape, blocksize, bias=None, absmax2=None, code2=None, offset=None, *,
            strategy: str | None = None) -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant" / "fused") overrides the
-    per-shape choice, which never takes "fused" (the dequant-in-the-matmul kernel, not yet measured)."""
+    """y = x · Wᵀ (+ bias) in x's dtype. `strategy` ("gemv" / "dequant") overrides the per-shape choice."""
     n, k = shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if strategy == "fused":
-        return _fused_linear(x2, packed, absmax, shape, blocksize, bias, absmax2, code2, offset).reshape(*x.shape[:-1], n)
     if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, x.dtype, absmax2, code2, offset)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -609,8 +517,6 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
     n, k = shape
     g2 = grad_y.reshape(-1, n)
     m = g2.shape[0]
-    if strategy == "fused":
-        raise ValueError("the fused NF4 kernel computes the forward only")
     if not use_gemv(m, k, strategy):
         w = dequantize(packed, absmax, shape, blocksize, grad_y.dtype, absmax2, code2, offset)
         return torch.matmul(grad_y, w)
