@@ -13,6 +13,7 @@
 #                                                   # lowmem lowering them, lowmem with nf4="off" (E2E_LAYERS=8: 8 layers)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
 #                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv4 at 6.3 GiB), Unsloth
+#   bash bench/run_all.sh e2e8192c8                 # the headline row beside the same with the MLP in 8 pieces
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -40,7 +41,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -52,6 +53,7 @@ rows() { grep -h "^| " "$@" | grep -v "^| config\|^|---"; }
 lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_budget_c2='lowmem_lean_b68c2={"offload":"parked","logits":"drop","mlp_chunks":2,"memory_budget":"6.8GiB"}'
 lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","attention":"kv4"}'
+lean_budget_c8='lowmem_lean_b6c8={"offload":"parked","logits":"drop","mlp_chunks":8,"memory_budget":"6.3GiB"}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
 stage() {
@@ -79,6 +81,12 @@ stage() {
       e2e --seqs 8192 --profile --lowmem "$lean_budget_kv4" --configs lowmem_lean_b6kv4 --out "$out/c" > "$out/c.log" 2>&1 &
       e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md "$out"/d/e2e.md ;;
+    e2e8192c8)
+      # the headline row beside the same with the MLP in 8 pieces instead of "auto"'s 4: the cost
+      # model predicts a lower peak with 8 at 8192, 32768 and 131072 tokens (examples/plan.py, CPU)
+      e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --lowmem "$lean_budget_c8" --configs lowmem_lean_b6c8 --out "$out/b" > "$out/b.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     trajectory)  # 4 layers at 8192, 7 steps: which plans train like an fp32 run of the same weights?
       flock "$lock" timeout 120 python3 -m pytest -q -m gpu tests/test_offload.py -p no:cacheprovider > "$out/pytest_offload.log" 2>&1
       flock "$lock" timeout 420 python3 bench/trajectory.py --layers 4 --seq 8192 --steps 7 --out "$out" \
