@@ -49,8 +49,11 @@ from .linear_nf4 import dequantize_once, is_nf4_linear
 AUTO_TOKENS_PER_CHUNK = 2048
 #: At most this many pieces under "auto": each piece is a copy of the block's nodes, and AOTAutograd
 #: and the partitioner scale with the graph (at 131072 tokens, 64 pieces x 32 layers did not compile
-#: in 530 s on an H200's host); 16 still leaves a piece 1/16 of the block's widest values.
-AUTO_MAX_PIECES = 16
+#: in 530 s on an H200's host). Past 8 the peak rises again under `remat="full"` (cost model, two
+#: layers, lean setup: 32768 tokens 7.36 / 6.87 / 7.45 GiB with 4 / 8 / 16 pieces, 131072 tokens
+#: 20.94 with 8 against 23.12 with 16): more pieces, more of the pieces' hidden-size buffers live
+#: in the backward, and the block's widest values are already small beside them.
+AUTO_MAX_PIECES = 8
 
 _POINTWISE_FUNCTIONS = (
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
