@@ -17,6 +17,7 @@
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
+#   bash bench/run_all.sh pieces32k                 # 32768: lean with "auto"'s 8 MLP pieces and with 16
 #   bash bench/run_all.sh attn32k                   # 32768: lean with and without the attention pass
 #   bash bench/run_all.sh nohead drop2048 sweep2048b
 #                                                   # no LM head at 8192/2048; 2048: defaults and logits
@@ -41,7 +42,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 recompile8192 lean128k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -108,6 +109,11 @@ stage() {
       # one parent each: a 32-layer compile plus four 32k steps is ~5 minutes, two in a row would not fit
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
       e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_noattn" --configs lowmem_lean_noattn --out "$out/b" > "$out/b.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
+    pieces32k)  # 32768 tokens, lean: "auto"'s 8 MLP pieces beside 16 (its cap before 2026-11-30)
+      e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 32768 --warmup 1 --steps 3 --lowmem 'lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}' \
+        --configs lowmem_lean_c16 --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     nf4e2e2048)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
       # lowmem_bnb_cg: CUDA graph replay (the step is host-bound here); lowmem_bnb_graph: nf4_matmul="graph"
