@@ -19,10 +19,11 @@ from tests.models import batch, tiny_model, trainable_grads
 
 
 def _compile_step(options):
-    """One step of a tiny bf16 Llama with NF4 weights (our ops in the graph); its LoRA gradients and report."""
+    """One step of a one-layer tiny bf16 Llama with NF4 weights (our ops in the graph; one layer keeps
+    Inductor's CPU compile short); its LoRA gradients and report."""
     lowmem_compile.reset()
     torch.manual_seed(0)
-    model = tiny_model("llama", dtype=torch.bfloat16)
+    model = tiny_model("llama", dtype=torch.bfloat16, num_hidden_layers=1)
     lowmem_compile.quantize_(model)
     torch.compile(model, backend="lowmem", options=options)(**batch()).loss.backward()
     return trainable_grads(model), lowmem_compile.last_report().to_dict()
