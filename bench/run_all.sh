@@ -55,6 +55,7 @@ lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"au
 lean_budget_c2='lowmem_lean_b68c2={"offload":"parked","logits":"drop","mlp_chunks":2,"memory_budget":"6.8GiB"}'
 lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","attention":"kv4"}'
 lean_budget_c8='lowmem_lean_b6c8={"offload":"parked","logits":"drop","mlp_chunks":8,"memory_budget":"6.3GiB"}'
+lean_c16='lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
 stage() {
@@ -112,8 +113,7 @@ stage() {
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     pieces32k)  # 32768 tokens, lean: "auto"'s 8 MLP pieces beside 16 (its cap before 2026-11-30)
       e2e --seqs 32768 --warmup 1 --steps 3 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
-      e2e --seqs 32768 --warmup 1 --steps 3 --lowmem 'lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}' \
-        --configs lowmem_lean_c16 --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 32768 --warmup 1 --steps 3 --lowmem "$lean_c16" --configs lowmem_lean_c16 --out "$out/b" > "$out/b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md "$out"/b/e2e.md ;;
     nf4e2e2048)  # bitsandbytes QLoRA without checkpointing vs lowmem on the same 4-bit weights, 20 steps
       # lowmem_bnb_cg: CUDA graph replay (the step is host-bound here); lowmem_bnb_graph: nf4_matmul="graph"

@@ -367,7 +367,8 @@ def uses_fma(m: int, n: int, k: int, direction: str) -> bool:
     4096^2 even; 4096->14336: 49.7 against 40.1); backward one token, and 2 on weights of 2^25
     elements or more (4096->14336: 39.2 against 43.0 µs; 4096->1024: 14.5 against 7.7), but not on
     weights up to 2^23 elements, where the one-token FMA backward took 11.3 µs and the dot 7.6-7.7
-    at every token count measured (2-16; its cost does not depend on M, one token not yet timed)."""
+    at every token count from 1 to 16 (its cost does not depend on M; one token timed in
+    bench/results/nf4/2026-11-29T23/)."""
     if FMA_MAX_M is not None:
         if not 0 <= FMA_MAX_M <= 4:  # the FMA kernels hold 1, 2 or 4 tokens
             raise ValueError(f"LOWMEM_NF4_FMA_MAX_M must be 0..4 (0: always the dot), got {FMA_MAX_M}")
