@@ -9,8 +9,10 @@ choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), 
 GEMV's FMA and tl.dot kernels each forced, ours dequant+cuBLAS forced, bitsandbytes (if
 importable). Then the host time of one call (op, op as compiled graphs call
 it, direct kernel call, dequant launch alone, cuBLAS) where the GPU work is short, the dequant
-kernel alone in TB/s on every weight against a plain bf16 copy of the same output size. Correctness is checked first against the
-reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
+kernel alone in TB/s on every weight against a plain bf16 copy of the same output size, and two bounds
+from the same timing: a kernel that only reads the packed bytes (no one-token kernel can be faster) and
+cuBLAS plus a dequant at copy speed (no dequant + cuBLAS can be faster). Correctness is checked first
+against the reference op at every shape (dequant bit-exact, matmuls to 1e-2 relative).
 
     python bench/kernels_nf4.py            # H100/H200, writes $OUT/kernels_nf4.{json,md}
     python bench/kernels_nf4.py --smoke    # tiny shapes on the CPU under TRITON_INTERPRET=1
@@ -32,6 +34,7 @@ if SMOKE:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lowmem_compile.ops  # noqa: E402,F401
@@ -194,9 +197,27 @@ def _host_us(device, dtype) -> dict:
     return {"shape": [n, k], "us": out}
 
 
+@triton.jit
+def _read_kernel(src_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
+    """Reads BLOCK int32 words a program and stores their xor (so the reads are not dropped)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(src_ptr + offs, mask=offs < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(words, axis=0))
+
+
+def _read_floor_ms(packed: torch.Tensor) -> float:
+    """GPU ms of one kernel that only reads the packed NF4 bytes (97% of the weight's bytes), timed like
+    every other column: no one-token kernel, whatever its decode, can take less. cuBLAS's one-token
+    time over this is the most any NF4 GEMV could be faster than cuBLAS on that weight."""
+    words = packed.view(torch.int32)
+    block = 4096
+    out = torch.empty(triton.cdiv(words.numel(), block), device=words.device, dtype=torch.int32)
+    return _time_ms(lambda: _read_kernel[(out.numel(),)](words, out, words.numel(), BLOCK=block, num_warps=8))
+
+
 def _dequant_bandwidth(device, dtype, shapes) -> list[dict]:
     """The dequant kernel alone on every weight (its time is what dequant + cuBLAS adds to cuBLAS),
-    against a plain copy of the same output size."""
+    against a plain copy of the same output size; and the read-only floor of the weight."""
     rows = []
     for k, n in shapes:
         q = NF4Weight.from_float(torch.randn(n, k, device=device), 64, double_quant=True)
@@ -206,7 +227,8 @@ def _dequant_bandwidth(device, dtype, shapes) -> list[dict]:
         copy_ms = _time_ms(lambda: out.copy_(src))
         moved = q.nbytes() + n * k * out.element_size()
         rows.append({"shape": [n, k], "ms": ms, "tb_s": moved / ms / 1e9,
-                     "copy_tb_s": 2 * n * k * out.element_size() / copy_ms / 1e9})
+                     "copy_tb_s": 2 * n * k * out.element_size() / copy_ms / 1e9,
+                     "copy_ms": copy_ms, "read_floor_ms": _read_floor_ms(q.packed)})
     return rows
 
 
@@ -256,6 +278,20 @@ def _table(result) -> str:
     for d in result["dequant"]:
         lines.append(f"\ndequant {d['shape'][0]}x{d['shape'][1]}: {d['ms'] * 1e3:.1f} us, {d['tb_s']:.2f} TB/s "
                      f"(bf16 copy {d['copy_tb_s']:.2f} TB/s)")
+    lines.append("\nBounds (the same timing): a one-token kernel cannot beat reading the packed bytes once; dequant +"
+                 " cuBLAS cannot beat cuBLAS plus a dequant moving its bytes as fast as a bf16 copy moves its own.")
+    for d in result["dequant"]:
+        n, k = d["shape"]
+        cublas = {(r["M"], r["dir"]): r["cublas_ms"] for r in result["rows"] if (r["N"], r["K"]) == (n, k)}
+        if (1, "fwd") in cublas:
+            lines.append(f"- {k}->{n}: read floor {d['read_floor_ms'] * 1e3:.1f} us, at most "
+                         f"{cublas[(1, 'fwd')] / d['read_floor_ms']:.2f}x cuBLAS at one token")
+        dequant_floor = d["copy_ms"] * 2.5 / 4  # 2.5 bytes an element moved (0.5 read, 2 written) against the copy's 4
+        for direction in ("fwd", "bwd"):
+            if (2048, direction) in cublas:
+                t = cublas[(2048, direction)]
+                lines.append(f"  2048 tokens {direction}: dequant + cuBLAS at most {t / (t + dequant_floor):.2f}x cuBLAS "
+                             f"(a dequant at the copy's bytes a second: {dequant_floor * 1e3:.1f} us)")
     lines.append(f"\n{result['meta']['gpu']}, torch {result['meta']['torch']}, triton {result['meta']['triton']}")
     return "\n".join(lines)
 
