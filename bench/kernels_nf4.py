@@ -1,8 +1,10 @@
 """NF4 linear kernels vs cuBLAS bf16 and bitsandbytes 4-bit, on Llama-3-8B projection shapes.
 
 For each weight (K -> N) and token count M: forward y = x Wᵀ and backward grad_x = grad_y W, bf16,
-timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays of 20 calls at every
-M, so neither launch overhead nor a busy host hides or inflates the kernels; the host cost of one call
+timed as GPU time (median of `triton.testing.do_bench` over CUDA-graph replays at every M, so neither
+launch overhead nor a busy host hides or inflates the kernels; up to 16 tokens each captured call reads
+a different copy of the weight, 512 MB of NF4 copies in all, so weights come from DRAM as a model's
+layers do, not from the L2; above, 20 calls on one weight); the host cost of one call
 is measured separately below; every variant of a row is timed in 3 rounds, the order rotated each
 round, and the median kept: see `_interleaved_ms`). Columns: cuBLAS bf16 `F.linear`, ours (the op, per-shape
 choice), ours GEMV forced (M <= 16, to find the crossover with dequant+cuBLAS), at 1..4 tokens the
@@ -47,22 +49,22 @@ ROUNDS = int(os.environ.get("NF4_BENCH_ROUNDS", "1" if SMOKE else "3"))
 TOKENS = [int(m) for m in os.environ.get("NF4_BENCH_TOKENS", "1,2,4,8,16,256,2048,8192").split(",")]
 
 
-def _time_ms(fn) -> float:
-    """GPU ms of one call: graph replay of 20 calls; plain `do_bench` where capture fails (noted)."""
+def _time_ms(fn, calls: int = 20) -> float:
+    """GPU ms of one call: graph replay of `calls` calls; plain `do_bench` where capture fails (noted)."""
     if SMOKE:
         fn()
         return float("nan")
     fn()
     torch.cuda.synchronize()
     try:
-        return graph_replay_ms(fn, calls=20)
+        return graph_replay_ms(fn, calls=calls)
     except RuntimeError as err:  # a peer's op that cannot be captured
         print(f"graph capture failed ({str(err).splitlines()[0][:120]}); timing eagerly", flush=True)
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def _interleaved_ms(fns: dict) -> dict[str, list[float]]:
+def _interleaved_ms(fns: dict, calls: int) -> dict[str, list[float]]:
     """GPU ms of each variant in ROUNDS rounds, the order rotated every round (each variant once
     first): a heavy matmul warms the GPU and lowers its clock for what runs next (cuBLAS alone moved
     303 -> 341 µs on one shape between two runs), so one pass in a fixed order biases the later
@@ -71,7 +73,7 @@ def _interleaved_ms(fns: dict) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(ROUNDS):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(_time_ms(fns[name]))
+            times[name].append(_time_ms(fns[name], calls))
     return times
 
 
@@ -88,55 +90,105 @@ def _bnb():
     return bnbf
 
 
+#: Bytes of NF4 weights a memory-bound row cycles through, well past the L2 (50 MB on H100/H200):
+#: a model's layers each read their own weights from DRAM, and one weight replayed alone would be
+#: read from the L2 (a 29 MB NF4 weight read at 5.4 TB/s, above the DRAM's peak).
+COLD_BYTES = 512 << 20
+MAX_COPIES = 64
+
+
+def _weight_copies(k: int, n: int, device, dtype, count: int, with_bnb: bool) -> list[dict]:
+    """`count` random [n, k] weights: NF4 (double quantization), its bf16 dequantization (cuBLAS's
+    operand) and its bitsandbytes state."""
+    copies = []
+    for _ in range(count):
+        q = NF4Weight.from_float(torch.randn(n, k, device=device, dtype=dtype) * 0.02, 64, double_quant=True)
+        copies.append({"q": q, "w": q.dequantize(dtype), "bnb": q.to_bnb() if with_bnb else None})
+    return copies
+
+
+def _cycling(copies: list):
+    """A function returning the next of `copies` at each call (captured calls each read a different one)."""
+    state = {"i": -1}
+
+    def pick() -> dict:
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return pick
+
+
 def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: None) -> dict:
-    """Rows for every shape; `save` gets the rows so far after each weight (a run cut short keeps them)."""
+    """Rows for every shape; `save` gets the rows so far after each weight (a run cut short keeps them).
+    Rows up to GEMV_MAX_M tokens (memory-bound) cycle through COLD_BYTES of weight copies, one a call,
+    every variant alike; larger M (compute-bound) reuse one weight."""
     bnbf = _bnb() if device == "cuda" else None
     rows, errors = [], []
     for k, n in shapes:
-        w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-        q = NF4Weight.from_float(w, 64, double_quant=True)
-        args = (q.packed, q.absmax, list(q.shape), 64)
-        nested = dict(absmax2=q.absmax2, code2=q.code2, offset=q.offset)
-        w_dq = q.dequantize(dtype)
+        first = NF4Weight.from_float(torch.randn(n, k, device=device, dtype=dtype) * 0.02, 64, double_quant=True)
+        count = 2 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // first.nbytes())))
+        copies = _weight_copies(k, n, device, dtype, count, bnbf is not None)
+        q, w_dq = copies[0]["q"], copies[0]["w"]
         got = nf4_matmul.dequantize(q.packed, q.absmax, q.shape, 64, dtype, q.absmax2, q.code2, q.offset)
         if not torch.equal(got, w_dq):
             errors.append(f"dequant {k}->{n} not bit-exact")
-        bnb_state = q.to_bnb() if bnbf is not None else None
         for m in tokens:
+            cold = m <= nf4_matmul.GEMV_MAX_M
+            pick = _cycling(copies) if cold else (lambda: copies[0])
+            calls = len(copies) if cold else 20
             x = torch.randn(m, k, device=device, dtype=dtype)
             gy = torch.randn(m, n, device=device, dtype=dtype)
+
+            def op_fwd():
+                c = pick()["q"]
+                return torch.ops.lowmem.nf4_linear(x, c.packed, c.absmax, list(c.shape), 64, None,
+                                                   absmax2=c.absmax2, code2=c.code2, offset=c.offset)
+
+            def op_bwd():
+                c = pick()["q"]
+                return torch.ops.lowmem.nf4_linear_backward(gy, c.packed, c.absmax, list(c.shape), 64,
+                                                            absmax2=c.absmax2, code2=c.code2, offset=c.offset)
+
             fwd = {
-                "cublas": lambda: torch.nn.functional.linear(x, w_dq),
-                "ours": lambda: torch.ops.lowmem.nf4_linear(x, *args, None, **nested),
-                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear, x, q),
+                "cublas": lambda: torch.nn.functional.linear(x, pick()["w"]),
+                "ours": op_fwd,
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear, x, pick()["q"]),
             }
             bwd = {
-                "cublas": lambda: torch.matmul(gy, w_dq),
-                "ours": lambda: torch.ops.lowmem.nf4_linear_backward(gy, *args, **nested),
-                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear_backward, gy, q),
+                "cublas": lambda: torch.matmul(gy, pick()["w"]),
+                "ours": op_bwd,
+                "dequant_mm": lambda: _forced("dequant", nf4_matmul.linear_backward, gy, pick()["q"]),
             }
             if m <= 16:
-                fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, q)
-                bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q)
+                fwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear, x, pick()["q"])
+                bwd["gemv"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, pick()["q"])
             if m <= 4:  # the GEMV's two ways at the tokens where either may run
-                fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=0)
-                bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=0)
-                fwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear, x, q, fma_max_m=4)
-                bwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, q, fma_max_m=4)
-            if bnb_state is not None:
+                fwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear, x, pick()["q"], fma_max_m=0)
+                bwd["gemv_dot"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, pick()["q"], fma_max_m=0)
+                fwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear, x, pick()["q"], fma_max_m=4)
+                bwd["gemv_fma"] = lambda: _forced("gemv", nf4_matmul.linear_backward, gy, pick()["q"], fma_max_m=4)
+            if bnbf is not None:
                 import bitsandbytes as bnb
 
-                packed, state = bnb_state
-                fwd["bnb"] = lambda: bnb.matmul_4bit(x, packed, quant_state=state)
-                bwd["bnb"] = lambda: torch.matmul(gy, bnbf.dequantize_4bit(packed, state))
-            ref_y, ref_g = x.double() @ w_dq.double().T, gy.double() @ w_dq.double()
-            for direction, fns, ref in (("fwd", fwd, ref_y), ("bwd", bwd, ref_g)):
-                row = {"K": k, "N": n, "M": m, "dir": direction}
+                def bnb_fwd():
+                    packed, state = pick()["bnb"]
+                    return bnb.matmul_4bit(x, packed, quant_state=state)
+
+                def bnb_bwd():
+                    packed, state = pick()["bnb"]
+                    return torch.matmul(gy, bnbf.dequantize_4bit(packed, state))
+
+                fwd["bnb"], bwd["bnb"] = bnb_fwd, bnb_bwd
+            for direction, fns in (("fwd", fwd), ("bwd", bwd)):
+                row = {"K": k, "N": n, "M": m, "dir": direction, "weights": len(copies) if cold else 1}
+                pick = lambda: copies[0]  # noqa: E731  (the check: every variant on the first copy)
+                ref = x.double() @ w_dq.double().T if direction == "fwd" else gy.double() @ w_dq.double()
                 for name, fn in fns.items():
                     err = _rel(fn(), ref)
                     if err > 1e-2:
                         errors.append(f"{direction} {name} {k}->{n} M={m}: rel err {err:.2e}")
-                for name, times in _interleaved_ms(fns).items():
+                pick = _cycling(copies) if cold else (lambda: copies[0])
+                for name, times in _interleaved_ms(fns, calls).items():
                     row[f"{name}_ms"] = statistics.median(times)
                     row[f"{name}_ms_rounds"] = times
                 row["ours_vs_cublas"] = row["cublas_ms"] / row["ours_ms"]
@@ -205,14 +257,17 @@ def _read_kernel(src_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.xor_sum(words, axis=0))
 
 
-def _read_floor_ms(packed: torch.Tensor) -> float:
-    """GPU ms of one kernel that only reads the packed NF4 bytes (97% of the weight's bytes), timed like
-    every other column: no one-token kernel, whatever its decode, can take less. cuBLAS's one-token
-    time over this is the most any NF4 GEMV could be faster than cuBLAS on that weight."""
-    words = packed.view(torch.int32)
+def _read_floor_ms(nbytes: int, device) -> float:
+    """GPU ms of one kernel that only reads `nbytes` (an NF4 weight's packed bytes, 97% of its bytes),
+    timed like the memory-bound rows (a different buffer each call, COLD_BYTES in all): no one-token
+    kernel, whatever its decode, can take less. cuBLAS's one-token time over this is the most any NF4
+    GEMV could be faster than cuBLAS on that weight."""
+    count = 2 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // nbytes)))
+    buffers = torch.randint(-2**31, 2**31 - 1, (count, nbytes // 4), device=device, dtype=torch.int32)
     block = 4096
-    out = torch.empty(triton.cdiv(words.numel(), block), device=words.device, dtype=torch.int32)
-    return _time_ms(lambda: _read_kernel[(out.numel(),)](words, out, words.numel(), BLOCK=block, num_warps=8))
+    out = torch.empty(triton.cdiv(nbytes // 4, block), device=device, dtype=torch.int32)
+    pick = _cycling(list(buffers))
+    return _time_ms(lambda: _read_kernel[(out.numel(),)](pick(), out, nbytes // 4, BLOCK=block, num_warps=8), count)
 
 
 def _dequant_bandwidth(device, dtype, shapes) -> list[dict]:
@@ -228,7 +283,7 @@ def _dequant_bandwidth(device, dtype, shapes) -> list[dict]:
         moved = q.nbytes() + n * k * out.element_size()
         rows.append({"shape": [n, k], "ms": ms, "tb_s": moved / ms / 1e9,
                      "copy_tb_s": 2 * n * k * out.element_size() / copy_ms / 1e9,
-                     "copy_ms": copy_ms, "read_floor_ms": _read_floor_ms(q.packed)})
+                     "copy_ms": copy_ms, "read_floor_ms": _read_floor_ms(q.packed.numel(), device)})
     return rows
 
 
