@@ -48,7 +48,7 @@ TOKENS = {"fma": [1, 4], "dot": [8, 16]}
 CANDIDATES = {
     "fwd_fma": itertools.product((2, 4, 8), (64, 128, 256), (4, 8), (1, 2, 3), (16, 32, 64)),
     "fwd_dot": itertools.product((16, 32, 64, 128), (4, 8), (2, 4, 8), (2, 3, 4), (16, 32)),
-    "bwd_fma": itertools.product((8, 16, 32), (4, 8, 16), (4, 8), (1, 2), (16, 32, 64)),
+    "bwd_fma": itertools.product((32, 64, 128, 256, 512), (4, 8, 16), (4, 8), (1, 2), (16, 32, 64)),
     "bwd_dot": itertools.product((16, 32, 64), (2, 4, 8), (2, 4, 8), (2, 3), (16, 32)),
 }
 CANDIDATES = {key: list(tiles) for key, tiles in CANDIDATES.items()}

@@ -254,13 +254,14 @@ def _gemv_fwd_kernel(x_ptr, xw_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
 def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, gx_ptr,
                      M, N, KH, stride_gm, stride_xm, stride_xs, ROWS_PER_SPLIT,
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, FMA: tl.constexpr,
-                     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TPR: tl.constexpr):
+                     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TPR: tl.constexpr, GROUPS: tl.constexpr):
     """grad_x[m, k] (or split pid_s's fp32 partial) = Σ_n grad_y[m, n] · W[n, k] over this split's rows,
     for a strip of 32·TPR columns (TPR chunks of each row).
 
     A step covers ROWS rows of the strip, the same chunk layout as the forward. FMA: per-chunk
     accumulators for each of the BLOCK_M tokens (grad_y · absmax once a chunk), summed over the rows
-    at the end. Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here,
+    at the end; the step's rows go in GROUPS groups that add into the same accumulators, so a thread
+    has GROUPS chunks in flight while its accumulators stay those of one chunk. Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here,
     so the operand changes layout through shared memory)."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
     CH: tl.constexpr = ROWS * TPR
@@ -271,27 +272,31 @@ def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     code = tl.load(code_ptr + tl.arange(0, 16))
     offs_m = tl.arange(0, BLOCK_M)
     if FMA:
-        zero = tl.zeros((CH, 16), dtype=tl.float32)
+        SUB: tl.constexpr = ROWS // GROUPS  # rows of a group
+        qs = tl.arange(0, SUB * TPR)
+        kcs = pid_k * 16 * TPR + 16 * (qs % TPR)
+        zero = tl.zeros((SUB * TPR, 16), dtype=tl.float32)
         acc_hi = _token_stack(zero, zero, zero, zero, BLOCK_M)
         acc_lo = _token_stack(zero, zero, zero, zero, BLOCK_M)
         for n0 in range(row_start, row_end, ROWS):
-            row = n0 + q // TPR
-            ok = (row < row_end) & (kc < KH)
-            codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                       row.to(tl.int64) * KH + kc, ok, BLOCKSIZE, NESTED)
-            hi, lo = _halves(codes)
-            g, in_rows = g_ptr + row, row < row_end  # tokens past M read token M - 1, never stored
-            g0 = _token_grad(g, in_rows, scale)
-            g1, g2, g3 = g0, g0, g0
-            if BLOCK_M >= 2:
-                g1 = _token_grad(g + tl.minimum(1, M - 1) * stride_gm, in_rows, scale)
-            if BLOCK_M == 4:
-                g2 = _token_grad(g + tl.minimum(2, M - 1) * stride_gm, in_rows, scale)
-                g3 = _token_grad(g + tl.minimum(3, M - 1) * stride_gm, in_rows, scale)
-            acc_hi += _token_stack(g0 * hi, g1 * hi, g2 * hi, g3 * hi, BLOCK_M)
-            acc_lo += _token_stack(g0 * lo, g1 * lo, g2 * lo, g3 * lo, BLOCK_M)
-        hi = tl.sum(tl.reshape(acc_hi, (ROWS, TPR, 16, BLOCK_M)), axis=0)
-        lo = tl.sum(tl.reshape(acc_lo, (ROWS, TPR, 16, BLOCK_M)), axis=0)
+            for group in tl.static_range(GROUPS):
+                row = n0 + group * SUB + qs // TPR
+                ok = (row < row_end) & (kcs < KH)
+                codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                           row.to(tl.int64) * KH + kcs, ok, BLOCKSIZE, NESTED)
+                hi, lo = _halves(codes)
+                g, in_rows = g_ptr + row, row < row_end  # tokens past M read token M - 1, never stored
+                g0 = _token_grad(g, in_rows, scale)
+                g1, g2, g3 = g0, g0, g0
+                if BLOCK_M >= 2:
+                    g1 = _token_grad(g + tl.minimum(1, M - 1) * stride_gm, in_rows, scale)
+                if BLOCK_M == 4:
+                    g2 = _token_grad(g + tl.minimum(2, M - 1) * stride_gm, in_rows, scale)
+                    g3 = _token_grad(g + tl.minimum(3, M - 1) * stride_gm, in_rows, scale)
+                acc_hi += _token_stack(g0 * hi, g1 * hi, g2 * hi, g3 * hi, BLOCK_M)
+                acc_lo += _token_stack(g0 * lo, g1 * lo, g2 * lo, g3 * lo, BLOCK_M)
+        hi = tl.sum(tl.reshape(acc_hi, (SUB, TPR, 16, BLOCK_M)), axis=0)
+        lo = tl.sum(tl.reshape(acc_lo, (SUB, TPR, 16, BLOCK_M)), axis=0)
         out = tl.reshape(tl.permute(tl.join(hi, lo), (2, 0, 1, 3)), (BLOCK_M, 32 * TPR))
     else:
         out = tl.zeros((BLOCK_M, 32 * TPR), dtype=tl.float32)
@@ -351,14 +356,17 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MN, N, HAS_BIAS: tl.
 #: rows, one chunk a thread. FMA: a step spans 2 KB of a row across the program (TPR = 128), each
 #: thread holds 4 rows at the same columns (2 at 4 tokens, `_gemv_tile`), so one x load serves them.
 #: tl.dot: TPR = 4 is the mma fragment's 4 lanes a row (`_kperm`); 128 rows are the dot's N.
-#: Backward: strips of 64 (FMA) or 32 (dot) bytes of 32 or 64 rows a step. Splits of the reduction
+#: Backward: strips of 64 (FMA) or 32 (dot) bytes of 256 or 64 rows a step; the FMA's 256 rows go in
+#: 8 groups of 32 sharing one chunk's accumulators a thread (`_row_groups`): 8 chunks in flight a
+#: thread where the 32-row tile had 1 (bench/results/nf4_bwd_groups/2026-11-30/: one token 1.18-1.22x
+#: faster on the three large weights). Splits of the reduction
 #: are added until the programs hold "warps an SM" warps on every SM (memory parallelism), while the
 #: fp32 partials stay below 1/_PARTIAL_SHARE of the weight's bytes. Chosen by `bench/nf4_gemv_tiles.py`
 #: on an H200 (bench/results/nf4_gemv_tiles/2026-11-29T14/: 0.91, 0.82 and 0.82 of the previous
 #: tiles' time for the forward dot, backward FMA and backward dot; the forward FMA tile stayed).
-_GEMV_TILES = {"fwd_fma": (4, 128, 4, 2, 16), "fwd_dot": (128, 4, 4, 2, 16), "bwd_fma": (32, 4, 4, 2, 16),
+_GEMV_TILES = {"fwd_fma": (4, 128, 4, 2, 16), "fwd_dot": (128, 4, 4, 2, 16), "bwd_fma": (256, 4, 4, 2, 16),
                "bwd_dot": (64, 2, 2, 3, 16)}
-_INTERPRET_TILES = {"fwd_fma": (2, 4, 4, 2, 16), "fwd_dot": (16, 4, 4, 2, 16), "bwd_fma": (4, 2, 4, 2, 16),
+_INTERPRET_TILES = {"fwd_fma": (2, 4, 4, 2, 16), "fwd_dot": (16, 4, 4, 2, 16), "bwd_fma": (32, 2, 1, 2, 16),
                     "bwd_dot": (16, 2, 4, 2, 16)}
 _PARTIAL_SHARE = 2
 _SUM_BLOCK = 1024
@@ -454,6 +462,17 @@ def use_gemv(m: int, k: int, strategy: str | None) -> bool:
     return 0 < m <= min(GEMV_MAX_M, 16) and k % 32 == 0
 
 
+def _row_groups(fma: bool, rows: int, tpr: int, warps: int) -> int:
+    """Groups of rows in a step of the FMA backward: as many as leave one chunk a thread a group
+    (a thread's accumulators are those of the chunks of one group)."""
+    if not fma:
+        return 1
+    groups = max(1, rows * tpr // (32 * warps))
+    if rows % groups:
+        raise ValueError(f"backward FMA tile: {rows} rows do not split into {groups} groups of one chunk a thread")
+    return groups
+
+
 def _gemv_options(fma: bool, dtype: torch.dtype, warps: int, stages: int) -> dict:
     """Launch options. The FMA kernels may contract (their weights stay fp32, nothing to match bit
     for bit); the dot kernels round W like the reference, so no contraction there (the
@@ -537,7 +556,7 @@ def linear_backward(grad_y, packed, absmax, shape, blocksize, absmax2=None, code
         g2, packed, code_table(grad_y.device), absmax, a2, c2, off, gx,
         m, n, k // 2, g2.stride(0), gx.stride(1), gx.stride(0), per_split,
         BLOCKSIZE=blocksize, NESTED=nested, PRECISION=_precision(grad_y), FMA=fma, BLOCK_M=bm, ROWS=rows,
-        TPR=tpr, **_gemv_options(fma, grad_y.dtype, warps, stages),
+        TPR=tpr, GROUPS=_row_groups(fma, rows, tpr, warps), **_gemv_options(fma, grad_y.dtype, warps, stages),
     )
     out = gx[0] if splits == 1 else _reduce_splits(gx, None, grad_y.dtype)
     return out.reshape(*grad_y.shape[:-1], k)
