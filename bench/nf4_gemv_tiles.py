@@ -4,7 +4,8 @@ The GEMV kernels (`lowmem_compile/codegen/nf4_matmul.py`) take their tile from `
 (ROWS, TPR, warps, stages, warps an SM) for each of forward/backward × FMA (timed at 1 and 4 tokens)
 / tl.dot (8 and 16 tokens). This script sets each candidate in turn, checks the result against the
 dequantized weight's product (bf16 on the GPU, 1e-2 relative), and times it as GPU time (CUDA-graph replay) on
-Llama-3-8B's projection shapes. A family's score is the geometric mean, over shapes and token counts,
+Llama-3-8B's projection shapes, each captured call reading another copy of the weight (512 MB of NF4 in
+all, so weights come from DRAM as in a model). A family's score is the geometric mean, over shapes and token counts,
 of the time relative to the tile in the table today; the best tile goes into `_GEMV_TILES` by hand
 (a measured choice, not a run-time autotuner: the kernels run inside graphs that must not tune).
 
@@ -44,6 +45,9 @@ SMOKE_SHAPES = [(256, 48)]
 #: bf16 on the GPU; fp16 under the interpreter, whose tl.dot on two bf16 operands is wrong on the CPU
 DTYPE = torch.float16 if SMOKE else torch.bfloat16
 TOKENS = {"fma": [1, 4], "dot": [8, 16]}
+#: Bytes of NF4 copies a timed tile cycles through (as bench/kernels_nf4.py's memory-bound rows).
+COLD_BYTES = 512 << 20
+MAX_COPIES = 64
 #: Candidates per family: ROWS x TPR x warps x stages x warps an SM (the last changes the grid only).
 CANDIDATES = {
     "fwd_fma": itertools.product((2, 4, 8), (64, 128, 256), (4, 8), (1, 2, 3), (16, 32, 64)),
@@ -63,6 +67,29 @@ def _weights(shapes, device):
         q = NF4Weight.from_float(w, 64, double_quant=True)
         out[(k, n)] = (q, q.dequantize(DTYPE).double())
     return out
+
+
+def _cold_copies(shapes, device) -> dict:
+    """Per shape, NF4 copies of COLD_BYTES in all: a timed call reads the next one, so weights come
+    from DRAM as a model's layers do (one weight replayed alone sits in the L2 where it fits)."""
+    out = {}
+    for k, n in shapes:
+        count = 1 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // (n * k // 2))))
+        out[(k, n)] = [NF4Weight.from_float(torch.randn(n, k, device=device, dtype=DTYPE) * 0.02, 64, double_quant=True)
+                       for _ in range(count)]
+    return out
+
+
+def _cycled_call(family: str, copies: list, t):
+    """`_call` on the next of `copies` at every call."""
+    calls = [_call(family, q, t) for q in copies]
+    state = {"i": -1}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(calls)
+        return calls[state["i"]]()
+
+    return call
 
 
 def _call(family: str, q, t):
@@ -120,6 +147,7 @@ def sweep(candidates, shapes, workers: int) -> dict:
         print(f"compiled {len(unique)} tiles in {time.perf_counter() - start:.0f} s "
               f"({len(errors)} rejected or wrong)", flush=True)
     weights = _weights(shapes, device)
+    cold = _cold_copies(shapes, device)
     rows = []
     for i, (family, tile) in enumerate(unique):
         error = errors.get((family, tile)) if workers > 1 else _check(family, tile, weights, device)
@@ -129,11 +157,12 @@ def sweep(candidates, shapes, workers: int) -> dict:
         nf4_matmul._GEMV_TILES[family] = tile
         nf4_matmul._INTERPRET_TILES[family] = tile
         times = {}
-        for (k, n), (q, _) in weights.items():
+        for (k, n), copies in cold.items():
             for m in TOKENS[family.split("_")[1]]:
-                fn = _call(family, q, _inputs(family, m, k, n, device))
+                fn = _cycled_call(family, copies, _inputs(family, m, k, n, device))
                 fn()
-                times[f"{k}->{n} M={m}"] = float("nan") if SMOKE else graph_replay_ms(fn, calls=20, warmup=5, rep=20) * 1e3
+                times[f"{k}->{n} M={m}"] = (float("nan") if SMOKE else
+                                            graph_replay_ms(fn, calls=len(copies), warmup=5, rep=20) * 1e3)
         rows.append({"family": family, "tile": tile, "us": times})
         if i % 25 == 0:
             print(f"timed {i + 1}/{len(unique)} ({time.perf_counter() - start:.0f} s)", flush=True)
