@@ -261,29 +261,27 @@ def _gemv_bwd_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     A step covers ROWS rows of the strip, the same chunk layout as the forward. FMA: per-chunk
     accumulators for each of the BLOCK_M tokens (grad_y · absmax once a chunk), summed over the rows
     at the end; the step's rows go in GROUPS groups that add into the same accumulators, so a thread
-    has GROUPS chunks in flight while its accumulators stay those of one chunk. Otherwise a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here,
-    so the operand changes layout through shared memory)."""
+    has GROUPS chunks in flight while its accumulators stay those of one chunk. Otherwise (GROUPS = 1)
+    a 16-row tl.dot with W in x's dtype (the reduction runs down W's rows here, so the operand changes
+    layout through shared memory)."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
-    CH: tl.constexpr = ROWS * TPR
-    q = tl.arange(0, CH)
+    SUB: tl.constexpr = ROWS // GROUPS  # rows of a group
+    q = tl.arange(0, SUB * TPR)
     kc = pid_k * 16 * TPR + 16 * (q % TPR)
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     code = tl.load(code_ptr + tl.arange(0, 16))
     offs_m = tl.arange(0, BLOCK_M)
     if FMA:
-        SUB: tl.constexpr = ROWS // GROUPS  # rows of a group
-        qs = tl.arange(0, SUB * TPR)
-        kcs = pid_k * 16 * TPR + 16 * (qs % TPR)
         zero = tl.zeros((SUB * TPR, 16), dtype=tl.float32)
         acc_hi = _token_stack(zero, zero, zero, zero, BLOCK_M)
         acc_lo = _token_stack(zero, zero, zero, zero, BLOCK_M)
         for n0 in range(row_start, row_end, ROWS):
             for group in tl.static_range(GROUPS):
-                row = n0 + group * SUB + qs // TPR
-                ok = (row < row_end) & (kcs < KH)
+                row = n0 + group * SUB + q // TPR
+                ok = (row < row_end) & (kc < KH)
                 codes, scale = _nf4_chunks(packed_ptr, code, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                           row.to(tl.int64) * KH + kcs, ok, BLOCKSIZE, NESTED)
+                                           row.to(tl.int64) * KH + kc, ok, BLOCKSIZE, NESTED)
                 hi, lo = _halves(codes)
                 g, in_rows = g_ptr + row, row < row_end  # tokens past M read token M - 1, never stored
                 g0 = _token_grad(g, in_rows, scale)
