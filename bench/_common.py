@@ -14,7 +14,7 @@ import signal
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 #: Distributions whose versions go into every record (None where absent).
 PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth", "unsloth_zoo")
@@ -86,6 +86,28 @@ def graph_replay_ms(fn, calls: int = 1, warmup: int = 10, rep: int = 40) -> floa
         for _ in range(calls):
             fn()
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / calls
+
+
+#: Bytes of weight copies a memory-bound timing cycles through, well past the L2 (50 MB on H100/H200):
+#: a model's layers each read their own weights from DRAM, and one weight replayed alone would be
+#: read from the L2 (a 29 MB NF4 weight read at 5.4 TB/s, above the DRAM's peak).
+COLD_BYTES = 512 << 20
+
+
+def cold_copies(nbytes: int, most: int = 64) -> int:
+    """How many copies of an `nbytes` weight make COLD_BYTES (at least 2, at most `most`)."""
+    return min(most, max(2, -(-COLD_BYTES // nbytes)))
+
+
+def cycling(items: Sequence[Any]) -> Callable[[], Any]:
+    """A function returning the next of `items` at each call (so captured calls each read another)."""
+    state = {"i": -1}
+
+    def pick() -> Any:
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return pick
 
 
 def run_process_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str, str]:

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lowmem_compile.ops  # noqa: E402,F401
 from lowmem_compile.codegen import nf4_matmul  # noqa: E402
 from lowmem_compile.formats.nf4 import NF4Weight  # noqa: E402
-from bench._common import graph_replay_ms  # noqa: E402
+from bench._common import cold_copies, cycling, graph_replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 ROUNDS = int(os.environ.get("NF4_BENCH_ROUNDS", "1" if SMOKE else "3"))
@@ -90,13 +90,6 @@ def _bnb():
     return bnbf
 
 
-#: Bytes of NF4 weights a memory-bound row cycles through, well past the L2 (50 MB on H100/H200):
-#: a model's layers each read their own weights from DRAM, and one weight replayed alone would be
-#: read from the L2 (a 29 MB NF4 weight read at 5.4 TB/s, above the DRAM's peak).
-COLD_BYTES = 512 << 20
-MAX_COPIES = 64
-
-
 def _weight_copies(k: int, n: int, device, dtype, count: int, with_bnb: bool) -> list[dict]:
     """`count` random [n, k] weights: NF4 (double quantization), its bf16 dequantization (cuBLAS's
     operand) and its bitsandbytes state."""
@@ -107,26 +100,14 @@ def _weight_copies(k: int, n: int, device, dtype, count: int, with_bnb: bool) ->
     return copies
 
 
-def _cycling(copies: list):
-    """A function returning the next of `copies` at each call (captured calls each read a different one)."""
-    state = {"i": -1}
-
-    def pick() -> dict:
-        state["i"] = (state["i"] + 1) % len(copies)
-        return copies[state["i"]]
-
-    return pick
-
-
 def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: None) -> dict:
     """Rows for every shape; `save` gets the rows so far after each weight (a run cut short keeps them).
-    Rows up to GEMV_MAX_M tokens (memory-bound) cycle through COLD_BYTES of weight copies, one a call,
-    every variant alike; larger M (compute-bound) reuse one weight."""
+    Rows up to GEMV_MAX_M tokens (memory-bound) cycle through COLD_BYTES of weight copies (counted
+    by their packed bytes), one a call, every variant alike; larger M (compute-bound) reuse one weight."""
     bnbf = _bnb() if device == "cuda" else None
     rows, errors = [], []
     for k, n in shapes:
-        first = NF4Weight.from_float(torch.randn(n, k, device=device, dtype=dtype) * 0.02, 64, double_quant=True)
-        count = 2 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // first.nbytes())))
+        count = 2 if SMOKE else cold_copies(n * k // 2)
         copies = _weight_copies(k, n, device, dtype, count, bnbf is not None)
         q, w_dq = copies[0]["q"], copies[0]["w"]
         got = nf4_matmul.dequantize(q.packed, q.absmax, q.shape, 64, dtype, q.absmax2, q.code2, q.offset)
@@ -134,7 +115,6 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
             errors.append(f"dequant {k}->{n} not bit-exact")
         for m in tokens:
             cold = m <= nf4_matmul.GEMV_MAX_M
-            pick = _cycling(copies) if cold else (lambda: copies[0])
             calls = len(copies) if cold else 20
             x = torch.randn(m, k, device=device, dtype=dtype)
             gy = torch.randn(m, n, device=device, dtype=dtype)
@@ -181,13 +161,13 @@ def run(device: str, dtype: torch.dtype, shapes, tokens, save=lambda partial: No
                 fwd["bnb"], bwd["bnb"] = bnb_fwd, bnb_bwd
             for direction, fns in (("fwd", fwd), ("bwd", bwd)):
                 row = {"K": k, "N": n, "M": m, "dir": direction, "weights": len(copies) if cold else 1}
-                pick = lambda: copies[0]  # noqa: E731  (the check: every variant on the first copy)
+                pick = lambda: copies[0]  # noqa: E731  (`pick` feeds every variant: here the first copy, for the check)
                 ref = x.double() @ w_dq.double().T if direction == "fwd" else gy.double() @ w_dq.double()
                 for name, fn in fns.items():
                     err = _rel(fn(), ref)
                     if err > 1e-2:
                         errors.append(f"{direction} {name} {k}->{n} M={m}: rel err {err:.2e}")
-                pick = _cycling(copies) if cold else (lambda: copies[0])
+                pick = cycling(copies) if cold else (lambda: copies[0])  # then the timed copies
                 for name, times in _interleaved_ms(fns, calls).items():
                     row[f"{name}_ms"] = statistics.median(times)
                     row[f"{name}_ms_rounds"] = times
@@ -262,11 +242,11 @@ def _read_floor_ms(nbytes: int, device) -> float:
     timed like the memory-bound rows (a different buffer each call, COLD_BYTES in all): no one-token
     kernel, whatever its decode, can take less. cuBLAS's one-token time over this is the most any NF4
     GEMV could be faster than cuBLAS on that weight."""
-    count = 2 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // nbytes)))
+    count = 2 if SMOKE else cold_copies(nbytes)
     buffers = torch.randint(-2**31, 2**31 - 1, (count, nbytes // 4), device=device, dtype=torch.int32)
     block = 4096
     out = torch.empty(triton.cdiv(nbytes // 4, block), device=device, dtype=torch.int32)
-    pick = _cycling(list(buffers))
+    pick = cycling(list(buffers))
     return _time_ms(lambda: _read_kernel[(out.numel(),)](pick(), out, nbytes // 4, BLOCK=block, num_warps=8), count)
 
 

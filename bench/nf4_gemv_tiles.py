@@ -38,16 +38,13 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lowmem_compile.codegen import nf4_matmul  # noqa: E402
 from lowmem_compile.formats.nf4 import NF4Weight  # noqa: E402
-from bench._common import environment, graph_replay_ms, markdown_table  # noqa: E402
+from bench._common import cold_copies, cycling, environment, graph_replay_ms, markdown_table  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 SMOKE_SHAPES = [(256, 48)]
 #: bf16 on the GPU; fp16 under the interpreter, whose tl.dot on two bf16 operands is wrong on the CPU
 DTYPE = torch.float16 if SMOKE else torch.bfloat16
 TOKENS = {"fma": [1, 4], "dot": [8, 16]}
-#: Bytes of NF4 copies a timed tile cycles through (as bench/kernels_nf4.py's memory-bound rows).
-COLD_BYTES = 512 << 20
-MAX_COPIES = 64
 #: Candidates per family: ROWS x TPR x warps x stages x warps an SM (the last changes the grid only).
 CANDIDATES = {
     "fwd_fma": itertools.product((2, 4, 8), (64, 128, 256), (4, 8), (1, 2, 3), (16, 32, 64)),
@@ -70,11 +67,11 @@ def _weights(shapes, device):
 
 
 def _cold_copies(shapes, device) -> dict:
-    """Per shape, NF4 copies of COLD_BYTES in all: a timed call reads the next one, so weights come
-    from DRAM as a model's layers do (one weight replayed alone sits in the L2 where it fits)."""
+    """Per shape, NF4 copies of COLD_BYTES in all (`bench._common`): a timed call reads the next one,
+    so weights come from DRAM as a model's layers do (one weight replayed alone sits in the L2)."""
     out = {}
     for k, n in shapes:
-        count = 1 if SMOKE else min(MAX_COPIES, max(2, -(-COLD_BYTES // (n * k // 2))))
+        count = 1 if SMOKE else cold_copies(n * k // 2)
         out[(k, n)] = [NF4Weight.from_float(torch.randn(n, k, device=device, dtype=DTYPE) * 0.02, 64, double_quant=True)
                        for _ in range(count)]
     return out
@@ -82,14 +79,8 @@ def _cold_copies(shapes, device) -> dict:
 
 def _cycled_call(family: str, copies: list, t):
     """`_call` on the next of `copies` at every call."""
-    calls = [_call(family, q, t) for q in copies]
-    state = {"i": -1}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(calls)
-        return calls[state["i"]]()
-
-    return call
+    pick = cycling([_call(family, q, t) for q in copies])
+    return lambda: pick()()
 
 
 def _call(family: str, q, t):
