@@ -165,7 +165,9 @@ def test_table_compares_with_eager_at_the_same_length():
 
 
 def test_peak_memory_plot_is_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    """matplotlib is a test dependency (pyproject's `test` extra): no skip where it is missing."""
+    import matplotlib  # noqa: F401
+
     from bench._common import grouped_bar_plot
 
     rows = _fake_rows()

@@ -3,14 +3,16 @@ absmax, its double quantization (8-bit dynamic map, blocks of 256, fp32 offset) 
 16-bit weights. Shapes include element counts the block size does not divide (a partial last block
 with its own absmax, as bitsandbytes does) and odd counts (one padding nibble)."""
 
+import copy
+
+import bitsandbytes.functional as bnbf
+import bitsandbytes.nn as bnn
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lowmem_compile.formats import nf4
-
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +25,18 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 shapes = st.tuples(st.integers(1, 70), st.integers(1, 300))
 
 
+def _bnb_dequantize(packed, state):
+    """bitsandbytes' dequantization of (packed, state), on a flat view of the weight.
+
+    bitsandbytes 0.50's native CPU kernel miscomputes a 2-D weight whose rows have an even length
+    that the block size does not divide (a [3, 16] weight in blocks of 32, [40, 96] in blocks of
+    64: errors of O(1)); its blocks run over the flat weight, and on a flat shape the same kernel
+    (its generic path for odd lengths) is right. The flat call is still bitsandbytes' own decode."""
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bnbf.dequantize_4bit(packed, flat).view(state.shape)
+
+
 def _weight(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3).to(dtype)
@@ -32,9 +46,12 @@ def test_dynamic_map_is_bnb_table():
     assert torch.equal(nf4.dynamic_map(), bnbf.create_dynamic_map())
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), blocksize=st.sampled_from([32, 64, 128]),
        double=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=(3, 16), dtype=torch.bfloat16, blocksize=32, double=False, seed=0)  # a partial last block
+@example(shape=(40, 96), dtype=torch.float16, blocksize=64, double=True, seed=1)  # blocks across rows
+@example(shape=(70, 300), dtype=torch.float32, blocksize=32, double=True, seed=2)  # 329 blocks: 2 nested blocks
 def test_ours_equals_bnb_quantize(shape, dtype, blocksize, double, seed):
     w = _weight(shape, dtype, seed)
     packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double, quant_type="nf4")
@@ -49,9 +66,16 @@ def test_ours_equals_bnb_quantize(shape, dtype, blocksize, double, seed):
         steps = (ours.absmax.int() - state.absmax.int()).abs()
         live = (state.state2.absmax != 0).repeat_interleave(256)[: state.absmax.numel()]
         assert steps[live].le(1).all() and steps[live].ne(0).sum() <= max(1, live.sum() // 50)
+        # After dequantization: bit-identical in every 4-bit block whose 8-bit absmax index agrees,
+        # and within one step of the 8-bit map (< 1.2% of the block's absmax) where it does not.
+        ours_w, bnb_w = ours.dequantize(dtype).float().flatten(), _bnb_dequantize(packed, state).float().flatten()
+        same = (steps == 0).repeat_interleave(blocksize)[: w.numel()]
+        assert torch.equal(ours_w[same], bnb_w[same])
+        block_absmax = ours.full_absmax().float().repeat_interleave(blocksize)[: w.numel()]
+        assert ((ours_w - bnb_w).abs() <= 0.012 * block_absmax + 1e-6)[~same].all()
     else:
         assert torch.equal(ours.absmax, state.absmax)
-        assert torch.equal(ours.dequantize(dtype), bnbf.dequantize_4bit(packed, state))
+        assert torch.equal(ours.dequantize(dtype), _bnb_dequantize(packed, state))
 
 
 @settings(max_examples=10, deadline=None)
@@ -60,23 +84,22 @@ def test_bnb_weights_through_ours_and_ours_through_bnb(shape, dtype, double, see
     w = _weight(shape, dtype, seed)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double, quant_type="nf4")
     from_bnb = nf4.NF4Weight.from_bnb(packed, state)
-    assert torch.equal(from_bnb.dequantize(), bnbf.dequantize_4bit(packed, state))
+    assert torch.equal(from_bnb.dequantize(), _bnb_dequantize(packed, state))
     ours = nf4.NF4Weight.from_float(w, 64, double)
     p2, s2 = ours.to_bnb()
     assert (s2.shape, s2.blocksize, s2.dtype, s2.quant_type, s2.nested) == (state.shape, 64, dtype, "nf4", double)
-    assert torch.equal(bnbf.dequantize_4bit(p2, s2), ours.dequantize())
+    assert torch.equal(_bnb_dequantize(p2, s2), ours.dequantize())
 
 
 def test_params4bit_and_state_dict_interop():
-    bnn = pytest.importorskip("bitsandbytes.nn")
     layer = bnn.Linear4bit(96, 40, bias=False, quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
     layer.load_state_dict({"weight": _weight((40, 96), torch.float32, 1)})
     layer = layer.cpu()
     ours = nf4.NF4Weight.from_bnb(layer.weight, layer.weight.quant_state)
-    assert torch.equal(ours.dequantize(torch.float32), bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    assert torch.equal(ours.dequantize(torch.float32), _bnb_dequantize(layer.weight.data, layer.weight.quant_state))
     packed, state = ours.to_bnb()
     param = bnn.Params4bit.from_prequantized(packed, state.as_dict(packed=True), device="cpu")
-    assert torch.equal(bnbf.dequantize_4bit(param.data, param.quant_state), ours.dequantize())
+    assert torch.equal(_bnb_dequantize(param.data, param.quant_state), ours.dequantize())
 
 
 def test_double_quant_error_is_small():

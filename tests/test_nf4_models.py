@@ -4,6 +4,7 @@ bitsandbytes `Linear4bit` (built by swapping, and loaded with `BitsAndBytesConfi
 relative), every 4-bit linear must become `lowmem::nf4_linear` with no graph break, and no saved
 tensor may be a dequantized weight."""
 
+import bitsandbytes.nn as bnn
 import pytest
 import torch
 
@@ -98,7 +99,6 @@ def test_nf4_quantize_option_raises():
 
 def _to_bnb(model, quant_type="nf4"):
     """Swap every frozen projection for a bitsandbytes Linear4bit holding the same weights."""
-    bnn = pytest.importorskip("bitsandbytes.nn")
     for name, module in list(model.named_modules()):
         if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] in LORA_TARGETS:
             layer = bnn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
