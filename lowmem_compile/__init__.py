@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 
 from .host_embedding import HostEmbedding, offload_embeddings_
+from .memory import release_compile_memory
 from .options import Options
 from .plan import plan
+from .prepare import PrepareSummary, prepare_
 from .quantize import NF4Linear, quantize_
 from .report import Report, last_report
 
 __all__ = [
     "Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear",
-    "offload_embeddings_", "HostEmbedding", "plan",
+    "offload_embeddings_", "HostEmbedding", "plan", "prepare_", "PrepareSummary",
+    "release_compile_memory",
 ]
 __version__ = "0.1.0"
 

@@ -1,0 +1,52 @@
+"""`release_compile_memory()`: give back the device memory a compile left in PyTorch's caching allocator.
+
+The first step of a compiled model compiles its graphs and runs them once: Inductor's and Triton's
+autotuning run kernels on scratch copies of their arguments, and the first run allocates blocks of
+sizes the later steps never ask for again. The caching allocator keeps every block it ever got from
+the driver (measured on an H100, Llama-3-8B at 8192 tokens: 17.2 GiB reserved after the first step,
+against an allocated peak of 6.58 GiB), so `nvidia-smi` shows the high-water mark of the compile
+and another process on the card cannot use the rest.
+
+Calling `release_compile_memory()` once after the first (compiling) step returns every cached block
+no tensor uses to the driver (`torch.cuda.empty_cache()`, after a garbage collection that frees
+tensors kept only by reference cycles of compile-time objects) and, by default, resets the peak
+statistics so `torch.cuda.max_memory_reserved()` then measures the steps alone. It frees nothing a
+tensor holds, so it is always safe; its cost is that the next step asks the driver again for the
+blocks it needs (a few milliseconds, once). It cannot release a CUDA graph pool (`cudagraphs=True`)
+or blocks that are partly in use (fragmentation: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
+set before the process's first CUDA allocation lets the allocator grow and shrink segments instead).
+
+`lowmem_compile.trainer.LowmemCallback` calls it after a `transformers.Trainer`'s first optimizer
+step and first evaluation.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+__all__ = ["release_compile_memory"]
+
+
+def release_compile_memory(device: torch.device | str | int | None = None, *, reset_peak: bool = True) -> dict:
+    """Return the caching allocator's unused blocks on `device` (default: the current CUDA device) to
+    the driver; returns {"reserved_before", "reserved_after", "allocated", "released"} in bytes (all
+    zero without CUDA). Call it after the first compiled step (or evaluation), not inside one."""
+    out = {"reserved_before": 0, "reserved_after": 0, "allocated": 0, "released": 0}
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return out
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.type != "cuda":
+        return out
+    gc.collect()
+    torch.cuda.synchronize(device)
+    out["reserved_before"] = torch.cuda.memory_reserved(device)
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+    out["reserved_after"] = torch.cuda.memory_reserved(device)
+    out["allocated"] = torch.cuda.memory_allocated(device)
+    out["released"] = out["reserved_before"] - out["reserved_after"]
+    if reset_peak:
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
