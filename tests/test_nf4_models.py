@@ -129,7 +129,6 @@ def test_bnb_linear4bit_with_lora_is_lowered():
     assert report["nf4"]["lowered"] == N_LINEARS and report["nf4"]["skipped"] == []
 
 
-@pytest.mark.slow
 def test_bnb_fp4_is_skipped_with_reason():
     ref = _to_bnb(tiny_model("llama", lora=False), quant_type="fp4")
     inputs = batch()
@@ -140,7 +139,6 @@ def test_bnb_fp4_is_skipped_with_reason():
     assert nf4["lowered"] == 0 and len(nf4["skipped"]) == N_LINEARS and "fp4" in nf4["skipped"][0]
 
 
-@pytest.mark.slow
 def test_bnb_model_loaded_with_config(tmp_path):
     import transformers
 
