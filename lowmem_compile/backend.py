@@ -7,6 +7,7 @@ graph to `compile_fx` with our partitioner scoped to this one compile through `c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -16,14 +17,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch._dynamo.utils import counters
 
+from .cost.layered import LayerContext
+from .cost.sizes import tensor_bytes
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes.attention import AttentionPass
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
+from .passes.layers import LayerSplit, NotOutlined, Region, split_layers
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, recorded_stats
-from .report import STORE, CudaGraphStats, RematStats
+from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +61,207 @@ def lowmem_backend(
     gm.graph.lint()
     gm.recompile()
 
-    partitioner = RematPartitioner(opts, graph_report)
-    if plan_only:
-        _compile_eager(gm, example_inputs, partitioner)  # traces and partitions now; the cost model still
-        raise Planned  # models `opts.inner`'s fusion, so the prediction is the one a real compile makes
-    if opts.inner == "eager":
-        compiled = _compile_eager(gm, example_inputs, partitioner)
+    split = None
+    if opts.layers == "auto":
+        try:
+            split = split_layers(gm)
+        except NotOutlined as reason:
+            graph_report.add("layers", LayerStats(skipped=[f"compiled as one graph: {reason}"]))
+            log.info("layers: %s; compiling the graph whole", reason)
+    if split is None:
+        compiled = _compile_graph(gm, example_inputs, opts, graph_report, RematPartitioner(opts, graph_report), plan_only)
     else:
-        from torch._inductor.compile_fx import compile_fx
-
-        # AOTAutograd's cache (keyed on this graph, Inductor's config and the partitioner's uuid)
-        # may serve the whole compile without calling the partitioner: the report then takes the
-        # plan the partitioner recorded when it made that entry.
-        partitioner.record = _plan_record(gm, example_inputs, partitioner.uuid())
-        patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
-        if opts.offload != "off":
-            # An offload copy reads its source on a side stream after the forward has moved on; the
-            # caching allocator waits for that (record_stream), Inductor would not: neither its
-            # in-graph buffer reuse nor its in-place kernels (a pointwise op writing its result
-            # over an input read for the last time, e.g. rotary embedding over q) may take the
-            # source's memory mid-copy. Both are off in such graphs.
-            patches["allow_buffer_reuse"] = False
-            patches["inplace_buffers"] = False
-        if opts.cudagraphs:
-            patches["triton.cudagraphs"] = True
-            _make_device_constants(example_inputs)
-        hits = counters["aot_autograd"]["autograd_cache_hit"]
-        skips = counters["inductor"]["cudagraph_skips"]
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
-        if opts.cudagraphs:
-            graph_report.add("cudagraphs", _cudagraph_stats(counters["inductor"]["cudagraph_skips"] - skips))
-        if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
-            _report_cached_plan(graph_report, partitioner.record)
+        compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
+    if plan_only:
+        raise Planned  # the cost model still models `opts.inner`'s fusion: the prediction is a real compile's
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if opts.report:
         from .report import last_report
 
         print(last_report(), flush=True)
     return compiled
+
+
+def _compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: Options,
+    graph_report: GraphReport,
+    partitioner: RematPartitioner,
+    plan_only: bool,
+) -> Callable[..., Any] | None:
+    """AOTAutograd with our partitioner, then Inductor (or FX code with `inner="eager"`). With
+    `plan_only`, trace and partition only (returns None)."""
+    if plan_only or opts.inner == "eager":
+        compiled = _compile_eager(gm, example_inputs, partitioner)  # plan-only: traces and partitions now
+        return None if plan_only else compiled
+    from torch._inductor.compile_fx import compile_fx
+
+    # AOTAutograd's cache (keyed on this graph, Inductor's config and the partitioner's uuid)
+    # may serve the whole compile without calling the partitioner: the report then takes the
+    # plan the partitioner recorded when it made that entry.
+    partitioner.record = _plan_record(gm, example_inputs, partitioner.uuid())
+    patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
+    if opts.offload != "off":
+        # An offload copy reads its source on a side stream after the forward has moved on; the
+        # caching allocator waits for that (record_stream), Inductor would not: neither its
+        # in-graph buffer reuse nor its in-place kernels (a pointwise op writing its result
+        # over an input read for the last time, e.g. rotary embedding over q) may take the
+        # source's memory mid-copy. Both are off in such graphs.
+        patches["allow_buffer_reuse"] = False
+        patches["inplace_buffers"] = False
+    if opts.cudagraphs:
+        patches["triton.cudagraphs"] = True
+        _make_device_constants(example_inputs)
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if opts.cudagraphs:
+        graph_report.add("cudagraphs", _cudagraph_stats(counters["inductor"]["cudagraph_skips"] - skips))
+    if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
+        _report_cached_plan(graph_report, partitioner.record)
+    return compiled
+
+
+def _compile_layers(
+    split: LayerSplit, example_inputs: Sequence[Any], opts: Options, graph_report: GraphReport, plan_only: bool
+) -> Callable[..., Any] | None:
+    """Compile each region of `split` (passes/layers.py) and each distinct layer body once; the outer
+    graph then calls the compiled regions in order. Each region compiles in a tracing context of its
+    own (Dynamo's fake mode, so the shape guards it adds reach Dynamo), as its backward compiles
+    lazily from that context's metadata. The regions' plans merge into this graph's report, the
+    bodies' already counted for every call and scored by the step's peak (cost/layered.py)."""
+    from torch._guards import TracingContext, tracing
+
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    outer_inputs = {p.name: x for p, x in zip(split.outer.graph.find_nodes(op="placeholder"), example_inputs)}
+    on_device = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
+    bodies = split.bodies()
+    calls = sum(len(group) for group in bodies.values())
+
+    def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematStats]:
+        sub = split.submodule(region)
+        single = _outputs_as_tuple(sub)
+        inputs = [_example_value(p, outer_inputs) for p in sub.graph.find_nodes(op="placeholder")]
+        region_report = GraphReport(index=graph_report.index, nodes=len(sub.graph.nodes))
+        # outside the layers nothing is parked: the tail's backward runs first, the prefix's last
+        region_opts = opts if region.kind == "layer" else dataclasses.replace(opts, offload="off")
+        partitioner = RematPartitioner(region_opts, region_report, context=context, carried=region.carried)
+        with tracing(TracingContext(fake_mode)):
+            compiled = _compile_graph(sub, inputs, region_opts, region_report, partitioner, plan_only)
+        where = "layer body" if region.kind == "layer" else region.kind
+        for section, stats in region_report.stats.items():
+            if section == "remat":
+                stats = dataclasses.replace(stats, notes=[f"{where}: {note}" for note in stats.notes])
+            graph_report.add(section, stats)
+        region_stats = region_report.stats.get("remat", RematStats())
+        if compiled is not None:
+            requires_grad = [i for i in region.carried if getattr(inputs[i], "requires_grad", False)]
+            no_grad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
+            split.outer.register_module(region.name, _CompiledRegion(compiled, single, requires_grad, no_grad))
+        return compiled, region_stats
+
+    resident = _device_bytes(outer_inputs.values(), on_device)
+    tail_extra = 0
+    for region in split.regions:
+        if region.kind != "layer":
+            placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
+            inputs = [_example_value(p, outer_inputs) for p in placeholders]
+            from_layers = [x for p, x in zip(placeholders, inputs) if p.name not in outer_inputs]
+            _, stats = compile_region(region)
+            if region.kind == "tail" and stats.predicted_peak_bytes is not None:
+                tail_extra = stats.predicted_peak_bytes - _device_bytes(inputs, on_device) + _device_bytes(from_layers, on_device)
+    first_body = True
+    for key, group in bodies.items():
+        representative = max(group, key=lambda r: _carried_requires_grad(split, r, outer_inputs))
+        sub = split.submodule(representative)
+        placeholders = sub.graph.find_nodes(op="placeholder")
+        inputs = [_example_value(p, outer_inputs) for p in placeholders]
+        carried = [x for i, x in enumerate(inputs) if i in representative.carried]
+        own = [x for i, x in enumerate(inputs) if i not in representative.carried]
+        shared = [x for i, (p, x) in enumerate(zip(placeholders, inputs))
+                  if p.name not in outer_inputs and i not in representative.carried]
+        if first_body:
+            resident += _device_bytes(shared, on_device)
+            first_body = False
+        context = LayerContext(
+            calls=calls,
+            resident=resident,
+            body_inputs=_device_bytes(own, on_device),
+            carried=_device_bytes(carried, on_device),
+            grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
+            tail=tail_extra,
+        )
+        log.info("layers: compiling the body of %s for %d calls", representative.layer, len(group))
+        compiled, _ = compile_region(representative, context)
+        for region in group:
+            if region is not representative and compiled is not None:
+                split.outer.register_module(region.name, getattr(split.outer, representative.name))
+    graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls))
+    if plan_only:
+        return None
+    split.outer.recompile()
+    return split.outer
+
+
+class _CompiledRegion(torch.nn.Module):
+    """A compiled region as the outer graph calls it: returns what the region's graph returned,
+    and gives a carried input the `requires_grad` the body was compiled for (see `layers.body_key`)."""
+
+    def __init__(
+        self, compiled: Callable[..., Any], single_output: bool, requires_grad: list[int], no_grad: list[int]
+    ) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.single_output = single_output
+        self.requires_grad = requires_grad
+        self.no_grad = no_grad
+        """Inputs the body was compiled not to differentiate: one that requires grad at a call would
+        lose its gradient, so that call raises instead."""
+
+    def forward(self, *args: Any) -> Any:
+        if torch.is_grad_enabled():
+            args = list(args)
+            for i in self.requires_grad:
+                if not args[i].requires_grad:
+                    args[i] = args[i].detach().requires_grad_()
+            for i in self.no_grad:
+                if args[i].requires_grad:
+                    raise RuntimeError(f"lowmem: input {i} of a compiled layer body requires grad here but not "
+                                       "where the body was compiled; compile with options={'layers': 'off'}")
+        out = self.compiled(*args)
+        return out[0] if self.single_output else out
+
+
+def _outputs_as_tuple(gm: torch.fx.GraphModule) -> bool:
+    """Make `gm` return a tuple (AOTAutograd's convention); True if it returned a single value."""
+    output = gm.graph.find_nodes(op="output")[0]
+    if isinstance(output.args[0], (tuple, list)):
+        return False
+    output.args = ((output.args[0],),)
+    gm.recompile()
+    return True
+
+
+def _example_value(placeholder: torch.fx.Node, outer_inputs: Mapping[str, Any]) -> Any:
+    """A region input's example: Dynamo's fake value of the node it stands for (its symbols are the
+    ones Dynamo guards on), or the real input the backend was given."""
+    value = placeholder.meta.get("example_value")
+    return value if value is not None else outer_inputs.get(placeholder.name)
+
+
+def _carried_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapping[str, Any]) -> int:
+    """How many of the region's carried inputs require grad: a body compiles for the layer with the
+    most (the first layer's input, from a frozen embedding, requires none)."""
+    placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
+    return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.carried)
+
+
+def _device_bytes(values: Any, on_device: bool) -> int:
+    """Bytes of the tensors in `values` that a step on a device holds there (the cost model leaves
+    host-memory inputs, such as an embedding table in host memory, out)."""
+    return sum(tensor_bytes(x) for x in values
+               if isinstance(x, torch.Tensor) and not (on_device and x.device.type == "cpu"))
 
 
 def _cudagraph_stats(new_skips: int) -> CudaGraphStats:

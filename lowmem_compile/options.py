@@ -75,6 +75,11 @@ class Options:
     embeddings in host memory) and logs why; not with `offload` (its ops hand the prefetched copy to
     the reload through a host-side table, Python work that a replay would skip)."""
 
+    layers: str = "auto"
+    """How the repeated decoder layers compile: "auto", one compile of each distinct layer body,
+    called for every layer like it (the step's time to first step no longer grows with depth);
+    "off", the whole step as one graph (what the per-layer compile is measured against)."""
+
     report: bool = False
     """Print the report after each compiled graph."""
 
@@ -150,6 +155,7 @@ _CHOICES = {
     "offload": ("off", "layers", "parked"),
     "fused_loss": ("on", "off"),
     "logits": ("keep", "drop"),
+    "layers": ("auto", "off"),
 }
 
 

@@ -45,6 +45,8 @@ class AttentionStats:
     causal_masks: int = _rule(_SUM)  # of those, sites whose HF 4-D mask became causal + key padding
     general_masks: int = _rule(_SUM)  # of those, sites left reading a full [Sq, Sk] mask tile by tile
     skipped: list[str] = _rule(_CONCAT)
+    window_masks: int = _rule(_SUM)  # of the causal ones, sites with a sliding window (tiles outside skipped)
+    packed_masks: int = _rule(_SUM)  # of the causal ones, sites with packed documents (segment ids)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,13 @@ class CudaGraphStats:
     skipped: list[str] = _rule(_CONCAT)  # Inductor's refusals seen while compiling them
 
 
+@dataclass(frozen=True)
+class LayerStats:
+    bodies: int = _rule(_SUM)  # distinct layer graphs compiled
+    calls: int = _rule(_SUM)  # layer calls those bodies serve
+    skipped: list[str] = _rule(_CONCAT)  # why a graph compiled whole
+
+
 #: The report's keys (a public contract) and the stats each holds.
 SECTIONS: dict[str, type] = {
     "attention": AttentionStats,
@@ -98,6 +107,7 @@ SECTIONS: dict[str, type] = {
     "loss": LossStats,
     "mlp": MLPStats,
     "cudagraphs": CudaGraphStats,
+    "layers": LayerStats,
 }
 
 
@@ -135,10 +145,12 @@ class Report:
 
     def __str__(self) -> str:
         d = self.to_dict()
-        att, nf4, remat, loss, mlp, graphs = (d[k] for k in ("attention", "nf4", "remat", "loss", "mlp", "cudagraphs"))
+        att, nf4, remat, loss, mlp, graphs, layers = (
+            d[k] for k in ("attention", "nf4", "remat", "loss", "mlp", "cudagraphs", "layers"))
         peak = remat["predicted_peak_bytes"]
         rows = [
             ("graphs compiled", str(d["graphs"])),
+            ("layer bodies compiled", f"{layers['bodies']} for {layers['calls']} layer calls"),
             ("attention sites replaced", str(att["replaced"])),
             ("linear layers in NF4", f"{nf4['lowered']} ({_gib(nf4['bytes_before'])} -> {_gib(nf4['bytes_after'])})"),
             ("LM head + loss fused", f"{loss['fused']} (chunk {loss['chunk_tokens']} tokens)"),
@@ -161,7 +173,8 @@ class Report:
         width = max(len(k) for k, _ in rows)
         lines = ["lowmem report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-        fallbacks = [("attention", s) for s in att["skipped"]] + [("nf4", s) for s in nf4["skipped"]]
+        fallbacks = [("layers", s) for s in layers["skipped"]]
+        fallbacks += [("attention", s) for s in att["skipped"]] + [("nf4", s) for s in nf4["skipped"]]
         if att["general_masks"]:
             fallbacks.append(("attention", _GENERAL_MASK_NOTE.format(n=att["general_masks"])))
         fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]

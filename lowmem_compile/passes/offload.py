@@ -42,19 +42,27 @@ MIN_BYTES = 1 << 20
 PREFETCH_SLACK = 1.5
 
 
-def choose(fw: torch.fx.GraphModule, num_fwd_outputs: int, last_layer_start: torch.fx.Node) -> list[torch.fx.Node]:
-    """The saved forward values to park in host memory (see the module docstring)."""
+def choose(
+    fw: torch.fx.GraphModule,
+    num_fwd_outputs: int,
+    last_layer_start: torch.fx.Node | None,
+    inputs: frozenset[str] = frozenset(),
+) -> list[torch.fx.Node]:
+    """The saved forward values to park in host memory (see the module docstring). With no
+    `last_layer_start` (a layer body compiled once for every layer), all of them, and the saved
+    inputs named in `inputs` too (the hidden state a call took from the layer before)."""
     out = fw.graph.find_nodes(op="output")[0].args[0]
     user = {storage_root(o) for o in out[:num_fwd_outputs] if isinstance(o, torch.fx.Node)}
     saved = [o for o in out[num_fwd_outputs:] if isinstance(o, torch.fx.Node)]
     order = {n: i for i, n in enumerate(fw.graph.nodes)}
-    limit = order[last_layer_start]
+    limit = len(order) if last_layer_start is None else order[last_layer_start]
     sharing = Counter(storage_root(o) for o in saved)
     chosen = []
     for node in saved:
         val = tensor_val(node)
+        movable = node.op == "call_function" or (node.op == "placeholder" and node.name in inputs)
         # a view, or a storage also saved through a view, would stay on the device anyway
-        if node.op != "call_function" or val is None or storage_root(node) is not node or sharing[node] > 1 or node in user:
+        if not movable or val is None or storage_root(node) is not node or sharing[node] > 1 or node in user:
             continue
         if order[node] < limit and val.is_contiguous() and tensor_bytes(val) >= MIN_BYTES:
             chosen.append(node)
@@ -90,7 +98,9 @@ def apply(
     moved = 0
     for (reader, node, placeholder), start in zip(moves, reversed(starts)):
         val = tensor_val(node)
-        with fw.graph.inserting_after(node):
+        # an input's copy starts after the last input: placeholders come first in a graph
+        after = node if node.op != "placeholder" else fw.graph.find_nodes(op="placeholder")[-1]
+        with fw.graph.inserting_after(after):
             host = fw.graph.call_function(offload_ops.offload.default, (node,))
         with val.fake_mode:
             host.meta["val"] = offload_ops.offload.default(val)

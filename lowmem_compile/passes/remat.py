@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -53,7 +54,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import ops as lowmem_ops
-from ..cost import liveness, sizes, timing
+from ..cost import layered, liveness, sizes, timing
+from ..cost.layered import LayerContext
 from ..cost.liveness import StepMemory, longest_fitting, shape_hints, simulate_step
 from ..cost.sizes import is_getitem, is_host_copy, is_view, storage_root, tensor_bytes, tensor_outputs, tensor_val
 from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_for, recompute_time
@@ -93,10 +95,12 @@ class Plan:
     added_flops: int
     added_seconds: float
     offloaded_bytes: int = 0
+    step_peak: int | None = None
+    """For a layer body compiled once for many layers: the whole step's peak (`cost/layered.py`)."""
 
     @property
     def peak(self) -> int:
-        return self.memory.peak
+        return self.memory.peak if self.step_peak is None else self.step_peak
 
 
 def saved_values(fw_module: torch.fx.GraphModule, num_fwd_outputs: int) -> list[torch.fx.Node]:
@@ -147,9 +151,13 @@ def layer_of(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    path = str(list(stack.values())[-1][0])
-    match = _LAYER_RE.search(path)
-    return path[: match.end()] if match else None
+    # innermost first; an entry may name a function instead of a module (transformers records
+    # `apply_rotary_pos_emb` as one), whose path lacks the layer's index
+    for path, _ in reversed(list(stack.values())):
+        match = _LAYER_RE.search(str(path))
+        if match:
+            return str(path)[: match.end()]
+    return None
 
 
 class _Planner:
@@ -165,6 +173,8 @@ class _Planner:
         rates: DeviceRates,
         offload_to: torch.device | None = None,
         offload_above: int | None = None,
+        context: LayerContext | None = None,
+        carried: frozenset[str] = frozenset(),
     ) -> None:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -175,10 +185,16 @@ class _Planner:
         or with `offload_above` only those whose peak would otherwise exceed it (offloading costs
         time, so `auto` uses it where recomputing alone does not fit)."""
         self.offload_above = offload_above
+        self.context = context
+        """Set when the graph is one layer body that the step calls `context.calls` times: the
+        whole graph is that layer, every call parks what it saves (the last one too: it is the same
+        code), and plans are scored by the step's peak."""
+        self.carried = carried
+        """Names of the body's primal inputs that belong to one call (its hidden state input)."""
         self.forward = _forward_nodes(gm.graph, kwargs["num_fwd_outputs"])
         self.forward_names = {n.name for n in self.forward}
         self.by_name = {n.name: n for n in gm.graph.nodes}
-        self.layers = list(dict.fromkeys(layer for n in gm.graph.nodes if n in self.forward and (layer := layer_of(n))))
+        self.layers = list(dict.fromkeys(layer for n in gm.graph.nodes if n in self.forward and (layer := self.layer_of(n))))
         """The repeated layers in forward order."""
         self.tail = self._tail()
         """The forward nodes after the last layer (final norm, head, loss)."""
@@ -196,15 +212,19 @@ class _Planner:
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
-        moved, link_seconds = 0, 0.0
-        if self.offload_to is not None and self.layers and (self.offload_above is None or memory.peak > self.offload_above):
-            # the forward's first node of the last layer (none if the partition dropped the layer tags)
-            last_layer = next((n for n in fw.graph.nodes if layer_of(n) == self.layers[-1]), None)
-            if last_layer is not None:
-                moved = offload.apply(fw, bw, offload.choose(fw, num_out, last_layer), self.offload_to, self.rates)
-                if moved:
-                    memory = simulate_step(fw, bw, num_out, fused=self.fused)
-                    link_seconds = offload.exposed_seconds(fw, bw, self.rates)
+        moved, link_seconds, carried_moved = 0, 0.0, False
+        peak = memory.peak if self.context is None else self.context.step_peak(memory)
+        if self.offload_to is not None and self.layers and (self.offload_above is None or peak > self.offload_above):
+            if self.context is not None:
+                values = offload.choose(fw, num_out, None, inputs=self.carried)
+            else:  # the forward's first node of the last layer (none if the partition dropped the layer tags)
+                last_layer = next((n for n in fw.graph.nodes if self.layer_of(n) == self.layers[-1]), None)
+                values = offload.choose(fw, num_out, last_layer) if last_layer is not None else []
+            carried_moved = any(v.op == "placeholder" for v in values)
+            moved = offload.apply(fw, bw, values, self.offload_to, self.rates) if values else 0
+            if moved:
+                memory = simulate_step(fw, bw, num_out, fused=self.fused)
+                link_seconds = offload.exposed_seconds(fw, bw, self.rates)
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
@@ -222,7 +242,14 @@ class _Planner:
             added_flops=sum(node_flops(n) for n in recomputed),
             added_seconds=recompute_time(recomputed, self.rates) + link_seconds,
             offloaded_bytes=moved,
+            step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved),
         )
+
+    def layer_of(self, node: torch.fx.Node) -> str | None:
+        """The layer a node runs in; in a layer body, every forward op is in the one layer."""
+        if self.context is not None:
+            return "body" if node.op == "call_function" else None
+        return layer_of(node)
 
     def full_tags(self, layers: int) -> dict[str, CheckpointPolicy]:
         """Recompute everything inside each of the first `layers` layers; save what flows into those
@@ -230,13 +257,13 @@ class _Planner:
         chosen = set(self.layers[:layers])
         tags: dict[str, CheckpointPolicy] = {}
         for node in self.forward:
-            if layer_of(node) in chosen and _can_force_recompute(node):
+            if self.layer_of(node) in chosen and _can_force_recompute(node):
                 for n in _recompute_unit(node):
                     tags[n.name] = CheckpointPolicy.MUST_RECOMPUTE
         for node in self.forward:
-            layer = layer_of(node)
+            layer = self.layer_of(node)
             for user in node.users:
-                into = layer_of(user)
+                into = self.layer_of(user)
                 # saved: what flows into a recomputed layer (it bounds the recomputation) and what
                 # flows out of one into the model's tail (the last layer's output into the final
                 # norm), so that the backward recomputes that layer as it needs it, not all at once
@@ -249,7 +276,7 @@ class _Planner:
 
     def _tail(self) -> set[torch.fx.Node]:
         nodes = [n for n in self.gm.graph.nodes if n in self.forward]
-        last = max((i for i, n in enumerate(nodes) if layer_of(n) is not None), default=len(nodes))
+        last = max((i for i, n in enumerate(nodes) if self.layer_of(n) is not None), default=len(nodes))
         return set(nodes[last + 1 :])
 
     def layer_plan(self, k: int) -> Plan:
@@ -264,8 +291,8 @@ class _Planner:
         the copies hide behind compute both ways and the device holds no more than under `full`
         (plus the copies in flight). The backward then recomputes only what is cheap per byte."""
         tags = self.full_tags(len(self.layers))
-        for layer in self.layers[:-1]:
-            nodes = [n for n in self.forward if layer_of(n) == layer]
+        for layer in self.layers if self.context is not None else self.layers[:-1]:
+            nodes = [n for n in self.forward if self.layer_of(n) == layer]
             room = PARK_LINK_SHARE * self.rates.host_link * recompute_time(nodes, self.rates)
             dear = []
             for node in nodes:
@@ -422,9 +449,15 @@ class RematPartitioner(CustomPartitionerFn):
     written there as JSON: a compile served from AOTAutograd's cache never calls the partitioner,
     and the backend fills the report from that file instead (:func:`recorded_stats`)."""
 
-    def __init__(self, options: Options, report: GraphReport) -> None:
+    def __init__(
+        self, options: Options, report: GraphReport, context: LayerContext | None = None, carried: Sequence[int] = ()
+    ) -> None:
         self.options = options
         self.report = report
+        self.context = context
+        """For a layer body compiled once for many layers: the step around it (`cost/layered.py`)."""
+        self.carried = frozenset(f"primals_{i + 1}" for i in carried)
+        """The body's inputs that belong to one call, by AOTAutograd's names for its primals."""
         self.record: Path | None = None
         self.plans: list[Plan] = []
         """The chosen plan of every joint graph partitioned, for inspection and tests."""
@@ -457,6 +490,8 @@ class RematPartitioner(CustomPartitionerFn):
             rates=rates_for(device),
             offload_to=offload_to,
             offload_above=budget if policy == "auto" else None,
+            context=self.context,
+            carried=self.carried,
         )
         notes: list[str] = []
         if policy == "full":
@@ -482,20 +517,27 @@ class RematPartitioner(CustomPartitionerFn):
             f"({plan.added_flops / 1e9:.1f} GFLOP){'; budget from ' + budget_source if budget is not None else ''}"
         )
         notes.append(_peak_note(plan.memory))
-        held = _held_note(plan)
+        if self.context is not None:
+            notes.append(
+                f"layer body planned once for {self.context.calls} calls: {plan.memory.peak / 2**30:.2f} GiB "
+                f"in one call, {self.context.kept(plan.memory) / 2**20:.0f} MiB kept a call for the backward, "
+                f"step peak {plan.peak / 2**30:.2f} GiB"
+            )
+        held = _held_note(plan) if self.context is None else None  # a body's outputs are the next layer's inputs
         if held:
             notes.append(held)
         longest = self._longest_sequence(plan, budget, notes)
         self.plans.append(plan)
+        calls = 1 if self.context is None else self.context.calls  # a body's figures, for every call
         stats = RematStats(
             policy=policy,
-            saved_bytes=plan.memory.saved,
+            saved_bytes=plan.memory.saved * calls,
             predicted_peak_bytes=plan.peak,
-            predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed,
-            recomputed=len(plan.recomputed),
-            offloaded_bytes=plan.offloaded_bytes,
-            added_flops=plan.added_flops,
-            added_seconds=plan.added_seconds,
+            predicted_peak_outputs_freed_bytes=plan.memory.peak_outputs_freed if self.context is None else plan.peak,
+            recomputed=len(plan.recomputed) * calls,
+            offloaded_bytes=plan.offloaded_bytes * calls,
+            added_flops=plan.added_flops * calls,
+            added_seconds=plan.added_seconds * calls,
             budget_bytes=budget,
             longest_fitting_seq=longest,
             notes=notes,
@@ -510,7 +552,12 @@ class RematPartitioner(CustomPartitionerFn):
         if budget is None:
             return None
         memory = simulate_step(plan.fw, plan.bw, plan.num_fwd_outputs, fused=self.options.inner == "inductor", symbolic=True)
-        answer = longest_fitting(memory.peak_exprs, budget, shape_hints(plan.fw))
+        exprs = memory.peak_exprs
+        if self.context is not None:
+            carried = [p for p in plan.fw.graph.find_nodes(op="placeholder") if p.name in self.carried]
+            carried_expr = sum((sizes.sym_bytes(tensor_val(p)) for p in carried if tensor_val(p) is not None), sympy.Integer(0))
+            exprs = self.context.step_exprs(memory, carried_expr)
+        answer = longest_fitting(exprs, budget, shape_hints(plan.fw))
         if answer is None:
             return None
         symbol, length = answer
@@ -522,13 +569,13 @@ class RematPartitioner(CustomPartitionerFn):
         tunables and the autograd formulas of our ops (they shape the joint graph AOTAutograd
         caches), the options, the device's rates and, without a `memory_budget`, the budget that
         free memory gives (GiB)."""
-        modules = (sys.modules[__name__], offload, sizes, timing, liveness)
+        modules = (sys.modules[__name__], offload, sizes, timing, liveness, layered)
         tunables = sorted(
             (m.__name__, name, value) for m in modules for name, value in vars(m).items()
             if name.isupper() and not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
         )
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}"
+        extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}|{self.context}|{sorted(self.carried)}"
         if device.type == "cuda" and self.options.memory_budget is None:
             extra += f"|budget={self.budget(device)[0] >> 30}GiB"
         return source_hash(*modules, *_OP_MODULES, extra=extra)

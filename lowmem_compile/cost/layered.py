@@ -1,0 +1,66 @@
+"""The step's peak from the plan of one layer body, when each distinct layer compiles once.
+
+A compiled body's liveness simulation (`liveness.simulate_step`) sees one call: its inputs as
+resident, its own forward and backward. The step calls it `calls` times, and autograd keeps what
+each call saved until that call's backward. So, on top of everything the step holds from its start
+(`resident`: the weights of every layer, the batch, the values the prefix computes once for all
+layers, such as the rotary tables):
+
+* during the backward of the last layer (the most kept): the `calls - 1` earlier calls keep their
+  saved values and their carried input (the hidden state each took from the layer before), and the
+  body's own peak above its resident inputs (its carried input included, counted once);
+* during the model's tail (norm, head and loss): every call's kept bytes and the tail's own peak
+  above what is resident;
+* the trainable weights' gradients of the layers whose backward ran stay to the end (LoRA:
+  small, counted where they are most: the first layer's backward).
+
+The tail is compiled before the bodies so that its peak is known when a body is planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .liveness import StepMemory
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What the planner of one layer body needs to know about the step around it."""
+
+    calls: int
+    """Layer calls this body serves."""
+    resident: int
+    """Device bytes held from the step's start: every outer input (weights, batch) and the
+    prefix's values shared by the layers."""
+    body_inputs: int
+    """Device bytes of this body's inputs that are in `resident` (its weights, shared values)."""
+    carried: int
+    """Device bytes of the body's inputs that belong to one call (its hidden state input)."""
+    grads: int
+    """Bytes of the gradients of the body's trainable inputs (one call's LoRA weights)."""
+    tail: int = 0
+    """The tail's peak above `resident`: its carried input (the last layer's output) and working set."""
+
+    def kept(self, memory: StepMemory, carried_on_device: bool = True) -> int:
+        """Bytes one call keeps from its forward to its backward."""
+        return memory.saved + (self.carried if carried_on_device else 0)
+
+    def step_peak(self, memory: StepMemory, carried_on_device: bool = True, body_peak: int | None = None) -> int:
+        """The step's predicted peak with this body's plan (see the module docstring)."""
+        kept = self.kept(memory, carried_on_device)
+        body = memory.peak if body_peak is None else body_peak
+        others = self.resident - self.body_inputs
+        last_layer = others + (self.calls - 1) * kept + body
+        first_layer = others + (self.calls - 1) * self.grads + body
+        tail = self.resident + self.calls * kept + self.tail
+        return max(last_layer, first_layer, tail)
+
+    def step_exprs(self, memory: StepMemory, carried_expr: sympy.Expr, carried_on_device: bool = True) -> list[sympy.Expr]:
+        """`step_peak` of the last layer's backward at every step of the body's walk, as expressions
+        in the symbolic sizes (the resident weights taken at the example's size): for `longest_fitting`."""
+        kept = (memory.saved_expr or sympy.Integer(0)) + (carried_expr if carried_on_device else 0)
+        others = self.resident - self.body_inputs
+        return [others + (self.calls - 1) * kept + e for e in memory.peak_exprs]
