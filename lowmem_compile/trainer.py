@@ -43,7 +43,7 @@ def is_compiled(model) -> bool:
 
 
 class LowmemCallback(TrainerCallback):
-    """Warns when the trainer's model was not compiled in place, and gives the compile's scratch memory
+    """Warns when the trainer's model was not compiled in place or gradient checkpointing is on, and gives the compile's scratch memory
     back to the driver after the first optimizer step and the first evaluation (each compiles graphs):
     see `lowmem_compile.release_compile_memory`."""
 
@@ -56,6 +56,11 @@ class LowmemCallback(TrainerCallback):
         if model is not None and not is_compiled(model):
             warnings.warn("LowmemCallback: the trainer's model is not compiled; call "
                           "model.compile(backend='lowmem', options=...) before Trainer(model=model, ...)", stacklevel=2)
+        if getattr(args, "gradient_checkpointing", False):
+            warnings.warn("LowmemCallback: gradient_checkpointing is on (TRL's SFTConfig turns it on by default): "
+                          "the layers run inside checkpoint regions the lowmem passes do not rewrite (no NF4 "
+                          "lowering, no planned recomputation); set gradient_checkpointing=False, lowmem's remat "
+                          "pass decides what to recompute", stacklevel=2)
 
     def _release(self) -> None:
         if self.release:
