@@ -40,14 +40,61 @@ def test_lora_parity_with_eager(family, attn, padding):
     assert report["remat"]["saved_bytes"] > 0
 
 
+#: The default options but the inner compiler (Inductor on the CPU takes minutes: `slow` below).
+DEFAULTS = {"inner": "eager"}
+
+# Tolerances of the default path (kv8) against eager, from what kv8 quantizes: K (smoothed) and V
+# in 8-bit codes per group of 8 elements here (head dim 16: groups of D/2), step = range / 255, so
+# each element moves by at most step / 2 and by ~range / 883 RMS: ~3e-3 of K and V for Gaussian
+# groups (range ~2.8 sigma). Attention outputs move by that much, the logits less (the residual
+# stream carries the rest unchanged; measured 2.2e-3), the LoRA gradients a little more (measured
+# <= 6.1e-3). kv4 moves each 16x more (measured: logits 2.8e-2 to 3.9e-2, gradients 7.5e-2 to
+# 9.1e-2), so these bounds also tell kv8 from kv4. The loss, a mean over every token, moves least
+# (measured <= 5e-6; kv4 1.4e-4).
+KV8_LOGITS, KV8_GRADS, KV8_LOSS = 1e-2, 2e-2, 5e-5
+
+
+@pytest.mark.parametrize(
+    "family,attn,padding",
+    [(f, a, True) for f in FAMILIES for a in ("sdpa", "eager")] + [("llama", "sdpa", False)],
+)
+def test_default_options_against_eager(family, attn, padding):
+    """The default options (kv8 attention, fused loss, remat auto, NF4 auto) on every family, with
+    both attention implementations: every attention site and the loss are replaced (none left to
+    stock PyTorch), and logits, loss and every LoRA gradient are those of eager within kv8's
+    rounding; the logits keep the model's dtype."""
+    ref = tiny_model(family, attn)
+    model = twin(ref)
+    inputs = batch(padding=padding)
+    expected = _step(ref, inputs)
+    got = _step(torch.compile(model, backend="lowmem", options=DEFAULTS), inputs)
+    report = lowmem_compile.last_report().to_dict()
+    assert report["attention"]["replaced"] == 2 and report["attention"]["skipped"] == []
+    assert report["loss"]["fused"] == 1 and report["loss"]["skipped"] == []
+    assert got.logits.dtype == expected.logits.dtype
+    assert rel_err(got.logits, expected.logits) < KV8_LOGITS
+    assert rel_err(got.loss, expected.loss) < KV8_LOSS
+    ref_grads, grads = trainable_grads(ref), trainable_grads(model)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2
+    for name, g in grads.items():
+        assert g is not None and rel_err(g, ref_grads[name]) < KV8_GRADS, name
+
+
 def test_two_sequence_lengths_compile_boundedly():
-    model = tiny_model("llama")
-    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager"})
+    """Three lengths: the first specializes, the second makes the sequence dimension dynamic, the
+    third reuses that graph; each step's loss is eager's (kv8 rounding)."""
+    ref = tiny_model("llama")
+    compiled = torch.compile(twin(ref), backend="lowmem", options={"inner": "eager"})
     for seq in (16, 24, 40):
-        out = compiled(**batch(seq=seq))
-        out.loss.backward()
-    # the first length specializes, the second makes the sequence dimension dynamic, the third reuses it
-    assert lowmem_compile.last_report().to_dict()["graphs"] <= 2
+        inputs = batch(seq=seq)
+        got = compiled(**inputs)
+        got.loss.backward()
+        assert rel_err(got.loss, ref(**inputs).loss) < KV8_LOSS, seq
+        graphs = lowmem_compile.last_report().to_dict()["graphs"]
+        assert graphs >= 1, "nothing was compiled"
+        if seq == 16:
+            first = graphs
+    assert graphs <= 2 * first
 
 
 def test_inference_under_no_grad():
