@@ -150,12 +150,12 @@ def _rel_l1(a, b):
 
 def _accuracy(s, cfg, device, dtype, scale):
     """O, dQ, dK, dV of ours (bf16 in, kv16/8/4) against the fp32 chunked reference on the same inputs."""
-    from lowmem_compile.ops.attention import attend, attend_backward
+    from lowmem_compile.ops.attention import Form, attend, attend_backward
 
     qkv, do = _inputs(s, cfg, device, dtype, seed=1)
     q32, k32, v32 = (t.float() for t in qkv)
-    o, lse = attend(q32, k32, v32, None, True, scale)
-    want = (o, *attend_backward(do.float(), q32, k32, v32, o, lse, None, True, scale))
+    o, lse = attend(q32, k32, v32, None, Form(True, scale))
+    want = (o, *attend_backward(do.float(), q32, k32, v32, o, lse, None, Form(True, scale)))
     rows = {}
     for bits in (16, 8, 4):
         q, k, v = (t.detach().requires_grad_() for t in qkv)

@@ -121,8 +121,8 @@ def test_pack4_is_split_by_halves():
 
 def test_smoothing_leaves_attention_unchanged():
     q, k, v = _inputs(1, 2, 1, 9, 16, torch.float64)
-    a, _ = ops.attend(q, k, v, None, True, 0.25)
-    b, _ = ops.attend(q, kv4.smooth(k).double(), v, None, True, 0.25)
+    a, _ = ops.attend(q, k, v, None, ops.Form(True, 0.25))
+    b, _ = ops.attend(q, kv4.smooth(k).double(), v, None, ops.Form(True, 0.25))
     assert rel_err(a, b) < 1e-6
 
 

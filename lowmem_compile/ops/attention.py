@@ -1,13 +1,18 @@
-"""`lowmem::attention`: softmax(Q Kᵀ · scale + mask) V whose backward keeps K and V in 4/8 bits.
+"""`lowmem::attention`: softmax(cap(Q Kᵀ · scale) + mask) V whose backward keeps K and V in 4/8 bits.
 
-    attention(q, k, v, mask=None, *, causal, scale, kv_bits) -> (out, lse, k_q, k_scale, v_q, v_scale)
-    attention_backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, *, causal, scale,
-                       kv_bits) -> (dq, dk, dv)
+    attention(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0)
+        -> (out, lse, k_q, k_scale, v_q, v_scale)
+    attention_backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, segments, *, causal,
+                       scale, kv_bits, window=0, softcap=0.0) -> (dq, dk, dv)
 
 q is [B, Hq, Sq, D]; k and v are [B, Hkv, Sk, D] with Hq a multiple of Hkv (GQA): they are read and
 kept at Hkv heads, never repeated. `mask` is None, boolean (True = attend) or additive float,
 broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq == Sk. A row with no key to attend gives 0
-(as SDPA does), with lse = +inf.
+(as SDPA does), with lse = +inf. `softcap` c > 0 caps the scaled scores to c · tanh(x / c) before the
+mask is added (Gemma 2). With `causal`, `window` W > 0 lets query q see keys q − W < kv ≤ q (HF's
+`sliding_window`: W keys with itself), and `segments` (integer document ids [B or 1, S],
+nondecreasing along each row: documents packed contiguously) lets it see only keys of its own
+document; both only bound which keys are seen, so the kernels skip the tiles outside.
 
 Why the quantized K/V are *outputs*: the autograd formula saves exactly what the backward reads, and
 AOTAutograd's partitioner sees them as the only K/V-sized values the backward needs, so k and v
@@ -26,6 +31,8 @@ than a [chunk, Sk] block of scores per head.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..formats import kv4
@@ -39,8 +46,14 @@ _CHUNK_BYTES = 2**28
 _HUGE, _MASKED = -1e29, -1024.0
 
 
-def _check(q, k, v, mask, causal, kv_bits) -> None:
+def _check(q, k, v, mask, causal, kv_bits, segments=None, window=0, softcap=0.0) -> None:
     kv4.check_bits(kv_bits)
+    if window < 0 or softcap < 0:
+        raise ValueError(f"attention: window {window} and softcap {softcap} must be >= 0")
+    if (window or segments is not None) and not causal:
+        raise ValueError("attention: a window or segments need causal=True")
+    if segments is not None and (segments.dim() != 2 or segments.is_floating_point() or segments.dtype == torch.bool):
+        raise ValueError(f"attention: segments must be integer document ids [B, S], got {segments.dtype} {tuple(segments.shape)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -68,10 +81,15 @@ def _mask_rows(mask, b, hq, rows, sk, hkv):
     return full.expand(b, hq, rows.stop - rows.start, sk).reshape(b, hkv, hq // hkv, -1, sk)
 
 
-def _scores(qc, k, mask, causal, scale, rows, hq):
-    """fp32 scores of a chunk of query rows: [B, Hkv, G, C, Sk], masked entries -inf."""
+def _scores(qc, k, mask, rows, hq, form):
+    """fp32 scores of a chunk of query rows: [B, Hkv, G, C, Sk], masked entries -inf; and the softcap's
+    derivative 1 − tanh²(x / c) of the scaled scores x (None without a cap)."""
     b, hkv, _, sk, _ = k.shape
-    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    s = torch.matmul(qc, k.transpose(-1, -2)) * form.scale
+    dcap = None
+    if form.softcap:
+        t = torch.tanh(s / form.softcap)
+        s, dcap = t * form.softcap, 1 - t * t
     if mask is not None:
         m = _mask_rows(mask, b, hq, rows, sk, hkv)
         if m.dtype == torch.bool:
@@ -79,10 +97,15 @@ def _scores(qc, k, mask, causal, scale, rows, hq):
         else:
             m = m.float()
             s = torch.where(m < _HUGE, torch.where(torch.isneginf(m), m, _MASKED), s + m)
-    if causal:
+    if form.causal:
         i = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(-1)
-        s = s.masked_fill(torch.arange(sk, device=s.device) > i, float("-inf"))
-    return s
+        kv = torch.arange(sk, device=s.device)
+        hide = (kv > i) | (kv <= i - form.window) if form.window else kv > i
+        if form.segments is not None:
+            seg = form.segments.expand(b, sk)
+            hide = hide | (seg[:, rows, None] != seg[:, None, :])[:, None, None]
+        s = s.masked_fill(hide, float("-inf"))
+    return s, dcap
 
 
 def _grouped(q, k, v):
@@ -97,7 +120,18 @@ def _chunk(q, sk):
     return max(1, min(q.shape[2], _CHUNK_BYTES // (4 * b * hq * max(sk, 1))))
 
 
-def attend(q, k, v, mask, causal, scale):
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """Which scores a query row sees, and how they are shaped (the op's arguments besides q, k, v, mask)."""
+
+    causal: bool
+    scale: float
+    window: int = 0
+    softcap: float = 0.0
+    segments: torch.Tensor | None = None
+
+
+def attend(q, k, v, mask, form: Form):
     """Exact attention in fp32 (any K/V values): (out in q's dtype, lse fp32 [B, Hq, Sq])."""
     b, hq, sq, d = q.shape
     qg, kg, vg = _grouped(q, k, v)
@@ -106,7 +140,7 @@ def attend(q, k, v, mask, causal, scale):
     step = _chunk(q, k.shape[2])
     for start in range(0, sq, step):
         rows = slice(start, min(start + step, sq))
-        s = _scores(qg[:, :, :, rows], kg, mask, causal, scale, rows, hq)
+        s, _ = _scores(qg[:, :, :, rows], kg, mask, rows, hq, form)
         l = torch.logsumexp(s, dim=-1, keepdim=True)
         l = torch.where(torch.isneginf(l), float("inf"), l)
         o = torch.matmul(torch.exp(s - l), vg)
@@ -115,7 +149,7 @@ def attend(q, k, v, mask, causal, scale):
     return out, lse
 
 
-def attend_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
+def attend_backward(grad_out, q, k, v, out, lse, mask, form: Form):
     """Gradients of :func:`attend` from its saved (out, lse), recomputing P chunk by chunk, in fp32."""
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
@@ -128,11 +162,13 @@ def attend_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
     step = _chunk(q, k.shape[2])
     for start in range(0, sq, step):
         rows = slice(start, min(start + step, sq))
-        p = torch.exp(_scores(qg[:, :, :, rows], kg, mask, causal, scale, rows, hq) - lseg[:, :, :, rows])
+        s, dcap = _scores(qg[:, :, :, rows], kg, mask, rows, hq, form)
+        p = torch.exp(s - lseg[:, :, :, rows])
         do = dog[:, :, :, rows]
         ds = p * (torch.matmul(do, vg.transpose(-1, -2)) - delta[:, :, :, rows])
-        dq[:, :, :, rows] = torch.matmul(ds, kg) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, rows]).sum(2) * scale
+        ds = ds if dcap is None else ds * dcap
+        dq[:, :, :, rows] = torch.matmul(ds, kg) * form.scale
+        dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, rows]).sum(2) * form.scale
         dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
     # contiguous, as the fake impl declares (empty_like/zeros_like keep q's and k's transposed strides)
     return tuple(g.to(t.dtype).contiguous() for g, t in ((dq.reshape(q.shape), q), (dk, k), (dv, v)))
@@ -153,16 +189,19 @@ def _saved_kv(k_q, k_scale, v_q, v_scale, kv_bits, dtype):
     return kv4.dequantize(k_q, k_scale, kv_bits, dtype), kv4.dequantize(v_q, v_scale, kv_bits, dtype)
 
 
-def _reference(q, k, v, mask=None, *, causal, scale, kv_bits):
-    _check(q, k, v, mask, causal, kv_bits)
+_FWD_ARGS = "Tensor? mask=None, Tensor? segments=None, *, bool causal, float scale, int kv_bits, int window=0, float softcap=0.0"
+
+
+def _reference(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
+    _check(q, k, v, mask, causal, kv_bits, segments, window, softcap)
     packed = quantize_kv(k, v, kv_bits)
     kd, vd = (k, v) if kv_bits == 16 else _saved_kv(*packed, kv_bits, torch.float32)
-    out, lse = attend(q, kd, vd, mask, causal, scale)
+    out, lse = attend(q, kd, vd, mask, Form(causal, scale, window, softcap, segments))
     return (out, lse, *packed)
 
 
-def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
-    _check(q, k, v, mask, causal, kv_bits)
+def _fake(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
+    _check(q, k, v, mask, causal, kv_bits, segments, window, softcap)
     b, hq, sq, d = q.shape
     out, lse = q.new_empty(q.shape), q.new_empty(b, hq, sq, dtype=torch.float32)
     if kv_bits == 16:
@@ -181,33 +220,38 @@ def _fake(q, k, v, mask=None, *, causal, scale, kv_bits):
     )
 
 
-def _workspace(q, k, v, mask=None, *, causal, scale, kv_bits):
-    """At 4/8 bits the kernel reads a transient 16-bit K and V dequantized from the codes."""
+def _workspace(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
+    """At 4/8 bits the kernel reads a transient 16-bit K and V dequantized from the codes (the int32
+    band bounds of a window or documents, 8 bytes a token, are not counted)."""
     return [] if kv_bits == 16 else [k.new_empty(k.shape, dtype=q.dtype), v.new_empty(v.shape, dtype=q.dtype)]
 
 
-def _cuda(q, k, v, mask=None, *, causal, scale, kv_bits):
+def _cuda(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
     from ..codegen import attention_kv4
 
+    form = dict(causal=causal, scale=scale, kv_bits=kv_bits, window=window, softcap=softcap)
     if not attention_kv4.supports(q.shape[-1], q.dtype):
-        return _reference(q, k, v, mask, causal=causal, scale=scale, kv_bits=kv_bits)
-    _check(q, k, v, mask, causal, kv_bits)
-    return attention_kv4.forward(q, k, v, mask, causal, scale, kv_bits)
+        return _reference(q, k, v, mask, segments, **form)
+    _check(q, k, v, mask, causal, kv_bits, segments, window, softcap)
+    return attention_kv4.forward(q, k, v, mask, causal, scale, kv_bits, window=window, softcap=softcap, segments=segments)
 
 
-def _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+def _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, segments=None, *, causal, scale,
+                   kv_bits, window=0, softcap=0.0):
     kd, vd = _saved_kv(k_q, k_scale, v_q, v_scale, kv_bits, torch.float32)
-    dq, dk, dv = attend_backward(grad_out, q, kd, vd, out, lse, mask, causal, scale)
+    dq, dk, dv = attend_backward(grad_out, q, kd, vd, out, lse, mask, Form(causal, scale, window, softcap, segments))
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-def _bwd_fake(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+def _bwd_fake(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, segments=None, *, causal, scale, kv_bits,
+              window=0, softcap=0.0):
     b, _, _, d = q.shape
     kv_shape = (b, k_q.shape[1], k_q.shape[2], d)
     return q.new_empty(q.shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
 
 
-def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, segments=None, *, causal, scale,
+                   kv_bits, window=0, softcap=0.0):
     """The row statistics (delta, like lse) and, at 4/8 bits, the transient 16-bit K and V. Not
     counted: the fp32 dK/dV partials of a split grid (chosen from the device's SM count, and only
     for sequences short enough that they are small against the step)."""
@@ -216,51 +260,49 @@ def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None,
     return [lse.new_empty(lse.shape), *kv]
 
 
-def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, *, causal, scale, kv_bits):
+def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, segments=None, *, causal, scale, kv_bits,
+              window=0, softcap=0.0):
     from ..codegen import attention_kv4
 
+    saved = (grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask)
     if not attention_kv4.supports(q.shape[-1], q.dtype):
-        return _bwd_reference(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal=causal, scale=scale, kv_bits=kv_bits)
-    return attention_kv4.backward(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask, causal, scale, kv_bits)
+        return _bwd_reference(*saved, segments, causal=causal, scale=scale, kv_bits=kv_bits, window=window, softcap=softcap)
+    return attention_kv4.backward(*saved, causal, scale, kv_bits, window=window, softcap=softcap, segments=segments)
 
 
 attention_backward = define_op(
     "attention_backward",
-    "(Tensor grad_out, Tensor q, Tensor k_q, Tensor k_scale, Tensor v_q, Tensor v_scale, Tensor out, Tensor lse,"
-    " Tensor? mask=None, *, bool causal, float scale, int kv_bits) -> (Tensor, Tensor, Tensor)",
+    "(Tensor grad_out, Tensor q, Tensor k_q, Tensor k_scale, Tensor v_q, Tensor v_scale, Tensor out, Tensor lse, "
+    + _FWD_ARGS + ") -> (Tensor, Tensor, Tensor)",
     reference=_bwd_reference,
     fake=_bwd_fake,
     cuda=_bwd_cuda,
     workspace=_bwd_workspace,
 )
 
+_FORM_KEYS = ("causal", "scale", "kv_bits", "window", "softcap")
+
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     """Save what the backward reads: the packed K/V (or k, v themselves at 16 bits), never both."""
-    q, k, v, mask = inputs
+    q, k, v, mask, segments = inputs
     out, lse, k_q, k_scale, v_q, v_scale = output
-    ctx.causal = keyword_only_inputs["causal"]
-    ctx.scale = keyword_only_inputs["scale"]
-    ctx.kv_bits = keyword_only_inputs["kv_bits"]
+    ctx.form = {key: keyword_only_inputs[key] for key in _FORM_KEYS if key in keyword_only_inputs}
     ctx.mark_non_differentiable(lse, k_q, k_scale, v_q, v_scale)
-    if ctx.kv_bits == 16:
+    if ctx.form["kv_bits"] == 16:
         k_q, v_q = k, v
-    ctx.save_for_backward(q, k_q, k_scale, v_q, v_scale, out, lse, mask)
+    ctx.save_for_backward(q, k_q, k_scale, v_q, v_scale, out, lse, mask, segments)
 
 
 def _backward(ctx, grad_out, *_):
-    q, k_q, k_scale, v_q, v_scale, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward(
-        grad_out.contiguous(), q, k_q, k_scale, v_q, v_scale, out, lse, mask,
-        causal=ctx.causal, scale=ctx.scale, kv_bits=ctx.kv_bits,
-    )  # fmt: skip
-    return dq, dk, dv, None
+    q, k_q, k_scale, v_q, v_scale, out, lse, mask, segments = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k_q, k_scale, v_q, v_scale, out, lse, mask, segments, **ctx.form)
+    return dq, dk, dv, None, None
 
 
 attention = define_op(
     "attention",
-    "(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, bool causal, float scale, int kv_bits)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor v, " + _FWD_ARGS + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     reference=_reference,
     fake=_fake,
     cuda=_cuda,
