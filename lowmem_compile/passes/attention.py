@@ -8,22 +8,22 @@ Runs first among the pre-autograd passes, on the Dynamo graph (torch IR). Two an
   `matmul(·, v)`. The anchor is the softmax; the site is the final matmul.
 
 On either, K and V are taken from *before* HF's `repeat_kv` (`x[:, :, None].expand(...).reshape(...)`,
-or `repeat_interleave(n, dim=1)`), so the op reads and keeps them at the KV-head count. A mask that
-HF's masking_utils built as `(kv_idx <= q_idx) & attention_mask[b, kv_idx]` (positions from 0,
-Sq == Sk) becomes `causal=True` plus that [B, 1, 1, Sk] key-padding term, so the kernel skips the
-blocks above the diagonal and no S x S mask is read; on the eager form this is done only without a
-padding term (a fully padded row averages all keys there, which causal cannot express). HF's
-training form without an attention mask or a cache is recognized too: positions read through
-`position_ids` (`pos[b, kv] <= pos[b, q]`) and a packed-sequence term `seq[b, q] == seq[b, kv]`,
-`seq = cumsum(diff(pos) != 1)`, both proven from `position_ids` being the model's own
-`arange(S)`: the term is then always true. Position ids the caller passes (packed sequences) keep
-their mask. Any other
-mask is passed through as given (bool or additive). Invariant: the replaced site computes the same function
-(exactly at kv_bits=16; with K/V rounded to kv_bits otherwise). A site it cannot take (dropout > 0,
-attention weights used elsewhere, a non-constant scale, a mask that needs a gradient, causal with
-Sq != Sk, a head dim or dtype the CUDA kernel lacks) stays as it is and is listed with the reason.
-Counts: `replaced`, `causal_masks` (sites whose mask was lowered to causal), `general_masks` (sites
-that still read a full [Sq, Sk] mask tile by tile: the slow path, named in the report), `skipped`.
+or `repeat_interleave(n, dim=1)`), so the op reads and keeps them at the KV-head count. The eager
+form's Gemma 2 logit softcap (`tanh(x / c) * c` between the scale and the mask) becomes the op's
+`softcap`. A mask that HF's masking_utils built from a causal term, optionally a sliding window, a
+packed-documents term and a key-padding term (attention_masks.py proves each from the graph, with
+no per-model code) becomes `causal=True` with the op's `window`, `segments` (the document ids the
+graph computes from position ids) and that [B, 1, 1, Sk] key-padding term as its mask: the kernel
+skips the tiles above the diagonal, outside the window and across documents, and no S x S mask is
+read. On the eager form this is done only without a padding term (a fully padded row averages all
+keys there, which causal cannot express). Any other mask is passed through as given (bool or
+additive). Invariant: the replaced site computes the same function (exactly at kv_bits=16; with
+K/V rounded to kv_bits otherwise). A site it cannot take (dropout > 0, attention weights used
+elsewhere, a non-constant scale, a mask that needs a gradient, causal with Sq != Sk, a head dim or
+dtype the CUDA kernel lacks) stays as it is and is listed with the reason. Counts: `replaced`,
+`causal_masks` (sites whose mask was lowered to causal), of those `window_masks` (with a sliding
+window) and `packed_masks` (with documents), `general_masks` (sites that still read a full
+[Sq, Sk] mask tile by tile: the slow path, named in the report), `skipped`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import operator
 import torch
 import torch.fx
 
-from ..ops.attention import _HUGE
 from ..options import Options
 from ..report import AttentionStats
 from . import CompileContext, GraphPass, calls, example_value, inherit_provenance
+from .attention_masks import lower_mask
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
@@ -59,6 +59,9 @@ class _Site:
     scale: float
     pattern: list[torch.fx.Node]
     causal_mask: bool = False
+    window: int = 0
+    segments: torch.fx.Node | None = None
+    softcap: float = 0.0
 
 
 class _Skip(Exception):
@@ -141,6 +144,7 @@ def _match_eager(softmax) -> _Site:
         scores, mask = scores.args
         if not isinstance(mask, torch.fx.Node):
             raise _Skip("mask is not a tensor")
+    softcap, scores = _softcap(scores, pattern)
     scale = 1.0
     if calls(scores, {operator.mul, torch.mul}, ("mul",)) and not isinstance(scores.args[1], torch.fx.Node):
         pattern.append(scores)
@@ -157,163 +161,32 @@ def _match_eager(softmax) -> _Site:
         _single_user(n)
     pattern += [scores, kt, anchor]
     k0, v0 = _strip_repeat_kv(kt.args[0], pattern), _strip_repeat_kv(v, pattern)
-    return _Site(anchor, q, k0, v0, mask, False, scale, pattern)
-
-def _from_zero(node, n: int) -> bool:
-    """`node` is `torch.arange(n)`, optionally `+ 0`: the positions 0..n-1 (HF's q_arange/kv_arange)."""
-    if calls(node, {operator.add}) and type(node.args[1]) is int and node.args[1] == 0:
-        node = node.args[0]
-    if not (calls(node, {torch.arange}) and set(node.kwargs) <= {"device", "dtype"}):
-        return False
-    dtype = node.kwargs.get("dtype")
-    ints = all(type(a) is int for a in node.args)
-    return ints and node.args in ((n,), (0, n), (0, n, 1)) and (dtype is None or not dtype.is_floating_point)
+    return _Site(anchor, q, k0, v0, mask, False, scale, pattern, softcap=softcap)
 
 
-def _positions(node, dim: int, n: int) -> bool:
-    """`node` is 0..n-1 placed along `dim` of a 4-D index, e.g. `kv_arange[None, None, None, :]`."""
-    key = tuple(slice(None) if i == dim else None for i in range(4))
-    return calls(node, {operator.getitem}) and node.args[1] == key and _from_zero(node.args[0], n)
+def _softcap(scores, pattern) -> tuple[float, torch.fx.Node]:
+    """Gemma 2's logit softcap `tanh(x / c) * c` on `scores`: (c, x); (0, scores) when there is none."""
+    if not (calls(scores, {operator.mul, torch.mul}, ("mul",)) and calls(scores.args[0], {torch.tanh}, ("tanh",))):
+        return 0.0, scores
+    tanh = scores.args[0]
+    div = tanh.args[0]
+    cap = scores.args[1]
+    if not (calls(div, {operator.truediv, torch.div}, ("div",)) and type(cap) in (int, float) and div.args[1] == cap > 0):
+        return 0.0, scores
+    for n in (tanh, div):
+        _single_user(n)
+    pattern += [scores, tanh, div]
+    return float(cap), div.args[0]
 
-
-def _arange_rows(node, n: int) -> bool:
-    """`node` is `arange(n).unsqueeze(0)`, maybe `.expand(b, -1)`: HF's own position ids, every row
-    0..n-1 (`cache_position.unsqueeze(0)` when the caller passes none)."""
-    if calls(node, methods=("expand",)):
-        node = node.args[0]
-    return calls(node, methods=("unsqueeze",)) and node.args[1:] == (0,) and not node.kwargs and _from_zero(node.args[0], n)
-
-
-def _gathered_dim(node, b: int, n: int) -> int | None:
-    """For `x[batch_idx, idx]` with `idx` 0..n-1 along dim 2 (queries) or 3 (keys): that dim."""
-    if not (calls(node, {operator.getitem}) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2):
-        return None
-    bi, xi = node.args[1]
-    if not _positions(bi, 0, b):
-        return None
-    return next((dim for dim in (2, 3) if _positions(xi, dim, n)), None)
-
-
-def _gathered_positions(node, dim: int, b: int, n: int) -> bool:
-    """`node` is `pos[batch_idx, idx]` with `pos` HF's own position ids and `idx` 0..n-1 along `dim`:
-    the same values as the index itself (how HF's masks read positions without a cache)."""
-    return _gathered_dim(node, b, n) == dim and _arange_rows(node.args[0], n)
-
-
-def _index(node, dim: int, b: int, n: int) -> bool:
-    return _positions(node, dim, n) or _gathered_positions(node, dim, b, n)
-
-
-def _single_sequence(term, b: int, n: int) -> list[torch.fx.Node] | None:
-    """When `term` is HF's packed-sequence test `seq[b, q] == seq[b, kv]` with
-    `seq = (diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)` over its own position ids
-    (every diff is 1, so `seq` is all zeros and the test always true): the nodes it is made of."""
-    if not calls(term, {operator.eq}) or not all(isinstance(a, torch.fx.Node) for a in term.args):
-        return None
-    left, right = term.args
-    if {_gathered_dim(left, b, n), _gathered_dim(right, b, n)} != {2, 3} or left.args[0] is not right.args[0]:
-        return None
-    seq = left.args[0]
-    if not (calls(seq, methods=("cumsum",)) and seq.args[1:] in ((-1,), (1,)) and not seq.kwargs):
-        return None
-    ne = seq.args[0]
-    if not (calls(ne, {operator.ne}) and ne.args[1] == 1 and calls(ne.args[0], {torch.diff})):
-        return None
-    diff = ne.args[0]
-    if not (len(diff.args) == 1 and diff.kwargs.get("dim") in (-1, 1) and _arange_rows(diff.args[0], n)):
-        return None
-    first = diff.kwargs.get("prepend")  # pos[:, :1] - 1: the first position's diff is 1 too
-    if not (calls(first, {operator.sub}) and first.args[1] == 1 and calls(first.args[0], {operator.getitem})):
-        return None
-    head = first.args[0]
-    if head.args[0] is not diff.args[0] or head.args[1] != (slice(None), slice(None, 1)):
-        return None
-    return [term, left, right, seq, ne, diff, first, head]
-
-
-def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
-    """The operands of an `&` tree of bool tensors, through `.to(device)` and `expand` (same values)."""
-    seen.append(node)
-    value = example_value(node)
-    if value is None or value.dtype != torch.bool:
-        return [None]
-    if calls(node, methods=("to", "expand")) and example_value(node.args[0]) is not None and example_value(node.args[0]).dtype == torch.bool:
-        return _bool_terms(node.args[0], seen)
-    if calls(node, {operator.and_}) and all(isinstance(a, torch.fx.Node) for a in node.args):
-        return _bool_terms(node.args[0], seen) + _bool_terms(node.args[1], seen)
-    return [node]
-
-
-def _causal_padding(mask, q, k):
-    """When bool `mask` is `(kv <= q) & pad[b, kv]` (or the causal term alone, and maybe HF's
-    packed-sequence term over its own positions) over positions from 0:
-    (the pad term or None, the mask's nodes); else None. Every other operand makes it None."""
-    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
-    seen = []
-    causal, padding = 0, []
-    for term in _bool_terms(mask, seen):
-        if term is None:
-            return None
-        if calls(term, methods=("new_ones",)) and term.kwargs.get("dtype") == torch.bool:
-            seen.append(term)  # a constant True
-        elif calls(term, {operator.le}) and _index(term.args[0], 3, b, sk) and _index(term.args[1], 2, b, sq):
-            causal += 1
-            seen += [term, *term.args]
-        elif calls(term, {operator.ge}) and _index(term.args[1], 3, b, sk) and _index(term.args[0], 2, b, sq):
-            causal += 1
-            seen += [term, *term.args]
-        elif (same := _single_sequence(term, b, sq)) is not None and sq == sk:
-            seen += same  # always true
-        elif _pad_term(term, b, sk):
-            padding.append(term)
-        else:
-            return None
-    if causal == 0 or sq != sk or len(padding) > 1:
-        return None
-    return (padding[0] if padding else None), seen
-
-
-def _pad_term(node, b: int, sk: int) -> bool:
-    """`node` is `pad[batch_idx, kv_idx]` (maybe `.to(device)`) with pad a [B, Sk] bool tensor."""
-    if calls(node, methods=("to",)):
-        node = node.args[0]
-    if _gathered_dim(node, b, sk) != 3:
-        return False
-    pad = example_value(node.args[0])
-    return pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
-
-
-def _zero(x) -> bool:
-    """`x` is 0: a number, `torch.zeros(...)`, or `torch.tensor(0.0)` (transformers 5.17's eager mask)."""
-    if type(x) in (int, float):
-        return x == 0
-    if not (calls(x, {torch.zeros, torch.tensor}) and set(x.kwargs) <= {"device", "dtype"}):
-        return False
-    return x.target is torch.zeros or (len(x.args) == 1 and type(x.args[0]) in (int, float) and x.args[0] == 0)
-
-
-def _lower_causal(site: _Site, additive: bool) -> None:
-    """Make `site` causal with the key-padding term as its mask when its mask is provably HF's
-    causal ∧ key-padding mask; leave it as it is otherwise. `additive`: the eager form, whose mask
-    is `where(bool_mask, 0, finfo.min)`; there only a mask without padding is lowered, since a
-    fully padded query row averages every key there (causal would average the keys up to it)."""
-    mask, q, k = site.mask, example_value(site.q), example_value(site.k)
-    if mask is None or q is None or k is None or q.dim() != 4 or k.dim() != 4:
+def _lower_mask(site: _Site, additive: bool) -> None:
+    """Make `site` causal, with its window, documents and key-padding term, when its mask is
+    provably HF's (attention_masks.py); leave it as it is otherwise."""
+    found = lower_mask(site.mask, example_value(site.q), example_value(site.k), additive)
+    if found is None:
         return
-    pattern = [mask]
-    if additive:
-        if not (calls(mask, {torch.where}) and len(mask.args) == 3 and not mask.kwargs):
-            return
-        cond, zero, low = mask.args
-        if not (_zero(zero) and type(low) in (int, float) and low <= _HUGE):
-            return
-        pattern += [zero] if isinstance(zero, torch.fx.Node) else []
-        mask = cond
-    found = _causal_padding(mask, q, k)
-    if found is None or (additive and found[0] is not None):
-        return
-    site.mask, site.causal, site.causal_mask = found[0], True, True
-    site.pattern += pattern + found[1]
+    site.mask, site.causal, site.causal_mask = found.padding, True, True
+    site.window, site.segments = found.window, found.segments
+    site.pattern += found.nodes
 
 
 def _check(site: _Site) -> None:
@@ -321,6 +194,8 @@ def _check(site: _Site) -> None:
     q, k, v, mask = (example_value(n) for n in (site.q, site.k, site.v, site.mask))
     if q is None or k is None or v is None or (site.mask is not None and mask is None):
         raise _Skip("no example values for q, k, v or the mask")
+    if site.segments is not None and example_value(site.segments) is None:
+        raise _Skip("no example value for the document ids")
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise _Skip(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not [B, H, S, D] with k ~ v")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -348,16 +223,17 @@ def _check(site: _Site) -> None:
 def _replace(gm: torch.fx.GraphModule, site: _Site, kv_bits: int) -> set[torch.fx.Node]:
     """Insert the op before the site's node, reroute its users, erase what the pattern left dead."""
     graph = gm.graph
-    kwargs = {"causal": site.causal, "scale": site.scale, "kv_bits": kv_bits}
+    kwargs = {"causal": site.causal, "scale": site.scale, "kv_bits": kv_bits, "window": site.window, "softcap": site.softcap}
+    args = (site.q, site.k, site.v, site.mask, site.segments)
     with graph.inserting_before(site.anchor):
-        op = graph.call_function(torch.ops.lowmem.attention.default, (site.q, site.k, site.v, site.mask), kwargs)
+        op = graph.call_function(torch.ops.lowmem.attention.default, args, kwargs)
         out = graph.call_function(operator.getitem, (op, 0))
     inherit_provenance(site.anchor, op, out)
     q = example_value(site.q)
     fake_mode = getattr(q, "fake_mode", None)
     if fake_mode is not None:
         with fake_mode:
-            value = torch.ops.lowmem.attention.default(q, example_value(site.k), example_value(site.v), example_value(site.mask), **kwargs)
+            value = torch.ops.lowmem.attention.default(*(example_value(n) for n in args), **kwargs)
         op.meta["example_value"], out.meta["example_value"] = value, value[0]
     site.anchor.replace_all_uses_with(out)
     erased = set()
@@ -383,17 +259,17 @@ class AttentionPass(GraphPass):
         return options.attention != "off"
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> AttentionStats:
-        replaced, causal_masks, general_masks, skipped, erased = 0, 0, 0, [], set()
+        counts, skipped, erased = dict.fromkeys(("replaced", "causal_masks", "general_masks", "window_masks", "packed_masks"), 0), [], set()
         for node in list(gm.graph.nodes):
             if node in erased:
                 continue
             try:
                 if calls(node, _SDPA):
                     site = _match_sdpa(node)
-                    _lower_causal(site, additive=False)
+                    _lower_mask(site, additive=False)
                 elif calls(node, _SOFTMAX, ("softmax",)):
                     site = _match_eager(node)
-                    _lower_causal(site, additive=True)
+                    _lower_mask(site, additive=True)
                 else:
                     continue
                 _check(site)
@@ -401,10 +277,12 @@ class AttentionPass(GraphPass):
                 skipped.append(f"{node.name}: {reason}")
                 continue
             erased |= _replace(gm, site, ctx.options.kv_bits)
-            replaced += 1
-            causal_masks += site.causal_mask
-            general_masks += _reads_mask_tiles(site.mask)
-        return AttentionStats(replaced=replaced, causal_masks=causal_masks, general_masks=general_masks, skipped=skipped)
+            counts["replaced"] += 1
+            counts["causal_masks"] += site.causal_mask
+            counts["general_masks"] += _reads_mask_tiles(site.mask)
+            counts["window_masks"] += site.window > 0
+            counts["packed_masks"] += site.segments is not None
+        return AttentionStats(**counts, skipped=skipped)
 
 
 def _reads_mask_tiles(mask) -> bool:
