@@ -14,6 +14,8 @@
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
 #                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv4 at 6.3 GiB), Unsloth
 #   bash bench/run_all.sh e2e8192c8                 # the headline row beside the same with the MLP in 8 pieces
+#   bash bench/run_all.sh layers8192                # per-layer compile: lean under a budget (cold first step) beside
+#                                                   # Unsloth; lean at 32 and 8 layers
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -42,7 +44,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers8192 recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -103,6 +105,15 @@ stage() {
         --seq 2048 --steps 20 --out "$out" --configs eager,lowmem_bnb,lowmem_bnb_nf4off \
         --lowmem 'lowmem_bnb={}' --lowmem 'lowmem_bnb_nf4off={"nf4":"off"}' > "$out/trajectory.log" 2>&1
       tail -8 "$out/trajectory.log" ;;
+    layers8192)  # each distinct layer compiled once (the default since 2026-12-07): the headline lean row cold
+      # (time to first step) beside Unsloth, and the lean options at 32 and at 8 layers (first step against depth)
+      timeout 120 python3 -m pytest -q -m gpu tests/test_layers.py -p no:cacheprovider > "$out/pytest_layers.log" 2>&1
+      tail -1 "$out/pytest_layers.log"
+      e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 8192 --configs lowmem_lean --out "$out/c" > "$out/c.log" 2>&1 &
+      e2e --seqs 8192 --layers 8 --configs lowmem_lean --out "$out/d" > "$out/d.log" 2>&1 &
+      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md "$out"/d/e2e.md ;;
     recompile8192)  # right after e2e8192 on the same machine: the lean budget row again, its compile from the caches
       e2e --seqs 8192 --warmup 1 --steps 2 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "compiled in\|served from" "$out"/e2e.log ;;

@@ -11,6 +11,8 @@ layers, such as the rotary tables):
   body's own peak above its resident inputs (its carried input included, counted once);
 * during the model's tail (norm, head and loss): every call's kept bytes and the tail's own peak
   above what is resident;
+* with the body's values parked in host memory, the copies of the call before the running one,
+  coming back while it runs its backward (`ops.offload`'s lookahead);
 * the trainable weights' gradients of the layers whose backward ran stay to the end (LoRA:
   small, counted where they are most: the first layer's backward).
 
@@ -48,12 +50,14 @@ class LayerContext:
         """Bytes one call keeps from its forward to its backward."""
         return memory.saved + (self.carried if carried_on_device else 0)
 
-    def step_peak(self, memory: StepMemory, carried_on_device: bool = True, body_peak: int | None = None) -> int:
-        """The step's predicted peak with this body's plan (see the module docstring)."""
+    def step_peak(self, memory: StepMemory, carried_on_device: bool = True, parked: int = 0) -> int:
+        """The step's predicted peak with this body's plan (see the module docstring); `parked`: the
+        bytes a call keeps in host memory. The body's outputs are the next call's inputs, not held
+        by the caller: its peak with them freed is the one that adds up."""
         kept = self.kept(memory, carried_on_device)
-        body = memory.peak if body_peak is None else body_peak
+        body = memory.peak_outputs_freed
         others = self.resident - self.body_inputs
-        last_layer = others + (self.calls - 1) * kept + body
+        last_layer = others + (self.calls - 1) * kept + body + parked
         first_layer = others + (self.calls - 1) * self.grads + body
         tail = self.resident + self.calls * kept + self.tail
         return max(last_layer, first_layer, tail)

@@ -18,6 +18,10 @@ waits for a copy it does not need yet:
   that event only, not for copies prefetched after it. The device copy travels from `prefetch` to
   `reload` in a table keyed by the host tensor's id; the entry leaves when the host tensor dies, so
   a key cannot be reused while it exists; a `reload` whose entry is missing copies synchronously.
+`prefetch(host, device, ahead)` with `ahead > 0` also starts the copy back of the host tensor parked
+`ahead` offloads before `host` (the same value of the layer before, when one compiled layer body
+parks `ahead` values a call): the previous layer's values travel while this layer's backward runs,
+as they would with the whole step in one graph. Offloads are remembered in order (weakly) for this.
 On other devices all of these are plain copies (the reference behaviour every path must match).
 """
 
@@ -30,6 +34,9 @@ import torch
 from .library import define_op
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_PARKED: list[weakref.ref] = []
+"""The host copies `offload` made, in order, while they live (a call's lookahead finds the values of
+the call before it here)."""
 _PREFETCHED: dict[int, tuple[weakref.ref, torch.Tensor, torch.cuda.Event | None]] = {}
 """id(host) -> (a weak reference to host, its device copy, the copy's event on CUDA). An entry
 leaves with its reload, or with its host tensor when no reload came (a backward that raised), so
@@ -45,6 +52,9 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _offload(x: torch.Tensor) -> torch.Tensor:
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+    while _PARKED and _PARKED[0]() is None:
+        _PARKED.pop(0)
+    _PARKED.append(weakref.ref(host))
     if x.device.type != "cuda":
         return host.copy_(x)
     stream = _copy_stream(x.device)
@@ -78,16 +88,29 @@ def _start_copy(host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
     return out, done
 
 
-def _prefetch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _prefetch(host: torch.Tensor, device: torch.device, ahead: int = 0) -> torch.Tensor:
     _check_host(host, "prefetch")
     device = torch.device(device)
-    out, done = _start_copy(host, device)
-    key = id(host)
-    _PREFETCHED[key] = (weakref.ref(host, lambda _: _PREFETCHED.pop(key, None)), out, done)
+    _start_prefetch(host, device)
+    if ahead > 0:
+        index = next((i for i in range(len(_PARKED) - 1, -1, -1) if _PARKED[i]() is host), None)
+        earlier = _PARKED[index - ahead]() if index is not None and index >= ahead else None
+        if earlier is not None:
+            _start_prefetch(earlier, device)
     return torch.empty(0, dtype=host.dtype, device=device)
 
 
-def _prefetch_fake(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _start_prefetch(host: torch.Tensor, device: torch.device) -> None:
+    """Start the copy back of `host` unless it is already under way."""
+    key = id(host)
+    entry = _PREFETCHED.get(key)
+    if entry is not None and entry[0]() is host:
+        return
+    out, done = _start_copy(host, device)
+    _PREFETCHED[key] = (weakref.ref(host, lambda _: _PREFETCHED.pop(key, None)), out, done)
+
+
+def _prefetch_fake(host: torch.Tensor, device: torch.device, ahead: int = 0) -> torch.Tensor:
     _check_host(host, "prefetch")
     return torch.empty(0, dtype=host.dtype, device=device)
 
@@ -111,7 +134,9 @@ def _reload_fake(host: torch.Tensor, device: torch.device, ticket: torch.Tensor 
 
 
 offload = define_op("offload", "(Tensor x) -> Tensor", reference=_offload, fake=_offload_fake)
-prefetch = define_op("prefetch", "(Tensor host, Device device) -> Tensor", reference=_prefetch, fake=_prefetch_fake)
+prefetch = define_op(
+    "prefetch", "(Tensor host, Device device, int ahead=0) -> Tensor", reference=_prefetch, fake=_prefetch_fake
+)
 reload = define_op(
     "reload", "(Tensor host, Device device, Tensor? ticket=None) -> Tensor", reference=_reload, fake=_reload_fake
 )

@@ -75,10 +75,13 @@ def apply(
     values: list[torch.fx.Node],
     device: torch.device,
     rates: DeviceRates,
+    ahead: bool = False,
 ) -> int:
     """Rewrite `fw` and `bw` in place so that `values` travel through host memory; returns the
     bytes moved. The backward placeholder of each value takes the host copy's name, which is how
-    the cost model matches saved values across the two graphs."""
+    the cost model matches saved values across the two graphs. With `ahead` (a layer body that
+    every layer calls), each prefetch also starts the same value's copy of the call before
+    (`ops.offload`), so a layer's values come back while the layer after it runs its backward."""
     output = fw.graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
     placeholders = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
@@ -108,11 +111,11 @@ def apply(
         placeholder._rename(host.name)
         placeholder.meta["val"] = host.meta["val"]
         with bw.graph.inserting_before(start):
-            ticket = bw.graph.call_function(offload_ops.prefetch.default, (placeholder, device))
+            ticket = bw.graph.call_function(offload_ops.prefetch.default, (placeholder, device, len(moves) if ahead else 0))
         with bw.graph.inserting_before(reader):
             back = bw.graph.call_function(offload_ops.reload.default, (placeholder, device, ticket))
         with val.fake_mode:
-            ticket.meta["val"] = offload_ops.prefetch.default(host.meta["val"], device)
+            ticket.meta["val"] = offload_ops.prefetch.default(host.meta["val"], device, 0)
         back.meta["val"] = val
         placeholder.replace_all_uses_with(back, delete_user_cb=lambda u: u not in (back, ticket))
         moved += tensor_bytes(val)
@@ -122,16 +125,21 @@ def apply(
     return moved
 
 
-def exposed_seconds(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, rates: DeviceRates) -> float:
+def exposed_seconds(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, rates: DeviceRates, ahead: bool = False) -> float:
     """Seconds the host link adds to the step, from a walk of both graphs on the time model: the
     copies queue on one link (the forward's first, then each prefetch as issued), a reload waits
-    for its copy, every other node takes its `node_time`."""
+    for its copy, every other node takes its `node_time`. With `ahead` (see `apply`), a call's
+    copies back run during the backward of the call after it: only what outlasts a backward shows."""
     link = now = 0.0
     for node in fw.graph.nodes:
         if node.target is offload_ops.offload.default:
             link = max(link, now) + tensor_bytes(tensor_val(node)) / rates.host_link
         else:
             now += node_time(node, rates)
+    if ahead:
+        back = sum(tensor_bytes(tensor_val(n.args[0])) for n in bw.graph.nodes if n.target is offload_ops.prefetch.default)
+        work = sum(node_time(n, rates) for n in bw.graph.nodes)
+        return max(0.0, link - now) + max(0.0, back / rates.host_link - work)
     link, now, work = max(0.0, link - now), 0.0, 0.0
     done: dict[torch.fx.Node, float] = {}
     for node in bw.graph.nodes:

@@ -95,6 +95,8 @@ class Plan:
     added_flops: int
     added_seconds: float
     offloaded_bytes: int = 0
+    carried_offloaded: bool = False
+    """For a layer body: whether its carried input is parked in host memory between the passes."""
     step_peak: int | None = None
     """For a layer body compiled once for many layers: the whole step's peak (`cost/layered.py`)."""
 
@@ -221,10 +223,10 @@ class _Planner:
                 last_layer = next((n for n in fw.graph.nodes if self.layer_of(n) == self.layers[-1]), None)
                 values = offload.choose(fw, num_out, last_layer) if last_layer is not None else []
             carried_moved = any(v.op == "placeholder" for v in values)
-            moved = offload.apply(fw, bw, values, self.offload_to, self.rates) if values else 0
+            moved = offload.apply(fw, bw, values, self.offload_to, self.rates, ahead=self.context is not None) if values else 0
             if moved:
                 memory = simulate_step(fw, bw, num_out, fused=self.fused)
-                link_seconds = offload.exposed_seconds(fw, bw, self.rates)
+                link_seconds = offload.exposed_seconds(fw, bw, self.rates, ahead=self.context is not None)
         recomputed = [
             n for n in bw.graph.nodes if n.op == "call_function" and n.name in self.forward_names and not is_view(n)
         ]
@@ -242,7 +244,8 @@ class _Planner:
             added_flops=sum(node_flops(n) for n in recomputed),
             added_seconds=recompute_time(recomputed, self.rates) + link_seconds,
             offloaded_bytes=moved,
-            step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved),
+            carried_offloaded=carried_moved,
+            step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved, moved),
         )
 
     def layer_of(self, node: torch.fx.Node) -> str | None:
@@ -520,7 +523,8 @@ class RematPartitioner(CustomPartitionerFn):
         if self.context is not None:
             notes.append(
                 f"layer body planned once for {self.context.calls} calls: {plan.memory.peak / 2**30:.2f} GiB "
-                f"in one call, {self.context.kept(plan.memory) / 2**20:.0f} MiB kept a call for the backward, "
+                f"in one call, {self.context.kept(plan.memory, not plan.carried_offloaded) / 2**20:.0f} MiB kept on the "
+                f"device a call for the backward, {plan.offloaded_bytes / 2**20:.0f} MiB in host memory, "
                 f"step peak {plan.peak / 2**30:.2f} GiB"
             )
         held = _held_note(plan) if self.context is None else None  # a body's outputs are the next layer's inputs
