@@ -441,7 +441,8 @@ def _dq_kernel(Q, K, V, Mask, Bounds, dO, Lse, Delta, dQ,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): those that compile for sm_90 (Triton 3.6) without register
 # spills and fit in shared memory (docs/attention.md has the tables and the exceptions); each costs a
 # compile on first use. Per head dim up to 128 (BLOCK_D <= 128) and at 256, where a [rows, 256] tile
-# is twice as large: Q, K, V and the accumulators leave room for half the rows. _CONFIGS serve no
+# is twice as large: the fp32 accumulators leave room for a quarter of the rows (compiled with
+# Triton 3.9: every 128-row D = 256 tile spills 240-1500 bytes; these spill 0-152, docs/attention.md). _CONFIGS serve no
 # mask and key-padding masks, _TILE_MASK_CONFIGS general masks (a tile of mask pointers leaves room
 # for smaller tiles only). The causal split needs BLOCK_M % BLOCK_N == 0 for fwd/dq and
 # BLOCK_N % BLOCK_M == 0 for dkdv.
@@ -452,14 +453,14 @@ _CONFIGS = {
         "dkdv": [(16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)],
     },
     256: {
-        "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-        "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
-        "dkdv": [(16, 64, 8, 2), (16, 32, 8, 2), (32, 64, 8, 2)],
+        "fwd": [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        "dq": [(32, 32, 8, 2), (16, 16, 4, 2)],
+        "dkdv": [(16, 32, 8, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
     },
 }
 _TILE_MASK_CONFIGS = {
     128: {"fwd": [(128, 32, 8, 3), (128, 32, 8, 2)], "dq": [(128, 32, 8, 2)], "dkdv": [(16, 32, 8, 2)]},
-    256: {"fwd": [(64, 32, 8, 2)], "dq": [(64, 32, 8, 2)], "dkdv": [(16, 32, 8, 2)]},
+    256: {"fwd": [(32, 32, 4, 2)], "dq": [(32, 32, 8, 2)], "dkdv": [(16, 32, 8, 2)]},
 }
 _INTERPRET_CONFIGS = {"fwd": [(32, 16, 4, 1)], "dq": [(32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)]}
 _KEY = ["SQ", "SK", "D", "CAUSAL", "BAND", "SOFTCAP", "MASK_KIND", "GQA"]
