@@ -11,7 +11,7 @@ What it does, module by module in the model's own order:
 - everything else moves to `device` as it is.
 
 With `device`, the device never holds more than one 16-bit linear layer (plus a bounded quantization
-workspace, `chunk_numel` elements at ~16 bytes each) beyond what the prepared model keeps: a model
+workspace, `chunk_numel` elements (4M) at ~16 bytes each) beyond what the prepared model keeps: a model
 on the CPU in bf16 reaches a GPU as NF4 without a full 16-bit copy there.
 
 A model built on the meta device (`with torch.device("meta"): model = AutoModelForCausalLM.from_config(cfg)`,
@@ -43,7 +43,7 @@ from .quantize import _DEFAULT_EXCLUDE, NF4Linear, _matches
 
 __all__ = ["prepare_", "PrepareSummary"]
 
-_DEFAULT_CHUNK = 1 << 24  # elements quantized at a time: ~16 bytes of workspace each (fp32 copies, indices)
+_DEFAULT_CHUNK = 1 << 22  # elements quantized at a time: ~16 bytes of workspace each (fp32 copies, indices)
 
 
 @dataclass
