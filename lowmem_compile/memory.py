@@ -17,16 +17,21 @@ or blocks that are partly in use (fragmentation: `PYTORCH_CUDA_ALLOC_CONF=expand
 set before the process's first CUDA allocation lets the allocator grow and shrink segments instead).
 
 `lowmem_compile.trainer.LowmemCallback` calls it after a `transformers.Trainer`'s first optimizer
-step and first evaluation.
+step and first evaluation. `release_after_first_backward(compiled)` wraps a compiled graph's callable so
+it is called once by itself, when the first backward through the graph's outputs has finished (the
+backward graph is compiled lazily, at that first backward): what the backend would apply to every
+graph it returns to do this automatically.
 """
 
 from __future__ import annotations
 
 import gc
+from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
-__all__ = ["release_compile_memory"]
+__all__ = ["release_compile_memory", "release_after_first_backward"]
 
 
 def release_compile_memory(device: torch.device | str | int | None = None, *, reset_peak: bool = True) -> dict:
@@ -50,3 +55,42 @@ def release_compile_memory(device: torch.device | str | int | None = None, *, re
     if reset_peak:
         torch.cuda.reset_peak_memory_stats(device)
     return out
+
+
+def release_after_first_backward(fn: Callable[..., Any], release: Callable[[], Any] | None = None) -> Callable[..., Any]:
+    """`fn` (a compiled graph's callable), which calls `release` (default: `release_compile_memory`
+    without resetting the peak statistics, on CUDA only) once: at the end of the first backward pass
+    that reaches the outputs of its first call, or right after that call when no output needs a
+    gradient (an evaluation). Later calls go straight to `fn`. Keeps Dynamo's `_boxed_call` marker."""
+    if release is None:
+        if not torch.cuda.is_available():
+            return fn
+
+        def release() -> None:
+            release_compile_memory(reset_peak=False)
+
+    armed = [True]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        if not armed[0]:
+            return out
+        armed[0] = False
+        grads = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not grads:
+            release()
+            return out
+        queued = [False]
+
+        def hook(grad: torch.Tensor) -> None:
+            if not queued[0]:
+                queued[0] = True  # runs when the whole backward pass (every graph in it) is done
+                torch.autograd.Variable._execution_engine.queue_callback(release)
+
+        for t in grads:
+            t.register_hook(hook)
+        return out
+
+    if getattr(fn, "_boxed_call", False):
+        wrapped._boxed_call = True  # type: ignore[attr-defined]
+    return wrapped

@@ -214,3 +214,27 @@ def test_prepare_on_cuda_peaks_under_nf4_plus_one_layer():
         b = {k: v.cuda() for k, v in batch(vocab=32000).items()}
         assert torch.isfinite(model(**b).loss)
         del model
+
+
+def test_release_after_first_backward_fires_once_after_the_backward():
+    from lowmem_compile.memory import release_after_first_backward
+
+    events = []
+    w = torch.randn(4, 4, requires_grad=True)
+
+    def graph(x):
+        events.append("forward")
+        return (x @ w).tanh(), (x * 2)
+
+    fn = release_after_first_backward(graph, release=lambda: events.append(("release", w.grad is not None)))
+    x = torch.randn(3, 4)
+    y, _ = fn(x)
+    assert events == ["forward"]  # not before the backward has run
+    y.sum().backward()
+    assert events == ["forward", ("release", True)]  # after it, the gradients in place
+    fn(x)[0].sum().backward()
+    assert events == ["forward", ("release", True), "forward"]  # once only
+    events.clear()
+    no_grad = release_after_first_backward(lambda x: x * 2, release=lambda: events.append("release"))
+    no_grad(x)
+    assert events == ["release"]  # nothing to differentiate: right after the call
