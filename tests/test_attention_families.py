@@ -87,7 +87,7 @@ _FAST = {
 @pytest.mark.parametrize(
     "family, attn, docs",
     [pytest.param(*c, marks=() if c in _FAST else pytest.mark.slow) for c in itertools.product(_FAMILIES, ["sdpa", "eager"], [0, 2, 3, 4, 5])
-     if c in _FAST or c[2] in (0, 3)],
+     if (c in _FAST or c[2] in (0, 3)) and c[:2] != ("gemma2", "sdpa")],  # transformers: Gemma 2 has no sdpa (its softcap)
 )
 def test_family_parity(family, attn, docs):
     ref, config = _model(family, attn)
