@@ -420,7 +420,8 @@ def prepare_(
                 to_offload[id(module)] = name
             else:
                 summary.left[name] = reason
-    if quantize and not to_quantize and any(type(m) is nn.Linear for m in model.modules()):
+    if (quantize and not to_quantize and any(type(m) is nn.Linear for m in model.modules())
+            and not any(isinstance(m, NF4Linear) for m in model.modules())):
         summary.left["(model)"] = ("no frozen nn.Linear to quantize: wrap the model with peft (LoRA) first, "
                                    "or freeze the base weights")
 
@@ -442,6 +443,8 @@ def prepare_(
             setattr(parent, child, HostEmbedding(module.weight, target))
             module.weight = None
             summary.offloaded.append(name)
+        elif isinstance(module, HostEmbedding):
+            continue  # already in host memory (offload_embeddings_, or prepare_ called before): stays there
         else:
             walk.place(module, prefix, where(module))
 

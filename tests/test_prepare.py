@@ -238,3 +238,13 @@ def test_release_after_first_backward_fires_once_after_the_backward():
     no_grad = release_after_first_backward(lambda x: x * 2, release=lambda: events.append("release"))
     no_grad(x)
     assert events == ["release"]  # nothing to differentiate: right after the call
+
+
+def test_prepare_twice_changes_nothing_more():
+    model = _build()
+    first = lowmem_compile.prepare_(model)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    second = lowmem_compile.prepare_(model)
+    assert len(first.quantized) == 14 and second.quantized == [] and second.bytes_after == first.bytes_after
+    assert "(model)" not in second.left  # already NF4: no advice to wrap with peft
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
