@@ -4,7 +4,7 @@ makes it one only where the CI variable is set), and hypothesis' profiles.
 
 Hypothesis: the `ci` profile (the default) is derandomized, so every run draws the same examples
 and a failure in CI fails again on any machine with the same command; it prints the failing
-example and its `@reproduce_failure` blob. `HYPOTHESIS_PROFILE=explore` draws new examples each run
+example (unshrunk) and its `@reproduce_failure` blob. `HYPOTHESIS_PROFILE=explore` draws new examples each run
 and keeps failures in `.hypothesis/` (replayed first by the next run) for hunting bugs locally."""
 
 import os
@@ -15,19 +15,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 import lowmem_compile  # noqa: E402,F401
 
 torch._functorch.config.error_on_custom_op_aliasing = True
 
-#: Tests that set their own `max_examples` keep it; the rest draw this many.
+#: Tests that set their own `max_examples` keep it; the rest draw this many. No shrinking in CI: a
+#: failing example is reported as drawn (the same every run), instead of up to 5 minutes a test of
+#: kernels in Triton's interpreter spent shrinking it; `explore` shrinks.
 settings.register_profile(
     "ci",
     derandomize=True,
     max_examples=20,
     deadline=None,
     print_blob=True,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("explore", max_examples=100, deadline=None, print_blob=True)
