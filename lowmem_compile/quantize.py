@@ -69,18 +69,30 @@ def quantize_(
     double_quant: bool = True,
     include: Iterable[str] | Callable[[str, nn.Linear], bool] | None = None,
     exclude: Iterable[str] = (),
+    device: torch.device | str | int | None = None,
 ) -> dict[str, int]:
     """Replace frozen `nn.Linear` weights of `model` by NF4 storage, in place.
 
     `include`: glob patterns of module names (or a predicate `(name, module) -> bool`) that select
     layers; default all frozen linears except the LM head and embeddings, which only an explicit
     pattern selects. `exclude`: glob patterns never quantized. A linear whose weight requires grad is
-    never quantized. Returns {"layers", "bytes_before", "bytes_after"}.
+    never quantized. `device`: move the model there module by module, quantizing on the way (no 16-bit
+    copy of the model on the device); a model with tensors on the meta device is materialized the same
+    way (`prepare_`'s walk, without its embedding and `use_cache` steps). Returns {"layers",
+    "bytes_before", "bytes_after"}.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
     if isinstance(include, str):
         include = (include,)
+    if device is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        from .prepare import prepare_
+
+        sizes = {n: m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if type(m) is nn.Linear}
+        summary = prepare_(model, device, offload_embeddings=False, training=False, blocksize=blocksize,
+                           double_quant=double_quant, include=include, exclude=exclude)
+        return {"layers": len(summary.quantized), "bytes_before": sum(sizes[n] for n in summary.quantized),
+                "bytes_after": sum(model.get_submodule(n).nf4_weight.nbytes() for n in summary.quantized)}
     chosen = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or module.weight.requires_grad or _matches(name, exclude):

@@ -248,3 +248,17 @@ def test_prepare_twice_changes_nothing_more():
     assert len(first.quantized) == 14 and second.quantized == [] and second.bytes_after == first.bytes_after
     assert "(model)" not in second.left  # already NF4: no advice to wrap with peft
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_quantize_takes_a_device_and_a_meta_model():
+    model = _build()
+    reference = copy.deepcopy(model)
+    ref_stats = lowmem_compile.quantize_(reference)
+    stats = lowmem_compile.quantize_(model, device="cpu")
+    assert stats == ref_stats
+    ref, got = _nf4_tensors(reference), _nf4_tensors(model)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert model.config.use_cache is not False  # only prepare_ changes the config
+    meta = _build(meta=True)
+    assert lowmem_compile.quantize_(meta)["layers"] == 14
+    assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
