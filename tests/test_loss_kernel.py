@@ -93,8 +93,11 @@ def test_triton_kernel_matches_reference(shape, dtype, reduction, softcap, use_b
     expected = linear_cross_entropy(*args)
     got = launch(*args)
     grad_tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # logits: fp32 h·Wᵀ (+ b, softcap) in another summation order: 1e-6 in fp32; in fp16 one rounding
+    # of the output (2^-11 relative at most, ~3e-4 RMS)
+    logits_tol = 1e-6 if dtype == torch.float32 else 1e-3
     assert got[0].dtype == torch.float32 and rel_err(got[0], expected[0]) < 1e-5
-    for name, a, b, tol in zip(("logits", "hidden", "weight", "bias"), got[1:], expected[1:], (1e-3, *[grad_tol] * 3)):
+    for name, a, b, tol in zip(("logits", "hidden", "weight", "bias"), got[1:], expected[1:], (logits_tol, *[grad_tol] * 3)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if b.numel():
             assert rel_err(a, b) < tol, name

@@ -165,3 +165,24 @@ def test_pass_off_leaves_graph_alone():
     _assert_parity(expected, got, ref, model)
     assert got.logits.requires_grad and _loss_report()["fused"] == 0
     assert _logits_sized_saved()  # what the pass removes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_keep_a_16_bit_models_dtype(dtype):
+    """A 16-bit model's returned logits are in its dtype (as eager's are), not fp32, and not
+    differentiable; loss and logits are those of the same weights in fp32 within 16-bit rounding
+    (one layer: 2e-2 relative; the loss, an fp32 log-sum-exp over the chunks, 1e-2)."""
+    model = tiny_model("llama", num_hidden_layers=1, dtype=dtype)
+    reference = twin(model).float()
+    inputs = batch(padding=True)
+    with torch.no_grad():
+        expected = reference(**inputs)
+        eager = model(**inputs)
+    got = torch.compile(model, backend="lowmem", options=EAGER)(**inputs)
+    got.loss.backward()
+    assert _loss_report()["fused"] == 1
+    assert eager.logits.dtype == got.logits.dtype == dtype and not got.logits.requires_grad
+    assert rel_err(got.logits, expected.logits) < 2e-2 and rel_err(got.loss, expected.loss) < 1e-2
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.isfinite().all()
+                          and p.grad.abs().sum() > 0 for p in params.values())
