@@ -262,3 +262,20 @@ def test_quantize_takes_a_device_and_a_meta_model():
     meta = _build(meta=True)
     assert lowmem_compile.quantize_(meta)["layers"] == 14
     assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+
+
+def test_a_model_prepared_from_meta_trains_compiled():
+    model = _build(meta=True)
+    lowmem_compile.prepare_(model)
+    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager"})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    b = batch()
+    losses = []
+    for _ in range(3):
+        loss = compiled(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert lowmem_compile.last_report().total("nf4").lowered == 14
+    assert losses[-1] < losses[0]  # the adapters learn the batch
