@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import operator
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, split_layers
 from .passes.linear_nf4 import LinearNF4Pass
-from .passes.remat import RematPartitioner, recorded_stats
+from .passes.remat import RematPartitioner, held_note, recorded_stats
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def _compile_layers(
     on_device = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
     bodies = split.bodies()
     calls = sum(len(group) for group in bodies.values())
+    returned = _returned_values(split)
 
     def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematStats]:
         sub = split.submodule(region)
@@ -146,7 +148,7 @@ def _compile_layers(
         region_report = GraphReport(index=graph_report.index, nodes=len(sub.graph.nodes))
         # outside the layers nothing is parked: the tail's backward runs first, the prefix's last
         region_opts = opts if region.kind == "layer" else dataclasses.replace(opts, offload="off")
-        partitioner = RematPartitioner(region_opts, region_report, context=context, carried=region.carried)
+        partitioner = RematPartitioner(region_opts, region_report, context=context, carried=region.carried, whole_step=False)
         with tracing(TracingContext(fake_mode)):
             compiled = _compile_graph(sub, inputs, region_opts, region_report, partitioner, plan_only)
         where = "layer body" if region.kind == "layer" else region.kind
@@ -191,6 +193,7 @@ def _compile_layers(
             carried=_device_bytes(carried, on_device),
             grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
             tail=tail_extra,
+            held=_device_bytes(returned.get(representative.name, []), on_device),
         )
         log.info("layers: compiling the body of %s for %d calls", representative.layer, len(group))
         compiled, _ = compile_region(representative, context)
@@ -198,6 +201,11 @@ def _compile_layers(
             if region is not representative and compiled is not None:
                 split.outer.register_module(region.name, getattr(split.outer, representative.name))
     graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls))
+    held = [x for values in returned.values() for x in values]
+    peak = graph_report.stats["remat"].predicted_peak_bytes if "remat" in graph_report.stats else None
+    note = held_note(len(held), _device_bytes(held, on_device), peak or 0) if peak else None
+    if note:
+        graph_report.add("remat", RematStats(notes=[note]))
     if plan_only:
         return None
     split.outer.recompile()
@@ -231,6 +239,29 @@ class _CompiledRegion(torch.nn.Module):
                                        "where the body was compiled; compile with options={'layers': 'off'}")
         out = self.compiled(*args)
         return out[0] if self.single_output else out
+
+
+def _returned_values(split: LayerSplit) -> dict[str, list[torch.Tensor]]:
+    """For each region, the example values of its outputs that the step returns (besides a scalar
+    loss): the model's logits from the tail, a K/V cache from every layer. The caller holds them."""
+    output = split.outer.graph.find_nodes(op="output")[0]
+    returned: dict[str, list[torch.Tensor]] = {}
+    for node in _flat_nodes(output.args[0]):
+        index, call = (node.args[1], node.args[0]) if node.target is operator.getitem else (0, node)
+        if not (isinstance(call, torch.fx.Node) and call.op == "call_module"):
+            continue
+        values = getattr(split.outer, call.target).graph.find_nodes(op="output")[0].args[0]
+        value = values[index] if isinstance(values, (tuple, list)) else values
+        example = value.meta.get("example_value") if isinstance(value, torch.fx.Node) else None
+        if isinstance(example, torch.Tensor) and example.numel() > 1:
+            returned.setdefault(call.target, []).append(example)
+    return returned
+
+
+def _flat_nodes(args: Any) -> list[torch.fx.Node]:
+    nodes: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(args, nodes.append)
+    return nodes
 
 
 def _outputs_as_tuple(gm: torch.fx.GraphModule) -> bool:

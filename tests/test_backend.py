@@ -102,7 +102,8 @@ def test_report_merge_rules():
     graph.add("attention", AttentionStats(replaced=3, skipped=["b"]))
     graph.add("nf4", NF4Stats(lowered=1, bytes_before=10, bytes_after=3))
     d = lowmem_compile.last_report().to_dict()
-    assert d["attention"] == {"replaced": 5, "causal_masks": 0, "general_masks": 0, "skipped": ["a", "b"]}
+    assert d["attention"] == {"replaced": 5, "causal_masks": 0, "general_masks": 0, "window_masks": 0,
+                              "packed_masks": 0, "skipped": ["a", "b"]}
     assert d["nf4"]["bytes_before"] == 10
     with pytest.raises(TypeError, match="report section"):
         graph.add("nf4", AttentionStats())

@@ -21,7 +21,9 @@ from .models import batch, rel_err, tiny_model, trainable_grads, twin
 from .test_nf4_models import _step, _weight_shapes
 
 TOL = 1e-5
-OTHER_PASSES_OFF = {"attention": "off", "fused_loss": "off"}
+#: The MLP pass alone, on one graph of the whole step (these tests count nodes per graph; the per-layer
+#: compile of the same pass is tests/test_layers.py's).
+OTHER_PASSES_OFF = {"attention": "off", "fused_loss": "off", "layers": "off"}
 
 
 def _run(model, inputs, **options):

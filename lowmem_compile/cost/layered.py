@@ -13,6 +13,7 @@ layers, such as the rotary tables):
   above what is resident;
 * with the body's values parked in host memory, the copies of the call before the running one,
   coming back while it runs its backward (`ops.offload`'s lookahead);
+* what every call returns to the caller (a K/V cache), held to the step's end;
 * the trainable weights' gradients of the layers whose backward ran stay to the end (LoRA:
   small, counted where they are most: the first layer's backward).
 
@@ -45,6 +46,8 @@ class LayerContext:
     """Bytes of the gradients of the body's trainable inputs (one call's LoRA weights)."""
     tail: int = 0
     """The tail's peak above `resident`: its carried input (the last layer's output) and working set."""
+    held: int = 0
+    """Bytes of one call's outputs that the step returns (a K/V cache): the caller holds them all."""
 
     def kept(self, memory: StepMemory, carried_on_device: bool = True) -> int:
         """Bytes one call keeps from its forward to its backward."""
@@ -57,14 +60,15 @@ class LayerContext:
         kept = self.kept(memory, carried_on_device)
         body = memory.peak_outputs_freed
         others = self.resident - self.body_inputs
-        last_layer = others + (self.calls - 1) * kept + body + parked
-        first_layer = others + (self.calls - 1) * self.grads + body
-        tail = self.resident + self.calls * kept + self.tail
+        held = self.calls * self.held
+        last_layer = others + (self.calls - 1) * kept + body + parked + held
+        first_layer = others + (self.calls - 1) * self.grads + body + held
+        tail = self.resident + self.calls * kept + self.tail + held
         return max(last_layer, first_layer, tail)
 
     def step_exprs(self, memory: StepMemory, carried_expr: sympy.Expr, carried_on_device: bool = True) -> list[sympy.Expr]:
         """`step_peak` of the last layer's backward at every step of the body's walk, as expressions
         in the symbolic sizes (the resident weights taken at the example's size): for `longest_fitting`."""
         kept = (memory.saved_expr or sympy.Integer(0)) + (carried_expr if carried_on_device else 0)
-        others = self.resident - self.body_inputs
+        others = self.resident - self.body_inputs + self.calls * self.held
         return [others + (self.calls - 1) * kept + e for e in memory.peak_exprs]

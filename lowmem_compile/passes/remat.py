@@ -423,14 +423,19 @@ def _host_memory() -> int:
 
 
 def _held_note(plan: Plan) -> str | None:
-    """What the step returns besides its loss, when it weighs: the caller holds it until it drops the
-    outputs, through the forward's end at least. A K/V cache is the costly surprise: the backward
-    keeps K/V in 4 bits, so a returned bf16 cache is memory the step would not need."""
+    """What the step returns besides its loss, when it weighs (see :func:`held_note`)."""
     out = plan.fw.graph.find_nodes(op="output")[0].args[0][: plan.num_fwd_outputs]
     big = [o for o in out if isinstance(o, torch.fx.Node) and (v := tensor_val(o)) is not None and v.numel() > 1]
-    if plan.memory.held < 0.01 * plan.peak or not big:
+    return held_note(len(big), plan.memory.held, plan.peak)
+
+
+def held_note(tensors: int, held: int, peak: int) -> str | None:
+    """The caller holds what the step returns until it drops the outputs, through the forward's end at
+    least. A K/V cache is the costly surprise: the backward keeps K/V in 8 or 4 bits, so a returned
+    bf16 cache is memory the step would not need. None when it weighs under 1% of the peak."""
+    if held < 0.01 * peak or not tensors:
         return None
-    return (f"the step returns {len(big)} tensors besides its loss, {plan.memory.held / 2**20:.1f} MiB held until the "
+    return (f"the step returns {tensors} tensors besides its loss, {held / 2**20:.1f} MiB held until the "
             "caller drops the outputs: logits (`logits=\"drop\"` drops them), a K/V cache (`model.config.use_cache = "
             "False` when training)")
 
@@ -453,10 +458,18 @@ class RematPartitioner(CustomPartitionerFn):
     and the backend fills the report from that file instead (:func:`recorded_stats`)."""
 
     def __init__(
-        self, options: Options, report: GraphReport, context: LayerContext | None = None, carried: Sequence[int] = ()
+        self,
+        options: Options,
+        report: GraphReport,
+        context: LayerContext | None = None,
+        carried: Sequence[int] = (),
+        whole_step: bool = True,
     ) -> None:
         self.options = options
         self.report = report
+        self.whole_step = whole_step
+        """False for a region of a step compiled a layer at a time: what the step returns is noted
+        by the backend, which sees the whole step's outputs."""
         self.context = context
         """For a layer body compiled once for many layers: the step around it (`cost/layered.py`)."""
         self.carried = frozenset(f"primals_{i + 1}" for i in carried)
@@ -527,7 +540,7 @@ class RematPartitioner(CustomPartitionerFn):
                 f"device a call for the backward, {plan.offloaded_bytes / 2**20:.0f} MiB in host memory, "
                 f"step peak {plan.peak / 2**30:.2f} GiB"
             )
-        held = _held_note(plan) if self.context is None else None  # a body's outputs are the next layer's inputs
+        held = _held_note(plan) if self.whole_step else None
         if held:
             notes.append(held)
         longest = self._longest_sequence(plan, budget, notes)
