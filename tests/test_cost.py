@@ -3,6 +3,8 @@ graphs whose peaks are worked out by hand, and the longest-sequence solver at it
 
 from __future__ import annotations
 
+import math
+
 import sympy
 import torch
 import torch.fx
@@ -336,3 +338,88 @@ def test_op_workspace_counts_at_its_step():
         kwargs = {"causal": True, "scale": 0.125, "kv_bits": bits}
         memory, node = _one_op_step(mode, torch.ops.lowmem.attention.default, (q, *kv), kwargs)
         assert memory.forward_peak == _bytes(node.meta["val"]) + buffers, bits
+
+
+# --- properties (hypothesis) ------------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.float64, torch.bool]
+
+
+@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=4), dtype=st.sampled_from(DTYPES),
+       dim=st.integers(0, 3), hint=st.integers(2, 50), other=st.integers(1, 10**6))
+def test_property_sizes(shape, dtype, dim, hint, other):
+    """tensor_bytes is numel x itemsize; sym_bytes is the same product with a symbolic dimension,
+    so it evaluates to tensor_bytes at the hint and scales linearly in that dimension."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    with FakeTensorMode():
+        t = torch.empty(shape, dtype=dtype)
+    assert tensor_bytes(t) == math.prod(shape) * itemsize == sym_bytes(t)
+    if not shape:
+        return
+    dim = dim % len(shape)
+    mode, seq, sym = _symbolic_mode(hint)
+    with mode:
+        u = torch.empty([seq if i == dim else s for i, s in enumerate(shape)], dtype=dtype)
+    rest = math.prod(s for i, s in enumerate(shape) if i != dim) * itemsize
+    assert tensor_bytes(u) == hint * rest
+    assert sympy.expand(sym_bytes(u) - sym * rest) == 0
+    assert sym_bytes(u).subs(sym, other) == other * rest
+
+
+@given(m=st.integers(1, 300), k=st.integers(1, 64), hint=st.integers(2, 300))
+def test_property_symbolic_liveness_is_the_concrete_one(m, k, hint):
+    """The peak expressions of a graph traced with a symbolic length give, at any length, the peak
+    of the same graph traced at that length (fused and not). Hints from 2: a size-1 hint is
+    specialized, as Dynamo does."""
+    mode, seq, sym = _symbolic_mode(hint)
+    fw, bw = _step(mode, seq, k)
+    for fused in (False, True):
+        symbolic = simulate_step(fw, bw, 1, fused=fused, symbolic=True)
+        concrete = simulate_step(*_step(FakeTensorMode(), m, k), 1, fused=fused)
+        assert peak_at(symbolic.peak_exprs, {sym: m}) == concrete.peak
+        assert symbolic.saved_expr.subs(sym, m) == concrete.saved
+
+
+@given(a=st.integers(0, 10**4), b=st.integers(0, 64), c=st.integers(0, 4), batch=st.integers(1, 8),
+       budget=st.integers(1, 10**9))
+def test_property_longest_fitting_is_the_boundary(a, b, c, batch, budget):
+    """For peaks polynomial in the length with non-negative coefficients (what a step's memory is),
+    the answer n fits and n + 1 does not; None exactly when one token does not fit."""
+    s, bs = sympy.symbols("s0 s1", positive=True, integer=True)
+    exprs = [a + b * s * bs, c * s**2 + a // 2, sympy.Integer(a)]
+    at = lambda length: peak_at(exprs, {s: length, bs: batch})  # noqa: E731
+    assume_growing = b * batch > 0 or c > 0
+    answer = longest_fitting(exprs, budget, {s: 64, bs: batch})
+    if at(1) > budget:
+        assert answer is None
+    elif assume_growing:
+        sym, n = answer
+        assert sym == s and at(n) <= budget < at(n + 1)
+
+
+@settings(max_examples=200)
+@given(peaks=st.lists(st.tuples(st.integers(100, 1000), st.integers(0, 20)), min_size=1, max_size=8),
+       budgets=st.tuples(st.integers(1, 1100), st.integers(1, 1100)))
+def test_property_lower_budget_never_chooses_a_higher_peak(peaks, budgets):
+    """The planner's choice among any candidate plans: it fits the budget whenever one does, at the
+    least added time; a lower budget never chooses a plan with a higher predicted peak."""
+    from lowmem_compile.passes.remat import choose
+
+    plans = [SimpleNamespace(name=f"p{i}", peak=p, added_seconds=t / 1000) for i, (p, t) in enumerate(peaks)]
+    low, high = sorted(budgets)
+    chosen = {}
+    for budget in (low, high):
+        plan, miss = choose(plans, budget)
+        fitting = [p for p in plans if p.peak <= budget]
+        if fitting:
+            assert miss is None and plan.peak <= budget
+            assert plan.added_seconds == min(p.added_seconds for p in fitting)
+        else:
+            assert "infeasible" in miss and plan.peak == min(p.peak for p in plans)
+        chosen[budget] = plan
+    assert chosen[low].peak <= chosen[high].peak
