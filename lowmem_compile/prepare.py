@@ -38,7 +38,7 @@ from torch import nn
 
 from .formats import nf4 as _nf4
 from .formats.nf4 import DEFAULT_BLOCKSIZE, NF4Weight
-from .host_embedding import HostEmbedding, _why_not
+from .host_embedding import HostEmbedding, _scale_of, _why_not
 from .quantize import _DEFAULT_EXCLUDE, NF4Linear, _matches
 
 __all__ = ["prepare_", "PrepareSummary"]
@@ -304,6 +304,11 @@ class _Walk:
         self.summary.initialized += len(fresh)
 
 
+def _offload_pays(device: torch.device) -> bool:
+    """Whether a table in host memory saves anything: only when the model's device is not the host."""
+    return device.type not in ("cpu", "meta")
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -414,7 +419,7 @@ def prepare_(
                 summary.left[name] = "excluded"
                 continue
             reason = _why_not(module, id(module.weight) in walk.shared)
-            if reason is None and where(module).type in ("cpu", "meta"):
+            if reason is None and not _offload_pays(where(module)):
                 reason = "the model stays on the CPU (pass device= to keep the table in host memory for it)"
             if reason is None:
                 to_offload[id(module)] = name
@@ -439,8 +444,15 @@ def prepare_(
         elif id(module) in to_offload:
             target = where(module)
             walk.place(module, prefix, torch.device("cpu"))  # the table never visits the device
+            # a subclass (Gemma's scaled embedding) moves only if its forward is the lookup times a
+            # constant, checked by running it (offload_embeddings_'s rule): now that it has its values
+            scale, reason = _scale_of(module)
+            if reason is not None:
+                summary.left[name] = reason
+                walk.place(module, prefix, target)
+                continue
             parent, child = _parent(model, name)
-            setattr(parent, child, HostEmbedding(module.weight, target))
+            setattr(parent, child, HostEmbedding(module.weight, target, None if scale is None else scale.to(target)))
             module.weight = None
             summary.offloaded.append(name)
         elif isinstance(module, HostEmbedding):

@@ -278,3 +278,42 @@ def test_a_model_prepared_from_meta_trains_compiled():
         losses.append(loss.item())
     assert lowmem_compile.last_report().total("nf4").lowered == 14
     assert losses[-1] < losses[0]  # the adapters learn the batch
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_embeddings_go_to_host_memory_exactly(monkeypatch, family):
+    """The offload branch on the CPU (the device check patched: on a machine without a GPU the host is
+    the device): the table becomes a HostEmbedding, Gemma's scaled embedding with its scale, and the
+    model computes the same loss as before; a tied table stays."""
+    import peft
+    import transformers
+
+    from lowmem_compile.host_embedding import HostEmbedding
+
+    monkeypatch.setattr(prepare_mod, "_offload_pays", lambda device: True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, tie_word_embeddings=False))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=LORA_TARGETS))
+    reference = copy.deepcopy(model)
+    lowmem_compile.quantize_(reference)
+    summary = lowmem_compile.prepare_(model, "cpu")
+    name = "base_model.model.model.embed_tokens"
+    assert summary.offloaded == [name] and isinstance(model.get_submodule(name), HostEmbedding)
+    b = batch()
+    torch.testing.assert_close(model(**b).loss, reference(**b).loss, rtol=0, atol=0)
+    tied = _build(tie_word_embeddings=True)
+    assert "tied" in lowmem_compile.prepare_(tied, "cpu").left[name]
+
+
+def test_an_embedding_that_is_not_a_scaled_lookup_stays(monkeypatch):
+    monkeypatch.setattr(prepare_mod, "_offload_pays", lambda device: True)
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1
+
+    model = torch.nn.Sequential(Shifted(16, 8), torch.nn.Linear(8, 8))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    summary = lowmem_compile.prepare_(model, "cpu")
+    assert summary.offloaded == [] and "Shifted" in summary.left["0"] and isinstance(model[0], Shifted)
