@@ -205,7 +205,7 @@ def _compile_layers(
     peak = graph_report.stats["remat"].predicted_peak_bytes if "remat" in graph_report.stats else None
     note = held_note(len(held), _device_bytes(held, on_device), peak or 0) if peak else None
     if note:
-        graph_report.add("remat", RematStats(notes=[note]))
+        graph_report.add("remat", RematStats(policy=opts.remat, notes=[note]))
     if plan_only:
         return None
     split.outer.recompile()

@@ -182,7 +182,7 @@ def test_auto_without_budget_on_cpu_keeps_the_stock_plan():
     assert auto["saved_bytes"] == stock["saved_bytes"] > 0 and auto["added_flops"] == stock["added_flops"] == 0
     for key in ("predicted_peak_bytes", "recomputed", "offloaded_bytes"):
         assert auto[key] == stock[key], key
-    assert any(note.startswith("plan none of 1 evaluated") for note in auto["notes"])
+    assert any("plan none of 1 evaluated" in note for note in auto["notes"])
 
 
 class _FakeCuda:
