@@ -288,4 +288,5 @@ class AttentionPass(GraphPass):
 def _reads_mask_tiles(mask) -> bool:
     """The mask differs across query rows (not a [.., 1, Sk] key-padding row): the kernel's general path."""
     value = example_value(mask)
-    return value is not None and value.dim() >= 2 and value.shape[-2] != 1
+    # a symbolic length (packed rows of varying size) must not turn the report's count symbolic
+    return value is not None and value.dim() >= 2 and bool(value.shape[-2] != 1)
