@@ -47,9 +47,12 @@ def test_rows_are_judged_against_fp32(tmp_path):
     assert len(ref) == 2 and ref[1] < ref[0], "one AdamW step on a repeated batch must lower the loss"
     for row in rows[1:]:
         assert row["delta"] == pytest.approx([a - b for a, b in zip(row["losses"], ref)])
-        # bf16 autocast against fp32: the same loss to ~1e-3 relative, gradients to bf16 level (kv4 in lowmem)
+        # bf16 autocast against fp32: the same loss to ~1e-3 relative, gradients to bf16 level: each
+        # activation rounded to 2^-8 relative (measured 6.9e-3 for eager, 8.5e-3 for lowmem's default
+        # kv8 on top; kv4 measured ~8e-2 on the tiny models of test_models.py)
         assert abs(row["delta"][0]) < 2e-3 * ref[0]
-        assert 0 < row["grad_error_step1"] < 0.5
+        assert 0 < row["grad_error_step1"] < 3e-2
+    assert rows[2]["grad_error_step1"] < 2 * rows[1]["grad_error_step1"]  # kv8 adds little to bf16's rounding
     assert rows[2]["options"] == {"inner": "eager"}
     assert "| fp32 eager (reference) |" in (tmp_path / "trajectory.md").read_text()
 
