@@ -50,3 +50,14 @@ def test_op_is_one_node_under_compile():
     f = torch.compile(lambda p, a: torch.ops.lowmem.nf4_dequantize(p, a, [32, 64], 64, torch.float16) + 1, backend=spy)
     f(packed, absmax)
     assert seen.count("lowmem.nf4_dequantize") == 1
+
+
+def test_hypothesis_runs_the_ci_profile():
+    """conftest loads a derandomized profile (the same examples every run) unless asked otherwise."""
+    import os
+
+    from hypothesis import settings as current
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        assert current.default.derandomize and current.default.deadline is None
+        assert current.default.max_examples == 20
