@@ -1,7 +1,7 @@
 """`quantize_(model)`: store the frozen weights of linear layers in NF4, in place.
 
 Each selected `nn.Linear` is swapped for an :class:`NF4Linear` that holds the packed weight and its
-(optionally double-quantized) absmax as buffers and calls `torch.ops.lowmem.nf4_linear`, so the op
+(optionally double-quantized) absmax as frozen parameters and calls `torch.ops.lowmem.nf4_linear`, so the op
 is already in the graph Dynamo captures and every backend (lowmem, inductor, eager) runs it. The
 16-bit weight is dropped. Trainable layers are never touched; under peft LoRA the frozen base layer
 is quantized and the adapters stay in 16 bits.
@@ -21,6 +21,13 @@ from .ops import nf4 as _nf4_ops  # noqa: F401  (registers torch.ops.lowmem.nf4_
 #: Layers left alone unless named by `include`: the LM head and anything tied to an embedding.
 _DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
 _TENSORS = ("packed", "absmax", "absmax2", "code2", "offset")
+#: Stored as frozen `nn.Parameter`s (requires_grad=False), the rest as buffers: FSDP2's `fully_shard`
+#: shards a module's parameters on dim 0 and all-gathers them a module at a time, and leaves buffers
+#: replicated. The packed codes and the per-block absmax are the weight's bytes (the absmax 1/8 or
+#: 1/64 of them); the nested absmax2 (one per 16384 elements), the 256-entry code2 and the scalar
+#: offset are small enough to keep whole on every rank. Both kinds are in `state_dict` under the same
+#: names, so checkpoints load either way.
+_SHARDED = ("packed", "absmax")
 
 
 class NF4Linear(nn.Module):
@@ -32,7 +39,10 @@ class NF4Linear(nn.Module):
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
         for name, tensor in weight.tensors().items():
-            self.register_buffer(f"weight_{name}", tensor)
+            if name in _SHARDED:
+                self.register_parameter(f"weight_{name}", nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(f"weight_{name}", tensor)
         self.bias = bias
 
     @property

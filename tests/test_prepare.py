@@ -32,7 +32,7 @@ def _build(meta: bool = False, lora: bool = True, **overrides):
 
 
 def _nf4_tensors(model) -> dict[str, torch.Tensor]:
-    return {n: b for n, b in model.named_buffers() if ".weight_" in n}
+    return {n: b for n, b in model.state_dict().items() if ".weight_" in n}  # frozen parameters and buffers
 
 
 @pytest.mark.parametrize("numel, chunk", [(64 * 1000, 64 * 7), (64 * 1000 + 33, 64 * 10), (4096, 1 << 20)])
