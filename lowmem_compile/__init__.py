@@ -9,6 +9,10 @@ Importing registers the backend "lowmem" (an installed package also registers it
 A compile of a large model takes minutes; its progress (each pass, the partition, code generation,
 with times) is logged at INFO on the `lowmem_compile` logger:
 `logging.basicConfig(); logging.getLogger("lowmem_compile").setLevel(logging.INFO)`.
+
+Extending it from outside the package (docs/writing_a_pass.md): `GraphPass` and `CompileContext`
+for a rewrite of the Dynamo graph, passed as `options={"passes": [...]}`; `define_op` for a custom
+op with the costs the memory planner reads.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import logging
 
 from .host_embedding import HostEmbedding, offload_embeddings_
 from .memory import release_compile_memory
+from .ops.library import define_user_op as define_op
 from .options import Options
+from .passes import CompileContext, GraphPass
+from .passes.user import PassError
 from .plan import plan
 from .prepare import PrepareSummary, prepare_
 from .quantize import NF4Linear, quantize_
@@ -26,7 +33,7 @@ from .report import Report, last_report
 __all__ = [
     "Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear",
     "offload_embeddings_", "HostEmbedding", "plan", "prepare_", "PrepareSummary",
-    "release_compile_memory",
+    "release_compile_memory", "GraphPass", "CompileContext", "PassError", "define_op",
 ]
 __version__ = "0.1.0"
 

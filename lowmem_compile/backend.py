@@ -22,6 +22,7 @@ from .cost.layered import LayerContext
 from .cost.sizes import tensor_bytes
 from .options import Options
 from .passes import CompileContext, GraphPass
+from .passes import user as user_passes
 from .passes.attention import AttentionPass
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
@@ -55,10 +56,14 @@ def lowmem_backend(
     start = time.perf_counter()
     log.info("compiling a graph of %d nodes", len(gm.graph.nodes))
     for graph_pass in PRE_AUTOGRAD_PASSES:
+        user_passes.run_scheduled(graph_pass.name, gm, ctx)  # the user passes placed before it
         if graph_pass.enabled(opts):
             stats = graph_pass(gm, ctx)
             graph_report.add(graph_pass.section, stats)
             log.info("pass %s: %s", graph_pass.name, stats)
+    user_passes.run_scheduled(None, gm, ctx)  # the user passes placed after every built-in one
+    if (custom_ops := user_passes.plan_user_ops(gm)) is not None:
+        graph_report.add("custom_ops", custom_ops)
     gm.graph.lint()
     gm.recompile()
 

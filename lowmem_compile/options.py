@@ -83,6 +83,12 @@ class Options:
     report: bool = False
     """Print the report after each compiled graph."""
 
+    passes: tuple = ()
+    """User passes (docs/writing_a_pass.md): `lowmem_compile.GraphPass` objects, or import strings
+    "package.module:attribute" naming one (a GraphPass subclass is instantiated). Each runs on the
+    Dynamo graph after the built-in pre-autograd passes, or just before the built-in pass its
+    `before` names; what it returns is `last_report().to_dict()["passes"][name]`."""
+
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | Options | None) -> Options:
         """Build validated options from what the user passed to `torch.compile(..., options=...)`."""
@@ -97,6 +103,8 @@ class Options:
         if unknown:
             raise ValueError(f"unknown lowmem option(s) {unknown}; allowed: {sorted(known)}")
         values = dict(options)
+        if "passes" in values and isinstance(values["passes"], list):
+            values["passes"] = tuple(values["passes"])
         if "memory_budget" in values:
             values["memory_budget"] = parse_memory_budget(values["memory_budget"])
         return cls(**values)
@@ -118,6 +126,10 @@ class Options:
                              "table, which a CUDA graph replay would skip")
         if self.cudagraphs and self.inner != "inductor":
             raise ValueError("lowmem option cudagraphs=True needs inner='inductor' (Inductor captures the graphs)")
+        if not isinstance(self.passes, tuple) or self.passes:
+            from .passes.user import resolve
+
+            object.__setattr__(self, "passes", resolve(self.passes))  # frozen: set once, here
         budget = self.memory_budget
         if isinstance(budget, bool) or (budget is not None and not isinstance(budget, (int, float))):
             raise ValueError(f"lowmem option memory_budget={budget!r}: use Options.from_user or parse_memory_budget")
@@ -142,8 +154,18 @@ class Options:
         return self.memory_budget
 
     def cache_key(self) -> str:
-        """A stable string of every option, for compile caches keyed on what changes the output."""
-        return repr(dataclasses.astuple(self))
+        """A stable string of every option, for compile caches keyed on what changes the output: the
+        user passes by name, place and `uuid()`, and with them the sources of every op declared
+        with `lowmem_compile.define_op` (editing a pass or its op recompiles)."""
+        from .ops.library import user_ops_key
+
+        values = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "passes")
+        extra = [user_ops_key()] if user_ops_key() else []
+        if self.passes:
+            from .passes.user import cache_key
+
+            extra.insert(0, cache_key(self.passes))
+        return repr((values, *extra)) if extra else repr(values)
 
 
 _CHOICES = {

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-_SUM, _MAX, _CONCAT, _LAST = "sum", "max", "concat", "last"
+_SUM, _MAX, _CONCAT, _LAST, _UNION = "sum", "max", "concat", "last", "union"
 
 
 def _merged(a: Any, b: Any) -> Any:
@@ -28,13 +28,15 @@ def _merged(a: Any, b: Any) -> Any:
             updates[f.name] = y if x is None else x if y is None else max(x, y)
         elif rule == _CONCAT:
             updates[f.name] = list(x) + list(y)
+        elif rule == _UNION:
+            updates[f.name] = list(dict.fromkeys(list(x) + list(y)))
         else:
             updates[f.name] = y if y is not None else x
     return dataclasses.replace(a, **updates)
 
 
 def _rule(rule: str, default: Any = 0) -> Any:
-    if rule == _CONCAT:
+    if rule in (_CONCAT, _UNION):
         return field(default_factory=list, metadata={"merge": rule})
     return field(default=default, metadata={"merge": rule})
 
@@ -99,6 +101,37 @@ class LayerStats:
     skipped: list[str] = _rule(_CONCAT)  # why a graph compiled whole
 
 
+@dataclass(frozen=True)
+class CustomOpStats:
+    """Calls of ops declared with `lowmem_compile.define_op` (passes/user.py)."""
+
+    costed: int = _rule(_SUM)  # calls of ops that declare their cost: the planner may recompute them
+    conservative: int = _rule(_SUM)  # calls of ops that declare none: never recomputed
+    notes: list[str] = _rule(_UNION)  # one per conservative op
+
+
+@dataclass(frozen=True)
+class ShardingStats:
+    """What FSDP2 shards on this rank, filed by `lowmem_compile.distributed.sharding_stats(model)`
+    (and `fully_shard_layers_`), not by a compiled graph: the graphs see the gathered weights.
+    `*_bytes` over all ranks, `*_local_bytes` held by this rank; `sharded_bytes` the parameters
+    FSDP2 shards, `replicated_bytes` what every rank holds whole (parameters left unsharded, buffers);
+    `largest_unit_bytes` one gathered layer unit, `root_unit_bytes` the root's own parameters."""
+
+    ranks: int = 1
+    units: int = 0
+    nf4_bytes: int = 0
+    nf4_local_bytes: int = 0
+    trainable_bytes: int = 0
+    trainable_local_bytes: int = 0
+    other_bytes: int = 0
+    other_local_bytes: int = 0
+    sharded_bytes: int = 0
+    replicated_bytes: int = 0
+    largest_unit_bytes: int = 0
+    root_unit_bytes: int = 0
+
+
 #: The report's keys (a public contract) and the stats each holds.
 SECTIONS: dict[str, type] = {
     "attention": AttentionStats,
@@ -108,6 +141,7 @@ SECTIONS: dict[str, type] = {
     "mlp": MLPStats,
     "cudagraphs": CudaGraphStats,
     "layers": LayerStats,
+    "custom_ops": CustomOpStats,
 }
 
 
@@ -118,16 +152,24 @@ class GraphReport:
     index: int
     nodes: int
     stats: dict[str, Any] = field(default_factory=dict)
+    passes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """What each user pass returned (`options={"passes": [...]}`), by the pass's name."""
 
     def add(self, section: str, stats: Any) -> None:
         if section not in SECTIONS or not isinstance(stats, SECTIONS[section]):
             raise TypeError(f"report section {section!r} takes {SECTIONS.get(section)}, got {type(stats).__name__}")
         self.stats[section] = _merged(self.stats[section], stats) if section in self.stats else stats
 
+    def add_pass(self, name: str, entry: dict[str, Any]) -> None:
+        """File a user pass's report entry (a dict); a second entry of the same pass merges in."""
+        self.passes[name] = _merged_entry(self.passes[name], entry) if name in self.passes else dict(entry)
+
 
 @dataclass
 class Report:
     graphs: list[GraphReport] = field(default_factory=list)
+    sharding: ShardingStats | None = None
+    """What FSDP2 shards (`lowmem_compile.distributed.sharding_stats`); None in one process."""
 
     def total(self, section: str) -> Any:
         """The section summed over every graph."""
@@ -141,6 +183,12 @@ class Report:
         out: dict[str, Any] = {"graphs": len(self.graphs)}
         for section in SECTIONS:
             out[section] = dataclasses.asdict(self.total(section))
+        passes: dict[str, dict[str, Any]] = {}
+        for graph in self.graphs:
+            for name, entry in graph.passes.items():
+                passes[name] = _merged_entry(passes[name], entry) if name in passes else dict(entry)
+        out["passes"] = passes
+        out["sharding"] = None if self.sharding is None else dataclasses.asdict(self.sharding)
         return out
 
     def __str__(self) -> str:
@@ -170,6 +218,19 @@ class Report:
             rows.append(("longest sequence in budget", str(remat["longest_fitting_seq"])))
         if graphs["requested"]:
             rows.append(("CUDA graphs requested", f"{graphs['requested']} graph(s)"))
+        ops = d["custom_ops"]
+        if ops["costed"] or ops["conservative"]:
+            rows.append(("custom op calls", f"{ops['costed']} costed, {ops['conservative']} never recomputed"))
+        shard = d["sharding"]
+        if shard is not None:
+            rows.append(("sharded over ranks", f"{shard['ranks']} ({shard['units']} FSDP units)"))
+            rows.append(("  NF4 weights on this rank", f"{_gib(shard['nf4_local_bytes'])} of {_gib(shard['nf4_bytes'])}"))
+            rows.append(("  trainable on this rank", f"{_gib(shard['trainable_local_bytes'])} of {_gib(shard['trainable_bytes'])}"))
+            rows.append(("  other frozen on this rank", f"{_gib(shard['other_local_bytes'])} of {_gib(shard['other_bytes'])}"))
+            rows.append(("  gathered layer unit", _gib(shard["largest_unit_bytes"])))
+        for name, entry in d["passes"].items():
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in entry.items() if k != "skipped")
+            rows.append((f"pass {name}", shown or "ran"))
         width = max(len(k) for k, _ in rows)
         lines = ["lowmem report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -179,6 +240,10 @@ class Report:
             fallbacks.append(("attention", _GENERAL_MASK_NOTE.format(n=att["general_masks"])))
         fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]
         fallbacks += [("remat", s) for s in remat["notes"]] + [("cudagraphs", s) for s in graphs["skipped"]]
+        fallbacks += [("custom_ops", s) for s in ops["notes"]]
+        for name, entry in d["passes"].items():
+            skipped = entry.get("skipped", [])
+            fallbacks += [(name, str(s)) for s in (skipped if isinstance(skipped, list) else [skipped])]
         for section, reason in fallbacks:
             lines.append(f"  [{section}] {reason}")
         return "\n".join(lines)
@@ -190,6 +255,31 @@ _GENERAL_MASK_NOTE = (
     "backward): position ids passed by the caller (packed documents), a sliding window, or a mask not "
     "proven causal; a model called without them gets causal attention"
 )
+
+
+def _merged_entry(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """A user pass's entries of two graphs as one: numbers add, lists concatenate, dicts merge the
+    same way, anything else keeps the later value."""
+    out = dict(a)
+    for key, y in b.items():
+        x = out.get(key)
+        if key not in out:
+            out[key] = y
+        elif isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) and not isinstance(y, bool):
+            out[key] = x + y
+        elif isinstance(x, list) and isinstance(y, list):
+            out[key] = x + y
+        elif isinstance(x, dict) and isinstance(y, dict):
+            out[key] = _merged_entry(x, y)
+        else:
+            out[key] = y
+    return out
+
+
+def _short(value: Any) -> str:
+    """A report entry's value in a table cell: a list by its length, long text cut."""
+    text = f"{len(value)} items" if isinstance(value, list) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _gib(n: int) -> str:
@@ -204,6 +294,10 @@ class _ReportStore:
         self._lock = threading.Lock()
         self._report = Report()
 
+    def set_sharding(self, stats: ShardingStats) -> None:
+        with self._lock:
+            self._report.sharding = stats
+
     def new_graph(self, nodes: int) -> GraphReport:
         with self._lock:
             graph = GraphReport(index=len(self._report.graphs), nodes=nodes)
@@ -212,7 +306,8 @@ class _ReportStore:
 
     def snapshot(self) -> Report:
         with self._lock:
-            return Report(graphs=[dataclasses.replace(g, stats=dict(g.stats)) for g in self._report.graphs])
+            return Report(graphs=[dataclasses.replace(g, stats=dict(g.stats), passes=dict(g.passes)) for g in self._report.graphs],
+                          sharding=self._report.sharding)
 
     def clear(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import flop_registry
 
+from ..ops.library import declared_bytes_moved
 from .sizes import is_getitem, is_view, size_hint, storage_root, tensor_bytes, tensor_outputs, tensor_val
 
 
@@ -135,7 +136,7 @@ def node_time(node: torch.fx.Node, rates: DeviceRates) -> float:
     if node.op != "call_function" or is_view(node) or is_getitem(node):
         return 0.0
     ins, outs = _node_tensors(node)
-    moved = sum(tensor_bytes(t) for t in ins + outs)
+    moved = declared_bytes_moved(node, sum(tensor_bytes(t) for t in ins + outs))  # an outside op may declare it
     flops = node_flops(node)
     if flops:
         dtype = ins[0].dtype if ins else torch.float32
