@@ -160,6 +160,8 @@ def _sources(callables: list[Callable[..., Any]]) -> str:
 
 def user_op(target: Any) -> UserOp | None:
     """The declaration of `target` when it is an op declared from outside the package, else None."""
+    if isinstance(target, torch._ops.OpOverloadPacket):  # Dynamo records `torch.ops.ns.op(...)` so
+        return _USER_OPS.get(target._qualified_op_name)
     if not isinstance(target, torch._ops.OpOverload):
         return None
     return _USER_OPS.get(target._schema.name)
