@@ -192,3 +192,30 @@ def test_cudagraphs_train_like_without():
         assert abs(a - b) <= 1e-4 * abs(b)
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("source", ["quantize_", "bitsandbytes"])
+def test_nf4_off_leaves_4bit_layers_to_the_model(monkeypatch, source):
+    """`nf4="off"`: no linear is lowered (with `nf4_matmul="graph"` at 48 tokens the pass would put
+    a dequantize node in the graph), the model's own 4-bit layers run as they are (`quantize_`'s
+    NF4Linear calls `nf4_linear` itself; bitsandbytes' Linear4bit its own code, no op of ours),
+    and the step is eager's (fp32: 1e-4)."""
+    from torch._dynamo.backends import debugging
+
+    if source == "quantize_":
+        ref = tiny_model("llama")
+        lowmem_compile.quantize_(ref)
+    else:
+        ref = _lora(_to_bnb(tiny_model("llama", lora=False)))
+    targets, nop = [], debugging.boxed_nop
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return nop(gm, example_inputs)
+
+    monkeypatch.setattr(debugging, "boxed_nop", record)
+    report = _check_parity(ref, twin(ref), batch(), {**OPTS, "nf4": "off", "nf4_matmul": "graph"})
+    assert report["nf4"]["lowered"] == 0 and report["nf4"]["bytes_before"] == report["nf4"]["bytes_after"] == 0
+    assert targets and not any("nf4_dequantize" in t for t in targets)
+    ours = [t for t in targets if t.startswith("lowmem.nf4_linear")]
+    assert (len(ours) >= N_LINEARS) if source == "quantize_" else not ours
