@@ -406,7 +406,7 @@ def prepare_(
                 summary.left[name] = "excluded"
             elif not (include(name, module) if callable(include) else
                       _matches(name, include) if include is not None else not _matches(name, _DEFAULT_EXCLUDE)):
-                summary.left[name] = ("the LM head and embeddings stay 16-bit unless include= names them"
+                summary.left[name] = ("the LM head, embeddings and peft adapters stay 16-bit unless include= names them"
                                       if include is None else "not selected by include")
             elif id(module.weight) in walk.shared:
                 summary.left[name] = "its weight is shared with another module (tied)"

@@ -18,8 +18,9 @@ from torch import nn
 from .formats.nf4 import DEFAULT_BLOCKSIZE, NF4Weight
 from .ops import nf4 as _nf4_ops  # noqa: F401  (registers torch.ops.lowmem.nf4_linear)
 
-#: Layers left alone unless named by `include`: the LM head and anything tied to an embedding.
-_DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
+#: Layers left alone unless named by `include`: the LM head, anything tied to an embedding, and
+#: peft's adapters (frozen when loaded for inference, `PeftModel.from_pretrained(base, path)`).
+_DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*lora_*")
 _TENSORS = ("packed", "absmax", "absmax2", "code2", "offset")
 #: Stored as frozen `nn.Parameter`s (requires_grad=False), the rest as buffers: FSDP2's `fully_shard`
 #: shards a module's parameters on dim 0 and all-gathers them a module at a time, and leaves buffers
