@@ -5,7 +5,9 @@ never leak into another's figures.
     python bench/e2e.py --seqs 2048,8192 --gpus 4                     # llama3-8b, all eight configs
     python bench/e2e.py --device cpu --model small --configs eager,lowmem --seqs 64 --steps 2
 
-Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds or changes one):
+Configurations (a `lowmem*` name is a lowmem variant; `--lowmem NAME=JSON` adds or changes one,
+e.g. with a pass of your own, named by import string from the repository root, docs/writing_a_pass.md:
+`--lowmem 'lowmem_rms={"passes": ["examples.fused_add_rmsnorm:FusedAddRMSNorm"]}'`):
 
     eager               bf16 frozen base + peft LoRA (r=16, alpha 16, every projection)
     eager_gc            + Hugging Face gradient checkpointing (non-reentrant)

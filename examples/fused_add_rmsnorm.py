@@ -229,8 +229,8 @@ class FusedAddRMSNorm(lowmem_compile.GraphPass):
         if any(p is None or p.shape != value.shape or p.dtype != value.dtype for p in parts):
             raise _Skip("the add broadcasts or mixes dtypes")
         if ctx.layer_of(total) is None or ctx.layer_of(total) != ctx.layer_of(rsqrt):
-            raise _Skip(f"the add is in {ctx.layer_of(total)}, the norm in {ctx.layer_of(rsqrt)}: fusing "
-                        "across layers would move a layer boundary")
+            raise _Skip(f"the add is in {ctx.layer_of(total) or 'no layer'}, the norm in "
+                        f"{ctx.layer_of(rsqrt) or 'no layer'}: fusing across layers would move a layer boundary")
         order = {n: i for i, n in enumerate(total.graph.nodes)}
         if order[weight] > order[total]:
             raise _Skip("the weight is computed after the add")

@@ -109,6 +109,36 @@ def test_user_pass_rewrites_matches_eager_and_reports(capsys):
     assert "[square_to_mul] nothing else to do" in printed
 
 
+def test_inserted_nodes_get_fake_values_and_disabled_passes_do_not_run():
+    """A pass that leaves its new node without `example_value` gets one by fake propagation (later
+    passes and AOTAutograd's cache need it); `enabled(options)` False skips a pass and its entry."""
+
+    class Lazy(SquareToMul):
+        name = "lazy"
+
+        def __call__(self, gm, ctx):
+            node = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "square")
+            with gm.graph.inserting_before(node):
+                mul = gm.graph.call_function(torch.mul, (node.args[0], node.args[0]))
+            node.replace_all_uses_with(mul)
+            gm.graph.erase_node(node)
+
+    class Off(SquareToMul):
+        name = "off"
+
+        def enabled(self, options):
+            return options.remat == "full"
+
+    class Check(_Spy):
+        def __call__(self, gm, ctx):
+            self.seen.append([n.name for n in gm.graph.nodes if n.op.startswith("call") and "example_value" not in n.meta])
+
+    check = Check("check")
+    _train(_Stack(), torch.randn(4, 16), {**EAGER, "passes": [Lazy(), Off(), check]})
+    assert check.seen == [[]]
+    assert set(lowmem_compile.last_report().to_dict()["passes"]) == {"lazy", "check"}
+
+
 def test_pass_runs_before_a_named_builtin_pass():
     """`before="fused_loss"` sees the cross-entropy the fused-loss pass then replaces; a pass placed
     after every built-in one sees the fused op."""
@@ -364,6 +394,16 @@ def test_example_op_gradients_match_the_reference():
 
     for got, want in zip(grads(example.add_rmsnorm), grads(example.add_rmsnorm_reference)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake impl and autograd registration of the example's op and the test ops."""
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(3, 24, generator=g, requires_grad=True) for _ in range(2))
+    w = torch.randn(24, generator=g, requires_grad=True)
+    torch.library.opcheck(example.add_rmsnorm.default, (x, r, w, 1e-6))
+    for op in (COSTED, PLAIN):
+        torch.library.opcheck(op.default, (x,))
 
 
 def test_example_pass_on_a_tiny_llama_matches_eager():

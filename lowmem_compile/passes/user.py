@@ -133,6 +133,7 @@ def run(graph_pass: Any, gm: torch.fx.GraphModule, ctx: CompileContext) -> dict[
     if enabled is not None and not enabled(ctx.options):
         return None
     ctx.node = None
+    before = set(gm.graph.nodes)
     try:
         result = graph_pass(gm, ctx)
     except Exception as exc:
@@ -141,7 +142,7 @@ def run(graph_pass: Any, gm: torch.fx.GraphModule, ctx: CompileContext) -> dict[
                         graph_pass.name, node.name if node is not None else None) from exc
     finally:
         ctx.node = None
-    _check_graph(graph_pass, gm, ctx)
+    _check_graph(graph_pass, gm, ctx, before)
     return entry(graph_pass.name, result)
 
 
@@ -157,14 +158,15 @@ def entry(name: str, result: Any) -> dict[str, Any]:
                     "a dataclass instance, or None")
 
 
-def _check_graph(graph_pass: Any, gm: torch.fx.GraphModule, ctx: CompileContext) -> None:
-    """The graph lints and every call node has an example value (propagated here where missing)."""
+def _check_graph(graph_pass: Any, gm: torch.fx.GraphModule, ctx: CompileContext, before: set) -> None:
+    """The graph lints and every call node the pass inserted has an example value (propagated here
+    where missing)."""
     try:
         gm.graph.lint()
     except Exception as exc:
         raise PassError(f"lowmem pass {graph_pass.name!r} left an invalid graph: {exc}", graph_pass.name, None) from exc
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method") and "example_value" not in node.meta:
+        if node not in before and node.op in ("call_function", "call_method") and "example_value" not in node.meta:
             try:
                 ctx.propagate(node)
             except Exception as exc:
