@@ -1,6 +1,10 @@
 """Graph passes. Each file holds one pass: an object with a `name`, the report `section` it fills,
 `enabled(options)`, `uuid()` for compile caches, and `__call__(gm, ctx) -> stats`.
 
+`GraphPass` and `CompileContext` below are public (`lowmem_compile.GraphPass`, `.CompileContext`)
+and stable: passes from outside the package are written against them (docs/writing_a_pass.md) and
+run by `user.py`.
+
 The pre-autograd passes run, in the order of `backend.PRE_AUTOGRAD_PASSES`, on the FX graph that
 Dynamo captures (torch IR, before AOTAutograd); `remat.py` is the partition function that runs
 inside AOTAutograd on the joint forward/backward graph.
