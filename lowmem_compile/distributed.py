@@ -15,6 +15,7 @@ This module adds the bookkeeping around it:
 - :func:`sharding_stats`: what this rank holds of the NF4 weights, the trainable weights and the rest,
   sharded or replicated, and the largest unit FSDP2 gathers; filed in `last_report()` under
   `sharding`;
+- :func:`expected_sharding`: the same numbers for a rank count, from the unsharded model;
 - :func:`predicted_rank_peak`: a one-process predicted peak (`lowmem_compile.plan`) turned into the
   per-rank peak on `world_size` ranks: resident weights divided by the ranks, plus one gathered unit
   running and the next prefetched;
@@ -39,7 +40,7 @@ from .quantize import _SHARDED, NF4Linear
 from .report import STORE, ShardingStats
 
 __all__ = [
-    "decoder_layers", "fully_shard_layers_", "sharding_stats", "predicted_rank_peak",
+    "decoder_layers", "fully_shard_layers_", "sharding_stats", "expected_sharding", "predicted_rank_peak",
     "trainable_state_dict", "save_adapters", "ShardingStats",
 ]
 
@@ -132,6 +133,40 @@ def sharding_stats(model: nn.Module, record: bool = True) -> ShardingStats:
     return stats
 
 
+def expected_sharding(model: nn.Module, world_size: int, layers: Iterable[nn.Module] | None = None) -> ShardingStats:
+    """What :func:`fully_shard_layers_` would leave on rank 0 of `world_size` ranks, computed from an
+    unsharded model (one process, any device, the meta device too): every parameter sharded on dim 0
+    the way FSDP2 does it (rank 0 holds the first ceil(rows / world_size) rows), the decoder layers
+    as units, the root holding the rest; buffers replicated. For :func:`predicted_rank_peak` at 2, 4,
+    8 ranks before any of them exist."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    nf4_ids = {id(getattr(m, f"weight_{n}")) for m in model.modules() if isinstance(m, NF4Linear) for n in _SHARDED}
+    total = {"nf4": [0, 0], "trainable": [0, 0], "other": [0, 0]}
+    params = {id(p): p for p in model.parameters()}
+    for p in params.values():
+        kind = "nf4" if id(p) in nf4_ids else "trainable" if p.requires_grad else "other"
+        total[kind][0] += _nbytes(p)
+        if p.dim() == 0:
+            total[kind][1] += _nbytes(p)
+        else:
+            rows = -(-p.shape[0] // world_size)
+            total[kind][1] += min(rows, p.shape[0]) * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+    units = list(decoder_layers(model) if layers is None else layers)
+    unit_bytes = [sum(_nbytes(p) for p in {id(p): p for p in u.parameters()}.values()) for u in units]
+    everything = sum(_nbytes(p) for p in params.values())
+    return ShardingStats(
+        ranks=world_size, units=len(units) + 1,
+        nf4_bytes=total["nf4"][0], nf4_local_bytes=total["nf4"][1],
+        trainable_bytes=total["trainable"][0], trainable_local_bytes=total["trainable"][1],
+        other_bytes=total["other"][0], other_local_bytes=total["other"][1],
+        sharded_bytes=everything if world_size > 1 else 0,
+        replicated_bytes=sum(_nbytes(b) for b in {id(b): b for b in model.buffers()}.values()),
+        largest_unit_bytes=max(unit_bytes, default=0),
+        root_unit_bytes=everything - sum(unit_bytes),
+    )
+
+
 def predicted_rank_peak(one_process_peak: int, stats: ShardingStats, world_size: int | None = None,
                         prefetch: int = 1) -> int:
     """A rank's predicted peak on `world_size` ranks (default `stats.ranks`) from the peak a single
@@ -149,6 +184,8 @@ def predicted_rank_peak(one_process_peak: int, stats: ShardingStats, world_size:
     count, is sharded the same way: add `2 * 4 * trainable_bytes / world_size / element size` for
     AdamW in fp32 if it matters. This is an estimate on top of the planner's, not a plan."""
     world = stats.ranks if world_size is None else world_size
+    if world <= 1:
+        return int(one_process_peak)
     sharded = stats.sharded_bytes
     return int(one_process_peak - sharded + sharded / world + (1 + prefetch) * stats.largest_unit_bytes
                + stats.root_unit_bytes)

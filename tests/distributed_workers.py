@@ -124,6 +124,7 @@ def fsdp_worker(rank: int, world: int, out: str) -> dict:
     lowmem_compile.reset()
     model = build()
     whole = _nf4_state(model)
+    expected = ld.expected_sharding(model, world)
     ld.fully_shard_layers_(model)
     stats = ld.sharding_stats(model)
     params = dict(model.named_parameters())
@@ -152,7 +153,7 @@ def fsdp_worker(rank: int, world: int, out: str) -> dict:
         "grads": grads if rank == 0 else None, "frozen_grads": frozen_grads,
         "nf4_whole": {n: t.numel() for n, t in whole.items()}, "nf4_local": nf4_local,
         "trainable_local": trainable_local, "optimizer_state_local": state_local,
-        "gathered_equal": gathered_equal, "stats": stats,
+        "gathered_equal": gathered_equal, "stats": stats, "expected": expected,
         "report": lowmem_compile.last_report().to_dict(),
         "max_gathered_forward": _max_gathered(forward_events, ""),
         "max_gathered": _max_gathered(events, ""),

@@ -77,6 +77,11 @@ def test_fsdp_shards_the_nf4_bytes(fsdp):
     assert stats.trainable_local_bytes <= stats.trainable_bytes / 2 + 4 * 2 * 7 * 2 * 2
 
 
+def test_expected_sharding_is_what_fully_shard_leaves(fsdp):
+    # computed on the unsharded model for 2 ranks, against what rank 0 holds once fully_shard ran
+    assert fsdp[0]["expected"] == fsdp[0]["stats"]
+
+
 def test_fsdp_gathers_a_layer_at_a_time(fsdp):
     r = fsdp[0]
     layers = [u for u in r["units"] if u]
@@ -154,3 +159,26 @@ def test_predicted_rank_peak_divides_the_sharded_bytes():
     assert two == one - 35 * gib + 35 * gib // 2 + gib
     assert four < two < one
     assert predicted_rank_peak(one, stats, 2, prefetch=0) == two - gib // 2
+    assert predicted_rank_peak(one, stats, 1) == one
+
+
+def test_expected_sharding_of_a_model_on_the_meta_device():
+    import transformers
+
+    from lowmem_compile.distributed import expected_sharding, predicted_rank_peak
+    from tests.models import tiny_config
+
+    config = tiny_config("llama", num_hidden_layers=4, hidden_size=128, intermediate_size=384, head_dim=32)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config).requires_grad_(False)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    peaks = []
+    for world in (1, 2, 4, 8):
+        s = expected_sharding(model, world)
+        assert s.units == 5 and s.largest_unit_bytes == layer and s.root_unit_bytes == total - 4 * layer
+        # rank 0's rows: ceil(rows / world) of every parameter, so at least 1/world of the bytes
+        assert total / world <= s.other_local_bytes <= total / world + sum(
+            p[0].numel() * p.element_size() for p in model.parameters()) and s.other_bytes == total
+        peaks.append(predicted_rank_peak(10 * total, s, world))
+    assert peaks[0] == 10 * total and peaks[1] > peaks[2] > peaks[3]
