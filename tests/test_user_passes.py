@@ -437,3 +437,30 @@ def test_bench_names_a_user_pass_by_import_string():
     bad = e2e.parse_args(["--device", "cpu", "--lowmem", 'lowmem_bad={"passes": ["nowhere_xyz:P"]}'])
     with pytest.raises(SystemExit, match="cannot import"):
         e2e.lowmem_variants(bad)
+
+
+class _Versioned(SquareToMul):
+    """A pass with a setting, which its uuid includes (as docs/writing_a_pass.md asks)."""
+
+    def __init__(self, version):
+        self.version = version
+
+    def uuid(self):
+        return super().uuid() + f"|{self.version}"
+
+
+@pytest.mark.slow
+def test_aot_cache_hits_for_the_same_pass_and_misses_after_an_edit(tmp_path):
+    """Inductor on the CPU with AOTAutograd's cache on: the same pass again is a hit, a pass whose
+    uuid changed is a miss (and its graph compiles with the new pass)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    x = torch.randn(4, 16)
+    with fresh_cache(dir=str(tmp_path)), torch._functorch.config.patch(enable_autograd_cache=True):
+        counters.clear()
+        for version, hits, misses in ((1, 0, 1), (1, 1, 1), (2, 1, 2)):
+            lowmem_compile.reset()
+            _train(_Stack(), x, {"passes": [_Versioned(version)], "layers": "off"})
+            assert (counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]) == (hits, misses)
+            assert lowmem_compile.last_report().to_dict()["passes"]["square_to_mul"]["rewritten"] == 2
