@@ -213,7 +213,7 @@ def test_a_pass_returning_junk_or_a_broken_graph_is_named():
         def __call__(self, gm, ctx):
             return 3
 
-    with pytest.raises(Exception, match="pass 'junk' returned int"):
+    with pytest.raises(Exception, match="PassError: lowmem pass 'junk' returned int"):
         _train(_Stack(), torch.randn(4, 16), {**EAGER, "passes": [Junk()]})
 
     class Breaker(lowmem_compile.GraphPass):
@@ -224,7 +224,7 @@ def test_a_pass_returning_junk_or_a_broken_graph_is_named():
             with gm.graph.inserting_before(node):
                 gm.graph.call_function(torch.matmul, (node.args[0], node.args[0]))  # [4, 32] @ [4, 32]
 
-    with pytest.raises(Exception, match="pass 'breaker' inserted node matmul.*example_value"):
+    with pytest.raises(Exception, match="PassError: lowmem pass 'breaker' inserted node matmul.*example_value"):
         _train(_Stack(), torch.randn(4, 16), {**EAGER, "passes": [Breaker()]})
 
 

@@ -154,8 +154,8 @@ def entry(name: str, result: Any) -> dict[str, Any]:
         return dataclasses.asdict(result)
     if isinstance(result, dict) and all(isinstance(k, str) for k in result):
         return dict(result)
-    raise TypeError(f"lowmem pass {name!r} returned {type(result).__name__}; return a dict with str keys, "
-                    "a dataclass instance, or None")
+    raise PassError(f"lowmem pass {name!r} returned {type(result).__name__}; return a dict with str keys, "
+                    "a dataclass instance, or None", name, None)
 
 
 def _check_graph(graph_pass: Any, gm: torch.fx.GraphModule, ctx: CompileContext, before: set) -> None:
