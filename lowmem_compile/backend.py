@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import sympy
 import torch
 from torch._dynamo.utils import counters
 
-from .cost.layered import LayerContext
-from .cost.sizes import tensor_bytes
+from .cost.layered import LayerContext, LayerExprs
+from .cost.sizes import sym_bytes, tensor_bytes
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
@@ -146,7 +147,7 @@ def _compile_layers(
     calls = sum(len(group) for group in bodies.values())
     returned = _returned_values(split)
 
-    def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematStats]:
+    def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematPartitioner]:
         sub = split.submodule(region)
         single = _outputs_as_tuple(sub)
         inputs = [_example_value(p, outer_inputs) for p in sub.graph.find_nodes(op="placeholder")]
@@ -161,23 +162,29 @@ def _compile_layers(
             if section == "remat":
                 stats = dataclasses.replace(stats, notes=[f"{where}: {note}" for note in stats.notes])
             graph_report.add(section, stats)
-        region_stats = region_report.stats.get("remat", RematStats())
         if compiled is not None:
             requires_grad = [i for i in region.carried if getattr(inputs[i], "requires_grad", False)]
             no_grad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
             split.outer.register_module(region.name, _CompiledRegion(compiled, single, requires_grad, no_grad))
-        return compiled, region_stats
+        return compiled, partitioner
 
-    resident = _device_bytes(outer_inputs.values(), on_device)
-    tail_extra = 0
+    outer_values = [_example_value(p, outer_inputs) for p in split.outer.graph.find_nodes(op="placeholder")]
+    resident = _device_bytes(outer_values, on_device)
+    resident_expr = _device_bytes(outer_values, on_device, symbolic=True)  # Dynamo's fake values carry the symbols
+    tail_extra, tail_exprs = 0, ()
     for region in split.regions:
         if region.kind != "layer":
             placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
             inputs = [_example_value(p, outer_inputs) for p in placeholders]
             from_layers = [x for p, x in zip(placeholders, inputs) if p.name not in outer_inputs]
-            _, stats = compile_region(region)
+            _, partitioner = compile_region(region)
+            stats = partitioner.report.stats.get("remat", RematStats())
             if region.kind == "tail" and stats.predicted_peak_bytes is not None:
+                # the tail's peak above what the step holds anyway: its own inputs from outside the layers
                 tail_extra = stats.predicted_peak_bytes - _device_bytes(inputs, on_device) + _device_bytes(from_layers, on_device)
+                if partitioner.symbolic_memory is not None:
+                    own = _device_bytes(inputs, on_device, symbolic=True) - _device_bytes(from_layers, on_device, symbolic=True)
+                    tail_exprs = tuple(e - own for e in partitioner.symbolic_memory.peak_exprs)
     first_body = True
     for key, group in bodies.items():
         representative = max(group, key=lambda r: _carried_requires_grad(split, r, outer_inputs))
@@ -190,7 +197,17 @@ def _compile_layers(
                   if p.name not in outer_inputs and i not in representative.carried]
         if first_body:
             resident += _device_bytes(shared, on_device)
+            resident_expr += _device_bytes(shared, on_device, symbolic=True)
             first_body = False
+        exprs = None
+        if any(isinstance(d, torch.SymInt) for x in inputs if isinstance(x, torch.Tensor) for d in x.shape):
+            exprs = LayerExprs(
+                resident=resident_expr,
+                body_inputs=_device_bytes(own, on_device, symbolic=True),
+                carried=_device_bytes(carried, on_device, symbolic=True),
+                held=_device_bytes(returned.get(representative.name, []), on_device, symbolic=True),
+                tail=tail_exprs,
+            )
         context = LayerContext(
             calls=calls,
             resident=resident,
@@ -199,6 +216,7 @@ def _compile_layers(
             grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
             tail=tail_extra,
             held=_device_bytes(returned.get(representative.name, []), on_device),
+            exprs=exprs,
         )
         log.info("layers: compiling the body of %s for %d calls", representative.layer, len(group))
         compiled, _ = compile_region(representative, context)
@@ -293,11 +311,14 @@ def _carried_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapp
     return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.carried)
 
 
-def _device_bytes(values: Any, on_device: bool) -> int:
+def _device_bytes(values: Any, on_device: bool, symbolic: bool = False) -> Any:
     """Bytes of the tensors in `values` that a step on a device holds there (the cost model leaves
-    host-memory inputs, such as an embedding table in host memory, out)."""
-    return sum(tensor_bytes(x) for x in values
-               if isinstance(x, torch.Tensor) and not (on_device and x.device.type == "cpu"))
+    host-memory inputs, such as an embedding table in host memory, out); with `symbolic`, as an
+    expression in the shape symbols."""
+    held = [x for x in values if isinstance(x, torch.Tensor) and not (on_device and x.device.type == "cpu")]
+    if symbolic:
+        return sum((sym_bytes(x) for x in held), sympy.Integer(0))
+    return sum(tensor_bytes(x) for x in held)
 
 
 def _cudagraph_stats(new_skips: int) -> CudaGraphStats:

@@ -46,9 +46,7 @@ def test_plan_raises_what_is_not_its_own():
     "fused_loss, layers",
     [
         ("off", "off"),
-        pytest.param("off", "auto", marks=pytest.mark.xfail(strict=True, reason=(
-            "per-layer compile (layers='auto', ea45c76): the dynamic plan answers 137 tokens for the "
-            "budget of the static plan's peak at 100 (layers='off' answers 100)"))),
+        ("off", "auto"),
         pytest.param("on", "off", marks=pytest.mark.xfail(strict=True, raises=Exception, reason=(
             "the fused loss's chunk is sym_min(chunk_tokens, tokens): its Min(...) in the peak "
             "expressions makes cost.liveness.longest_fitting raise sympy's PolynomialError"))),

@@ -30,6 +30,18 @@ from .liveness import StepMemory
 
 
 @dataclass(frozen=True)
+class LayerExprs:
+    """`LayerContext`'s byte counts as expressions in the shape symbols (a dynamic sequence length),
+    for the longest sequence a budget holds: the tail's at each of its steps, above what is resident."""
+
+    resident: sympy.Expr
+    body_inputs: sympy.Expr
+    carried: sympy.Expr
+    held: sympy.Expr
+    tail: tuple[sympy.Expr, ...] = ()
+
+
+@dataclass(frozen=True)
 class LayerContext:
     """What the planner of one layer body needs to know about the step around it."""
 
@@ -48,6 +60,8 @@ class LayerContext:
     """The tail's peak above `resident`: its carried input (the last layer's output) and working set."""
     held: int = 0
     """Bytes of one call's outputs that the step returns (a K/V cache): the caller holds them all."""
+    exprs: LayerExprs | None = None
+    """The same, symbolically, when the step's shapes are."""
 
     def kept(self, memory: StepMemory, carried_on_device: bool = True) -> int:
         """Bytes one call keeps from its forward to its backward."""
@@ -66,9 +80,17 @@ class LayerContext:
         tail = self.resident + self.calls * kept + self.tail + held
         return max(last_layer, first_layer, tail)
 
-    def step_exprs(self, memory: StepMemory, carried_expr: sympy.Expr, carried_on_device: bool = True) -> list[sympy.Expr]:
-        """`step_peak` of the last layer's backward at every step of the body's walk, as expressions
-        in the symbolic sizes (the resident weights taken at the example's size): for `longest_fitting`."""
-        kept = (memory.saved_expr or sympy.Integer(0)) + (carried_expr if carried_on_device else 0)
-        others = self.resident - self.body_inputs + self.calls * self.held
-        return [others + (self.calls - 1) * kept + e for e in memory.peak_exprs]
+    def step_exprs(self, memory: StepMemory, carried_on_device: bool = True, parked: int = 0) -> list[sympy.Expr]:
+        """`step_peak`'s three terms at every step of the body's and the tail's walks, as expressions
+        in the shape symbols (`memory` simulated symbolically): for `liveness.longest_fitting`.
+        (`parked` at the example's size.)"""
+        x = self.exprs
+        if x is None:
+            raise ValueError("step_exprs needs the context's expressions (a step with symbolic shapes)")
+        kept = (memory.saved_expr or sympy.Integer(0)) + (x.carried if carried_on_device else 0)
+        others = x.resident - x.body_inputs + self.calls * x.held
+        body = memory.peak_exprs_outputs_freed()
+        last_layer = [others + (self.calls - 1) * kept + e + parked for e in body]
+        first_layer = [others + (self.calls - 1) * self.grads + e for e in body]
+        tail = [x.resident + self.calls * (x.held + kept) + t for t in x.tail]
+        return last_layer + first_layer + tail

@@ -48,6 +48,14 @@ class StepMemory:
     """The storages live (above resident) at the peak step, largest first: what to shrink."""
     held: int = 0
     """Bytes of the user outputs (logits, ...) counted as held by the caller through the backward."""
+    held_expr: sympy.Expr = sympy.Integer(0)
+    forward_steps: int = 0
+    """How many of `peak_exprs` are the forward's (the rest are the backward's, with `held_expr` in them)."""
+
+    def peak_exprs_outputs_freed(self) -> list[sympy.Expr]:
+        """`peak_exprs` with the outputs freed before the backward (see `peak_outputs_freed`)."""
+        fw, bw = self.peak_exprs[: self.forward_steps], self.peak_exprs[self.forward_steps :]
+        return fw + [e - self.held_expr for e in bw]
 
     @property
     def peak(self) -> int:
@@ -272,6 +280,7 @@ def simulate_step(
     fw_peak, fw_live = _run(
         fw.graph, sizes, fused=fused, preallocated={}, keep=user_roots | saved_roots, exprs=exprs, base_expr=resident_expr
     )
+    forward_steps = len(exprs or [])
 
     # Backward: saved values arrive as placeholders named like their forward nodes.
     held = {r: sizes.of(tensor_val(r)) for r in user_roots}
@@ -321,6 +330,8 @@ def simulate_step(
         saved_expr=sum((s[1] for s in saved), sympy.Integer(0)) if symbolic else None,
         peak_values=peak_values,
         held=held_int,
+        held_expr=held_expr,
+        forward_steps=forward_steps,
     )
 
 

@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import sympy
 import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -477,6 +476,9 @@ class RematPartitioner(CustomPartitionerFn):
         self.record: Path | None = None
         self.plans: list[Plan] = []
         """The chosen plan of every joint graph partitioned, for inspection and tests."""
+        self.symbolic_memory: StepMemory | None = None
+        """The chosen plan simulated with symbolic sizes, when a budget asked for the longest sequence:
+        a layered compile builds the bodies' step expressions from the tail's (`cost/layered.py`)."""
 
     def budget(self, device: torch.device) -> tuple[int | None, str]:
         """The peak to fit, in bytes, and where it comes from."""
@@ -569,11 +571,10 @@ class RematPartitioner(CustomPartitionerFn):
         if budget is None:
             return None
         memory = simulate_step(plan.fw, plan.bw, plan.num_fwd_outputs, fused=self.options.inner == "inductor", symbolic=True)
+        self.symbolic_memory = memory
         exprs = memory.peak_exprs
-        if self.context is not None:
-            carried = [p for p in plan.fw.graph.find_nodes(op="placeholder") if p.name in self.carried]
-            carried_expr = sum((sizes.sym_bytes(tensor_val(p)) for p in carried if tensor_val(p) is not None), sympy.Integer(0))
-            exprs = self.context.step_exprs(memory, carried_expr)
+        if self.context is not None and self.context.exprs is not None:
+            exprs = self.context.step_exprs(memory, not plan.carried_offloaded, plan.offloaded_bytes)
         answer = longest_fitting(exprs, budget, shape_hints(plan.fw))
         if answer is None:
             return None
