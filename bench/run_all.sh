@@ -18,6 +18,7 @@
 #                                                   # Unsloth; lean at 32 and 8 layers
 #   bash bench/run_all.sh layers_long               # lean at 131072 tokens, 32 layers; Llama-3-70B shape from the meta
 #                                                   # device, lean at 8192
+#   bash bench/run_all.sh layers_all                # both of the above in one window (70B on cards over 100 GiB)
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -46,7 +47,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers8192 layers_long recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers8192 layers_long layers_all recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -123,6 +124,20 @@ stage() {
       timeout 540 python3 bench/prepare_memory.py --model llama3-70b --source meta --steps 3 --seq 8192 \
         --options '{"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto"}' --out "$out/70b.json" > "$out/70b.log" 2>&1 &
       wait; rows "$out"/a/e2e.md; tail -4 "$out/70b.log" ;;
+    layers_all)  # layers8192 and layers_long in one window (what an H200's memory holds at once; on a smaller
+      # card the 70B run is left out)
+      timeout 120 python3 -m pytest -q -m gpu tests/test_layers.py -p no:cacheprovider > "$out/pytest_layers.log" 2>&1
+      tail -1 "$out/pytest_layers.log"
+      e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/a" > "$out/a.log" 2>&1 &
+      e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
+      e2e --seqs 8192 --configs lowmem_lean --out "$out/c" > "$out/c.log" 2>&1 &
+      e2e --seqs 8192 --layers 8 --configs lowmem_lean --out "$out/d" > "$out/d.log" 2>&1 &
+      e2e --seqs 131072 --warmup 1 --steps 1 --configs lowmem_lean --out "$out/e" > "$out/e.log" 2>&1 &
+      if [ "$(python3 -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)')" -gt 100 ]; then
+        timeout 420 python3 bench/prepare_memory.py --model llama3-70b --source meta --steps 3 --seq 8192 \
+          --options '{"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto"}' --out "$out/70b.json" > "$out/70b.log" 2>&1 &
+      fi
+      wait; rows "$out"/?/e2e.md; tail -4 "$out/70b.log" 2>/dev/null ;;
     recompile8192)  # right after e2e8192 on the same machine: the lean budget row again, its compile from the caches
       e2e --seqs 8192 --warmup 1 --steps 2 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "compiled in\|served from" "$out"/e2e.log ;;
