@@ -163,7 +163,7 @@ def _compile_layers(
                 stats = dataclasses.replace(stats, notes=[f"{where}: {note}" for note in stats.notes])
             graph_report.add(section, stats)
         if compiled is not None:
-            requires_grad = [i for i in region.carried if getattr(inputs[i], "requires_grad", False)]
+            requires_grad = [i for i in region.computed if getattr(inputs[i], "requires_grad", False)]
             no_grad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
             split.outer.register_module(region.name, _CompiledRegion(compiled, single, requires_grad, no_grad))
         return compiled, partitioner
@@ -187,7 +187,7 @@ def _compile_layers(
                     tail_exprs = tuple(e - own for e in partitioner.symbolic_memory.peak_exprs)
     first_body = True
     for key, group in bodies.items():
-        representative = max(group, key=lambda r: _carried_requires_grad(split, r, outer_inputs))
+        representative = max(group, key=lambda r: _computed_requires_grad(split, r, outer_inputs))
         sub = split.submodule(representative)
         placeholders = sub.graph.find_nodes(op="placeholder")
         inputs = [_example_value(p, outer_inputs) for p in placeholders]
@@ -304,11 +304,11 @@ def _example_value(placeholder: torch.fx.Node, outer_inputs: Mapping[str, Any]) 
     return value if value is not None else outer_inputs.get(placeholder.name)
 
 
-def _carried_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapping[str, Any]) -> int:
-    """How many of the region's carried inputs require grad: a body compiles for the layer with the
+def _computed_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapping[str, Any]) -> int:
+    """How many of the region's computed inputs require grad: a body compiles for the layer with the
     most (the first layer's input, from a frozen embedding, requires none)."""
     placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
-    return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.carried)
+    return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.computed)
 
 
 def _device_bytes(values: Any, on_device: bool, symbolic: bool = False) -> Any:

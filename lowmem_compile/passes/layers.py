@@ -54,6 +54,8 @@ class Region:
     """The body signature (layers only): regions with equal keys share one compiled body."""
     carried: list[int] = dataclasses.field(default_factory=list)
     """Positions of the inputs that belong to this call alone (:func:`carried_inputs`)."""
+    computed: list[int] = dataclasses.field(default_factory=list)
+    """Positions of the inputs another region computed (not the step's own inputs, such as weights)."""
 
 
 @dataclasses.dataclass
@@ -103,10 +105,13 @@ def split_layers(gm: torch.fx.GraphModule) -> LayerSplit:
     regions = [Region(name=f"submod_{i}", kind=kind, layer=layer) for i, (kind, layer) in enumerate(kinds)]
     regions = [r for r in regions if hasattr(outer, r.name)]  # split_module drops empty partitions
     split = LayerSplit(outer=outer, regions=regions)
+    step_inputs = {p.name for p in outer.graph.find_nodes(op="placeholder")}
     for region in regions:
         if region.kind == "layer":
+            placeholders = getattr(outer, region.name).graph.find_nodes(op="placeholder")
             region.carried = carried_inputs(split, region)
-            region.key = body_key(getattr(outer, region.name), region.carried)
+            region.computed = [i for i, p in enumerate(placeholders) if p.name not in step_inputs]
+            region.key = body_key(getattr(outer, region.name), region.computed)
     if all(len(group) == 1 for group in split.bodies().values()):
         raise NotOutlined(f"none of the {len(seen)} layers has the same graph as another (nothing to reuse)")
     return split
@@ -129,19 +134,20 @@ def _assign_layers(nodes: list[torch.fx.Node]) -> list[str | None]:
     return layers
 
 
-def body_key(gm: torch.fx.GraphModule, carried: list[int]) -> str:
+def body_key(gm: torch.fx.GraphModule, computed: list[int]) -> str:
     """A digest of the graph up to node names and module paths: equal for two layers that differ
-    only in which weights they are given. A carried input counts as requiring grad either way: the
-    first layer's input (a frozen embedding's rows) does not, the others' do, and the body compiled
-    for the others serves the first too (its call makes the input require grad; the extra input
-    gradient costs a fraction of one layer's backward, where a body of its own would cost a compile)."""
+    only in which weights they are given. An input another region computed counts as requiring
+    grad either way: the first layer's hidden state (a frozen embedding's rows) does not, the
+    others' do, and the body compiled for the others serves the first too (its call makes the input
+    require grad; the extra input gradient costs a fraction of one layer's backward, where a body of
+    its own would cost a compile). The weights' `requires_grad` (LoRA or frozen) stays in the key."""
     index: dict[torch.fx.Node, int] = {}
     parts = []
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
             signature = _value_signature(node.meta.get("example_value", node.meta.get("val")))
-            if i in carried and signature[0] == "tensor":
+            if i in computed and signature[0] == "tensor":
                 signature = signature[:5] + (True,) + signature[6:]
             parts.append(("input", signature))
             continue
