@@ -27,7 +27,7 @@ from .passes import user as user_passes
 from .passes.attention import AttentionPass
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
-from .passes.layers import LayerSplit, NotOutlined, Region, split_layers
+from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, held_note, recorded_stats
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
@@ -141,7 +141,7 @@ def _compile_layers(
     from torch._guards import TracingContext, tracing
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    outer_inputs = {p.name: x for p, x in zip(split.outer.graph.find_nodes(op="placeholder"), example_inputs)}
+    outer_inputs = {p.name: x for p, x in zip(placeholders_of(split.outer), example_inputs)}
     on_device = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
     bodies = split.bodies()
     calls = sum(len(group) for group in bodies.values())
@@ -150,7 +150,7 @@ def _compile_layers(
     def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematPartitioner]:
         sub = split.submodule(region)
         single = _outputs_as_tuple(sub)
-        inputs = [_example_value(p, outer_inputs) for p in sub.graph.find_nodes(op="placeholder")]
+        inputs = [_example_value(p, outer_inputs) for p in placeholders_of(sub)]
         region_report = GraphReport(index=graph_report.index, nodes=len(sub.graph.nodes))
         # outside the layers nothing is parked: the tail's backward runs first, the prefix's last
         region_opts = opts if region.kind == "layer" else dataclasses.replace(opts, offload="off")
@@ -168,13 +168,13 @@ def _compile_layers(
             split.outer.register_module(region.name, _CompiledRegion(compiled, single, requires_grad, no_grad))
         return compiled, partitioner
 
-    outer_values = [_example_value(p, outer_inputs) for p in split.outer.graph.find_nodes(op="placeholder")]
+    outer_values = [_example_value(p, outer_inputs) for p in placeholders_of(split.outer)]
     resident = _device_bytes(outer_values, on_device)
     resident_expr = _device_bytes(outer_values, on_device, symbolic=True)  # Dynamo's fake values carry the symbols
     tail_extra, tail_exprs = 0, ()
     for region in split.regions:
         if region.kind != "layer":
-            placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
+            placeholders = placeholders_of(split.submodule(region))
             inputs = [_example_value(p, outer_inputs) for p in placeholders]
             from_layers = [x for p, x in zip(placeholders, inputs) if p.name not in outer_inputs]
             _, partitioner = compile_region(region)
@@ -189,7 +189,7 @@ def _compile_layers(
     for key, group in bodies.items():
         representative = max(group, key=lambda r: _computed_requires_grad(split, r, outer_inputs))
         sub = split.submodule(representative)
-        placeholders = sub.graph.find_nodes(op="placeholder")
+        placeholders = placeholders_of(sub)
         inputs = [_example_value(p, outer_inputs) for p in placeholders]
         carried = [x for i, x in enumerate(inputs) if i in representative.carried]
         own = [x for i, x in enumerate(inputs) if i not in representative.carried]
@@ -307,7 +307,7 @@ def _example_value(placeholder: torch.fx.Node, outer_inputs: Mapping[str, Any]) 
 def _computed_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapping[str, Any]) -> int:
     """How many of the region's computed inputs require grad: a body compiles for the layer with the
     most (the first layer's input, from a frozen embedding, requires none)."""
-    placeholders = split.submodule(region).graph.find_nodes(op="placeholder")
+    placeholders = placeholders_of(split.submodule(region))
     return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.computed)
 
 

@@ -105,10 +105,10 @@ def split_layers(gm: torch.fx.GraphModule) -> LayerSplit:
     regions = [Region(name=f"submod_{i}", kind=kind, layer=layer) for i, (kind, layer) in enumerate(kinds)]
     regions = [r for r in regions if hasattr(outer, r.name)]  # split_module drops empty partitions
     split = LayerSplit(outer=outer, regions=regions)
-    step_inputs = {p.name for p in outer.graph.find_nodes(op="placeholder")}
+    step_inputs = {p.name for p in placeholders_of(outer)}
     for region in regions:
         if region.kind == "layer":
-            placeholders = getattr(outer, region.name).graph.find_nodes(op="placeholder")
+            placeholders = placeholders_of(getattr(outer, region.name))
             region.carried = carried_inputs(split, region)
             region.computed = [i for i, p in enumerate(placeholders) if p.name not in step_inputs]
             region.key = body_key(getattr(outer, region.name), region.computed)
@@ -132,6 +132,13 @@ def _assign_layers(nodes: list[torch.fx.Node]) -> list[str | None]:
                 layers[j] = layer
         pending, previous = [], layer
     return layers
+
+
+def placeholders_of(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The inputs of `gm` in the order its code takes them. Not `graph.find_nodes(op="placeholder")`:
+    that lists them in the order they were created, and `split_module` creates a region's inputs
+    in one order and then moves them into the original graph's (seen on CUDA, not on the CPU)."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 def body_key(gm: torch.fx.GraphModule, computed: list[int]) -> str:
