@@ -14,11 +14,8 @@
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
 #                                                   # at 6.3 GiB, in 2 at 6.8 GiB, kv4 at 6.3 GiB), Unsloth
 #   bash bench/run_all.sh e2e8192c8                 # the headline row beside the same with the MLP in 8 pieces
-#   bash bench/run_all.sh layers8192                # per-layer compile: lean under a budget (cold first step) beside
-#                                                   # Unsloth; lean at 32 and 8 layers
-#   bash bench/run_all.sh layers_long               # lean at 131072 tokens, 32 layers; Llama-3-70B shape from the meta
-#                                                   # device, lean at 8192
-#   bash bench/run_all.sh layers_all                # both of the above in one window (70B on cards over 100 GiB)
+#   bash bench/run_all.sh layers_all                # per-layer compile, cold: lean under a budget beside Unsloth at
+#                                                   # 8192; lean at 32 and 8 layers; lean at 131072; 70B from meta
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -47,7 +44,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers8192 layers_long layers_all recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers_all recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -108,24 +105,11 @@ stage() {
         --seq 2048 --steps 20 --out "$out" --configs eager,lowmem_bnb,lowmem_bnb_nf4off \
         --lowmem 'lowmem_bnb={}' --lowmem 'lowmem_bnb_nf4off={"nf4":"off"}' > "$out/trajectory.log" 2>&1
       tail -8 "$out/trajectory.log" ;;
-    layers8192)  # each distinct layer compiled once (the default since 2026-12-07): the headline lean row cold
-      # (time to first step) beside Unsloth, and the lean options at 32 and at 8 layers (first step against depth)
-      timeout 120 python3 -m pytest -q -m gpu tests/test_layers.py -p no:cacheprovider > "$out/pytest_layers.log" 2>&1
-      tail -1 "$out/pytest_layers.log"
-      e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/a" > "$out/a.log" 2>&1 &
-      e2e --seqs 8192 --configs unsloth --out "$out/b" > "$out/b.log" 2>&1 &
-      e2e --seqs 8192 --configs lowmem_lean --out "$out/c" > "$out/c.log" 2>&1 &
-      e2e --seqs 8192 --layers 8 --configs lowmem_lean --out "$out/d" > "$out/d.log" 2>&1 &
-      wait; rows "$out"/a/e2e.md "$out"/b/e2e.md "$out"/c/e2e.md "$out"/d/e2e.md ;;
-    layers_long)  # per-layer compile at the long end: the lean setup at 131072 tokens, 32 layers (compile and
-      # steps in one window), beside a Llama-3-70B shape prepared from the meta device (no 16-bit copy)
-      # and trained at 8192 tokens with the lean options
-      e2e --seqs 131072 --warmup 1 --steps 2 --configs lowmem_lean --out "$out/a" > "$out/a.log" 2>&1 &
-      timeout 540 python3 bench/prepare_memory.py --model llama3-70b --source meta --steps 3 --seq 8192 \
-        --options '{"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto"}' --out "$out/70b.json" > "$out/70b.log" 2>&1 &
-      wait; rows "$out"/a/e2e.md; tail -4 "$out/70b.log" ;;
-    layers_all)  # layers8192 and layers_long in one window (what an H200's memory holds at once; on a smaller
-      # card the 70B run is left out)
+    layers_all)  # each distinct layer compiled once (the default since 2026-12-07), cold: the headline lean row
+      # (time to first step) beside Unsloth; the lean options at 32 and at 8 layers (first step against depth);
+      # lean at 131072 tokens, 32 layers; a Llama-3-70B shape prepared from the meta device (no 16-bit
+      # copy) at 8192 tokens, on cards of over 100 GiB. The first steps run unlocked: a 131072-token
+      # first step slows the others' timed steps (bench/results/layers/2026-12-07T13/)
       timeout 120 python3 -m pytest -q -m gpu tests/test_layers.py -p no:cacheprovider > "$out/pytest_layers.log" 2>&1
       tail -1 "$out/pytest_layers.log"
       e2e --seqs 8192 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out/a" > "$out/a.log" 2>&1 &
