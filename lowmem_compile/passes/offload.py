@@ -11,6 +11,8 @@ the last layer's first node), contiguous, of at least `MIN_BYTES`, owning their 
 storage the backward also gets through a view, would stay on the device anyway). The last layer's values are read
 first by the backward, so parking them would only add a round trip; small ones are not worth a copy.
 Under `remat="full"` those are the layer inputs: at 8192 tokens of Llama-3-8B, 64 MiB a layer.
+A layer body compiled once for every layer (`passes/layers.py`) parks all it saves, its hidden-state
+input included, in every call: the last layer runs the same code.
 
 Prefetch: each copy back starts (`prefetch`) as late as it can and still be done when its value
 is first read, on the time model's clock for the backward's nodes with `PREFETCH_SLACK` to spare,
