@@ -158,3 +158,30 @@ def test_layers_on_cuda_match_the_whole_graph():
     assert abs(split[0].item() - whole[0].item()) <= 1e-2 * abs(whole[0].item())
     for name, grad in whole[1].items():
         assert rel_err(split[1][name], grad) < 3e-2, name
+
+
+def test_a_second_compile_of_the_bodies_comes_from_aotautograds_cache(tmp_path):
+    """Compiled again (a new process would do the same), every region of the per-layer compile is an
+    AOTAutograd cache hit: no trace, no partition; the report still has the plan (recorded by the
+    first compile) and the step the same loss."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    def step():
+        lowmem_compile.reset()
+        torch.manual_seed(0)
+        model = tiny_model("llama", num_hidden_layers=4)
+        out = torch.compile(model, backend="lowmem", options={"remat": "full", "attention": "kv16"})(**batch())
+        out.loss.backward()
+        return out.loss.item(), lowmem_compile.last_report().to_dict()
+
+    with fresh_cache(dir=str(tmp_path)), torch._functorch.config.patch(enable_autograd_cache=True):
+        counters.clear()
+        first_loss, first = step()
+        saved = counters["aot_autograd"]["autograd_cache_saved"]
+        assert saved >= 2 and counters["aot_autograd"].get("autograd_cache_hit", 0) == 0  # the tail and the body
+        second_loss, second = step()
+        assert counters["aot_autograd"]["autograd_cache_hit"] == saved
+    assert first["layers"]["bodies"] == second["layers"]["bodies"] == 1
+    assert second["remat"]["predicted_peak_bytes"] == first["remat"]["predicted_peak_bytes"] > 0
+    assert second_loss == first_loss
