@@ -147,10 +147,15 @@ def _compile_layers(
     calls = sum(len(group) for group in bodies.values())
     returned = _returned_values(split)
 
+    def inputs_of(region: Region) -> tuple[list[torch.fx.Node], list[Any]]:
+        """A region's input nodes and their example values, in the order its code takes them."""
+        placeholders = placeholders_of(split.submodule(region))
+        return placeholders, [_example_value(p, outer_inputs) for p in placeholders]
+
     def compile_region(region: Region, context: LayerContext | None = None) -> tuple[Callable[..., Any] | None, RematPartitioner]:
         sub = split.submodule(region)
         single = _outputs_as_tuple(sub)
-        inputs = [_example_value(p, outer_inputs) for p in placeholders_of(sub)]
+        _, inputs = inputs_of(region)
         region_report = GraphReport(index=graph_report.index, nodes=len(sub.graph.nodes))
         # outside the layers nothing is parked: the tail's backward runs first, the prefix's last
         region_opts = opts if region.kind == "layer" else dataclasses.replace(opts, offload="off")
@@ -174,8 +179,7 @@ def _compile_layers(
     tail_extra, tail_exprs = 0, ()
     for region in split.regions:
         if region.kind != "layer":
-            placeholders = placeholders_of(split.submodule(region))
-            inputs = [_example_value(p, outer_inputs) for p in placeholders]
+            placeholders, inputs = inputs_of(region)
             from_layers = [x for p, x in zip(placeholders, inputs) if p.name not in outer_inputs]
             _, partitioner = compile_region(region)
             stats = partitioner.report.stats.get("remat", RematStats())
@@ -186,11 +190,12 @@ def _compile_layers(
                     own = _device_bytes(inputs, on_device, symbolic=True) - _device_bytes(from_layers, on_device, symbolic=True)
                     tail_exprs = tuple(e - own for e in partitioner.symbolic_memory.peak_exprs)
     first_body = True
-    for key, group in bodies.items():
-        representative = max(group, key=lambda r: _computed_requires_grad(split, r, outer_inputs))
-        sub = split.submodule(representative)
-        placeholders = placeholders_of(sub)
-        inputs = [_example_value(p, outer_inputs) for p in placeholders]
+    for group in bodies.values():
+        # a body compiles for the layer whose computed inputs require grad the most (the first
+        # layer's input, from a frozen embedding, requires none)
+        representative = max(group, key=lambda r: sum(bool(getattr(inputs_of(r)[1][i], "requires_grad", False))
+                                                        for i in r.computed))
+        placeholders, inputs = inputs_of(representative)
         carried = [x for i, x in enumerate(inputs) if i in representative.carried]
         own = [x for i, x in enumerate(inputs) if i not in representative.carried]
         shared = [x for i, (p, x) in enumerate(zip(placeholders, inputs))
@@ -302,13 +307,6 @@ def _example_value(placeholder: torch.fx.Node, outer_inputs: Mapping[str, Any]) 
     ones Dynamo guards on), or the real input the backend was given."""
     value = placeholder.meta.get("example_value")
     return value if value is not None else outer_inputs.get(placeholder.name)
-
-
-def _computed_requires_grad(split: LayerSplit, region: Region, outer_inputs: Mapping[str, Any]) -> int:
-    """How many of the region's computed inputs require grad: a body compiles for the layer with the
-    most (the first layer's input, from a frozen embedding, requires none)."""
-    placeholders = placeholders_of(split.submodule(region))
-    return sum(bool(getattr(_example_value(placeholders[i], outer_inputs), "requires_grad", False)) for i in region.computed)
 
 
 def _device_bytes(values: Any, on_device: bool, symbolic: bool = False) -> Any:
