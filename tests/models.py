@@ -73,6 +73,19 @@ def twin(model):
     return copy.deepcopy(model)
 
 
+def compiled_and_eager(model, reference, inputs: dict, options: dict):
+    """One step of `model` compiled with the lowmem backend and of `reference` eagerly (both run
+    backward): (compiled output, eager output, the compile's report as a dict)."""
+    import lowmem_compile
+
+    expected = reference(**inputs)
+    expected.loss.backward()
+    lowmem_compile.reset()
+    got = torch.compile(model, backend="lowmem", options=options)(**inputs)
+    got.loss.backward()
+    return got, expected, lowmem_compile.last_report().to_dict()
+
+
 def trainable_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

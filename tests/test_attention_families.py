@@ -16,7 +16,7 @@ import torch
 
 import lowmem_compile
 
-from .models import LORA_TARGETS, batch, rel_err, trainable_grads, twin
+from .models import LORA_TARGETS, batch, compiled_and_eager, rel_err, trainable_grads, twin
 from .test_attention_pass import _masked_sdpa_sites
 
 _WINDOW, _SEQ = 8, 24
@@ -95,12 +95,8 @@ def test_family_parity(family, attn, docs):
     inputs = batch(seq=_SEQ)
     if docs:
         inputs["position_ids"] = _packed(*inputs["input_ids"].shape, docs, seed=docs)
-    expected = ref(**inputs)
-    expected.loss.backward()
-    lowmem_compile.reset()
-    got = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "kv16"})(**inputs)
-    got.loss.backward()
-    report = lowmem_compile.last_report().to_dict()["attention"]
+    got, expected, report = compiled_and_eager(model, ref, inputs, {"inner": "eager", "attention": "kv16"})
+    report = report["attention"]
     layers = config.num_hidden_layers
     assert report["replaced"] == layers and report["skipped"] == [] and report["general_masks"] == 0
     assert report["window_masks"] == _windowed_layers(config)

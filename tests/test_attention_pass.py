@@ -20,7 +20,7 @@ from lowmem_compile.passes import CompileContext, calls
 from lowmem_compile.passes.attention import AttentionPass
 from lowmem_compile.report import GraphReport
 
-from .models import FAMILIES, batch, rel_err, tiny_model, trainable_grads, twin
+from .models import FAMILIES, batch, compiled_and_eager, rel_err, tiny_model, trainable_grads, twin
 
 
 def _cos(a, b):
@@ -278,12 +278,8 @@ def test_training_mask_without_cache(family, packed):
     inputs = batch()
     if packed:
         inputs["position_ids"] = _packed_positions(*inputs["input_ids"].shape)
-    expected = ref(**inputs)
-    expected.loss.backward()
-    lowmem_compile.reset()
-    got = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "kv16"})(**inputs)
-    got.loss.backward()
-    report = lowmem_compile.last_report().to_dict()["attention"]
+    got, expected, report = compiled_and_eager(model, ref, inputs, {"inner": "eager", "attention": "kv16"})
+    report = report["attention"]
     assert report["replaced"] == 2 and report["skipped"] == []
     assert report["causal_masks"] == 2 and report["packed_masks"] == (2 if packed else 0)
     assert report["general_masks"] == 0 and "read a full [Sq, Sk] mask" not in str(lowmem_compile.last_report())

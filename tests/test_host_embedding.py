@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import lowmem_compile
 from lowmem_compile import HostEmbedding, offload_embeddings_
 
-from .models import batch, rel_err, tiny_model, trainable_grads, twin
+from .models import batch, compiled_and_eager, rel_err, tiny_model, trainable_grads, twin
 
 
 def test_rows_equal_the_original_lookup():
@@ -34,12 +33,7 @@ def test_model_loss_and_gradients_equal_eager_through_the_backend():
     ref = twin(model)
     stats = offload_embeddings_(model)
     assert len(stats["moved"]) == 1 and "embed_tokens" in stats["moved"][0]
-    inputs = batch(padding=True)
-    ref_out = ref(**inputs)
-    ref_out.loss.backward()
-    lowmem_compile.reset()
-    out = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "off"})(**inputs)
-    out.loss.backward()
+    out, ref_out, _ = compiled_and_eager(model, ref, batch(padding=True), {"inner": "eager", "attention": "off"})
     assert rel_err(out.loss, ref_out.loss) < 1e-5
     grads, ref_grads = trainable_grads(model), trainable_grads(ref)
     assert grads.keys() == ref_grads.keys() and grads
@@ -100,12 +94,7 @@ def test_untied_gemma_moves_and_matches_eager():
     ref = twin(model)
     stats = offload_embeddings_(model)
     assert len(stats["moved"]) == 1 and stats["skipped"] == {}
-    inputs = batch()
-    ref_out = ref(**inputs)
-    ref_out.loss.backward()
-    lowmem_compile.reset()
-    out = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "off"})(**inputs)
-    out.loss.backward()
+    out, ref_out, _ = compiled_and_eager(model, ref, batch(), {"inner": "eager", "attention": "off"})
     assert rel_err(out.loss, ref_out.loss) < 1e-5
     grads, ref_grads = trainable_grads(model), trainable_grads(ref)
     for name, g in grads.items():
