@@ -385,6 +385,7 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
         else contextlib.nullcontext()
     )
     losses, times = [], []
+    tuning = _time_triton_tuning()
     with budget, contextlib.ExitStack() as held:
         for i in range(args.warmup + args.steps):
             if i == 1 and args.gpu_lock:
@@ -400,6 +401,9 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             times.append(time.perf_counter() - start)
             if i == 0:
                 row["first_step_s"] = round(times[0], 3)
+                row["first_step_parts_s"] = _first_step_parts(tuning)
+                print(f"[{args.config} seq={input_ids.shape[-1]}] first step's parts (s): {row['first_step_parts_s']}",
+                      file=sys.stderr, flush=True)
             # progress on stderr (the parent keeps it in e2e.log): a long first step is the compile
             print(f"[{args.config} seq={input_ids.shape[-1]}] step {i + 1}/{args.warmup + args.steps}: "
                   f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
@@ -418,6 +422,38 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
     row["optimizer_state_bytes"] = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
     )
+
+
+def _time_triton_tuning() -> list[float]:
+    """Seconds spent in Triton autotuners (each config's compile and timing), summed into the
+    returned list's one element as the step runs: the part of a first step that no compile
+    metric of Dynamo's counts (the attention kernels tune on first use; so do some peers')."""
+    spent = [0.0]
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return spent
+    bench = Autotuner._bench
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return bench(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    Autotuner._bench = timed
+    return spent
+
+
+def _first_step_parts(tuning: list[float]) -> dict[str, float]:
+    """Where the first step's time went: Dynamo's compile metrics (tracing, the backend, the lazily
+    compiled backwards, guards), summed over every graph, each over half a second, and the Triton tuning."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    parts = {name: round(sum(values), 2) for name, values in compilation_time_metrics.items() if sum(values) >= 0.5}
+    parts["triton_autotune"] = round(tuning[0], 2)
+    return parts
 
 
 def _train_step(args, step_fn, optimizer, input_ids):
