@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 
 from .cost.layered import LayerContext, LayerExprs
 from .cost.sizes import sym_bytes, tensor_bytes
+from .memory import release_after_first_backward
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
@@ -82,6 +83,10 @@ def lowmem_backend(
     if plan_only:
         raise Planned  # the cost model still models `opts.inner`'s fusion: the prediction is a real compile's
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
+    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        # what the compile and the first run cached in the allocator goes back to the driver once the
+        # first backward (itself compiled lazily) is done: reserved memory then follows the steps
+        compiled = release_after_first_backward(compiled)
     if opts.report:
         from .report import last_report
 

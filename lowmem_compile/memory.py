@@ -16,11 +16,11 @@ blocks it needs (a few milliseconds, once). It cannot release a CUDA graph pool 
 or blocks that are partly in use (fragmentation: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
 set before the process's first CUDA allocation lets the allocator grow and shrink segments instead).
 
-`lowmem_compile.trainer.LowmemCallback` calls it after a `transformers.Trainer`'s first optimizer
-step and first evaluation. `release_after_first_backward(compiled)` wraps a compiled graph's callable so
-it is called once by itself, when the first backward through the graph's outputs has finished (the
-backward graph is compiled lazily, at that first backward): what the backend would apply to every
-graph it returns to do this automatically.
+The backend does this by itself: every graph it compiles for CUDA is wrapped by
+`release_after_first_backward`, which calls it once, when the first backward through the graph's
+outputs has finished (the backward graph is compiled lazily, at that first backward), or right
+after the first call where nothing needs a gradient. `lowmem_compile.trainer.LowmemCallback` calls
+it again after a `transformers.Trainer`'s first optimizer step and first evaluation.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`prepare_`: the same NF4 model as `quantize_`, materialized from the meta device (init or weights),
 module by module (never two 16-bit linears at once), tied weights kept tied, bitsandbytes layers
-left alone; `release_compile_memory` without CUDA."""
+left alone; `release_compile_memory` without CUDA, and the backend's own release on CUDA."""
 
 from __future__ import annotations
 
@@ -317,3 +317,20 @@ def test_an_embedding_that_is_not_a_scaled_lookup_stays(monkeypatch):
         p.requires_grad_(False)
     summary = lowmem_compile.prepare_(model, "cpu")
     assert summary.offloaded == [] and "Shifted" in summary.left["0"] and isinstance(model[0], Shifted)
+
+
+@pytest.mark.gpu
+def test_backend_gives_back_the_compiles_cache_after_the_first_backward():
+    """After the first compiled step's backward, nothing is left in the allocator's cache for a manual
+    `release_compile_memory` to free: the backend already gave it back (the compile's scratch and the
+    step's freed activations), so reserved memory follows the steps, not the compile."""
+    from tests.models import tiny_model
+
+    model = tiny_model("llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8, head_dim=64).cuda()
+    compiled = torch.compile(model, backend="lowmem")
+    inputs = {k: v.cuda() for k, v in batch(seq=256).items()}
+    loss = compiled(**inputs).loss
+    loss.backward()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    released = lowmem_compile.release_compile_memory()["released"]
+    assert released == 0, f"{released} bytes were left cached after the first backward ({cached} reserved over allocated)"
