@@ -252,8 +252,8 @@ class Report:
 #: Why a general mask deserves a line: it cost the lean 8192-token step ~83 ms a layer on an H200.
 _GENERAL_MASK_NOTE = (
     "{n} sites read a full [Sq, Sk] mask tile by tile (no causal block skipping, the mask kept for the "
-    "backward): position ids passed by the caller (packed documents), a sliding window, or a mask not "
-    "proven causal; a model called without them gets causal attention"
+    "backward): a mask the attention pass could not prove causal, windowed or made of packed documents "
+    "(docs/attention.md says which forms it proves)"
 )
 
 
