@@ -49,24 +49,31 @@ class Options:
     remat: str = "auto"
     """Recomputation policy: "auto" (cost-model solver), "none" (stock saving), "full" (layer inputs only)."""
 
-    offload: str = "off"
-    """Park saved activations in host memory between forward and backward: "off"; "layers" (the
-    saved values of every layer but the last; the cost model then plans with them off the device);
-    "parked" (the same, and `remat="auto"` may also save and park what is dear to recompute:
-    the `full+parked` plan: docs/remat.md)."""
+    offload: str = "budget"
+    """Park saved activations in host memory between forward and backward: "budget" (the default:
+    "off", unless a `memory_budget` is not met without parking: then "parked"; knob.py); "off";
+    "layers" (the saved values of every layer but the last; the cost model then plans with them off
+    the device); "parked" (the same, and `remat="auto"` may also save and park what is dear to
+    recompute: the `full+parked` plan: docs/remat.md)."""
 
     memory_budget: int | float | None = None
-    """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device memory."""
+    """Peak bytes the step must fit: None, bytes (int or "20GB"/"18GiB"), or a fraction (0, 1] of device
+    memory. The one memory knob: besides fitting the recomputation plan to it, it decides the
+    options left at "budget" (`offload`, `mlp_chunks`, `logits`), in order of cost and only as far
+    as it needs (knob.py)."""
 
     fused_loss: str = "on"
     """Fuse the LM head with cross-entropy: "on" or "off"."""
 
-    logits: str = "keep"
-    """When the model computes its loss: "keep" returns logits (model dtype), "drop" returns none."""
+    logits: str = "budget"
+    """When the model computes its loss: "keep" returns logits (model dtype), "drop" returns none;
+    "budget" (the default): "keep", unless a `memory_budget` is met no other way: then "drop", with
+    a warning (a caller reading `outputs.logits` gets None)."""
 
-    mlp_chunks: int | str = "off"
+    mlp_chunks: int | str = "budget"
     """Run each gated MLP in pieces along the sequence, so its [tokens, intermediate] values exist a
-    piece at a time: "off", "auto" (pieces of about 2048 tokens), or a number of pieces (>= 2)."""
+    piece at a time: "off", "auto" (pieces of about 2048 tokens), or a number of pieces (>= 2);
+    "budget" (the default): "off", unless a `memory_budget` is not met without pieces: then "auto"."""
 
     cudagraphs: bool = False
     """Replay each compiled graph (forward, backward) as a CUDA graph: Inductor's CUDA graph trees.
@@ -115,12 +122,13 @@ class Options:
             if value not in allowed:
                 raise ValueError(f"lowmem option {name}={value!r} is not allowed; choose one of {list(allowed)}")
         chunks = self.mlp_chunks
-        if chunks not in ("off", "auto") and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2):
-            raise ValueError(f"lowmem option mlp_chunks={chunks!r} is not allowed; choose 'off', 'auto' or a number of pieces >= 2")
+        if chunks not in ("off", "auto", BUDGET) and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2):
+            raise ValueError(f"lowmem option mlp_chunks={chunks!r} is not allowed; "
+                             f"choose {BUDGET!r}, 'off', 'auto' or a number of pieces >= 2")
         for flag in ("report", "cudagraphs"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"lowmem option {flag}={getattr(self, flag)!r} must be True or False")
-        if self.cudagraphs and self.offload != "off":
+        if self.cudagraphs and self.offload in ("layers", "parked"):
             raise ValueError(f"lowmem option cudagraphs=True does not combine with offload={self.offload!r}: "
                              "the offload ops hand copies from prefetch to reload through a host-side "
                              "table, which a CUDA graph replay would skip")
@@ -137,6 +145,15 @@ class Options:
             raise ValueError(f"lowmem option memory_budget={budget!r}: a fraction must lie in (0, 1]")
         if isinstance(budget, int) and budget <= 0:
             raise ValueError(f"lowmem option memory_budget={budget!r}: a byte count must be positive")
+
+    def left_to_budget(self) -> tuple[str, ...]:
+        """The options left at "budget": `memory_budget` decides them (knob.py)."""
+        return tuple(name for name in KNOB_DEFAULTS if getattr(self, name) == BUDGET)
+
+    def without_knob(self) -> Options:
+        """These options with every one left at "budget" set to what it is without a budget to
+        meet (offload "off", mlp_chunks "off", logits "keep"): the fastest plan."""
+        return dataclasses.replace(self, **{name: KNOB_DEFAULTS[name] for name in self.left_to_budget()})
 
     @property
     def kv_bits(self) -> int | None:
@@ -168,15 +185,20 @@ class Options:
         return repr((values, *extra)) if extra else repr(values)
 
 
+#: The default of the options the memory knob decides: left at it, `memory_budget` chooses (knob.py).
+BUDGET = "budget"
+#: What each of them is when no budget asks for more: the fastest plan.
+KNOB_DEFAULTS = {"offload": "off", "mlp_chunks": "off", "logits": "keep"}
+
 _CHOICES = {
     "inner": ("inductor", "eager"),
     "attention": ("kv8", "kv4", "kv16", "off"),
     "nf4": ("auto", "quantize", "off"),
     "nf4_matmul": ("op", "graph"),
     "remat": ("auto", "none", "full"),
-    "offload": ("off", "layers", "parked"),
+    "offload": (BUDGET, "off", "layers", "parked"),
     "fused_loss": ("on", "off"),
-    "logits": ("keep", "drop"),
+    "logits": (BUDGET, "keep", "drop"),
     "layers": ("auto", "off"),
 }
 

@@ -8,10 +8,11 @@ concatenate. :func:`last_report` returns it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 _SUM, _MAX, _CONCAT, _LAST, _UNION = "sum", "max", "concat", "last", "union"
 
@@ -86,6 +87,11 @@ class RematStats:
     budget_bytes: int | None = _rule(_LAST, None)
     longest_fitting_seq: int | None = _rule(_LAST, None)
     notes: list[str] = _rule(_CONCAT)
+    knob: dict[str, Any] | None = _rule(_LAST, None)
+    """What `memory_budget` chose for the options left at "budget" (knob.py), e.g. {"offload": "parked",
+    "mlp_chunks": "off", "logits": "keep"}; None when it chose nothing (no budget, every one set)."""
+    knob_notes: list[str] = _rule(_UNION)
+    """Why: each option set the knob planned, its predicted peak, and what it kept."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,8 @@ class Report:
             rows.append(("  if outputs freed before backward", _gib(freed)))
         if remat["budget_bytes"] is not None:
             rows.append(("memory budget", _gib(remat["budget_bytes"])))
+        if remat["knob"]:
+            rows.append(("memory knob chose", ", ".join(f"{k}={v}" for k, v in remat["knob"].items())))
         if remat["longest_fitting_seq"] is not None:
             rows.append(("longest sequence in budget", str(remat["longest_fitting_seq"])))
         if graphs["requested"]:
@@ -239,6 +247,7 @@ class Report:
         if att["general_masks"]:
             fallbacks.append(("attention", _GENERAL_MASK_NOTE.format(n=att["general_masks"])))
         fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]
+        fallbacks += [("knob", s) for s in remat["knob_notes"]]
         fallbacks += [("remat", s) for s in remat["notes"]] + [("cudagraphs", s) for s in graphs["skipped"]]
         fallbacks += [("custom_ops", s) for s in ops["notes"]]
         for name, entry in d["passes"].items():
@@ -303,6 +312,36 @@ class _ReportStore:
             graph = GraphReport(index=len(self._report.graphs), nodes=nodes)
             self._report.graphs.append(graph)
             return graph
+
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[Report]:
+        """Graphs compiled inside go to a report of their own (yielded), not to `last_report()`:
+        the memory knob's trial plans (knob.py)."""
+        with self._lock:
+            saved, self._report = self._report, Report()
+            scratch = self._report
+        try:
+            yield scratch
+        finally:
+            with self._lock:
+                self._report = saved
+
+    def adopt(self, graph: GraphReport) -> GraphReport:
+        """Append a graph's report made elsewhere (an isolated one), renumbered as the next graph."""
+        with self._lock:
+            graph.index = len(self._report.graphs)
+            self._report.graphs.append(graph)
+            return graph
+
+    def graph(self, index: int) -> GraphReport | None:
+        """The live report of graph `index` (None when there is none), to add to it."""
+        with self._lock:
+            graphs = self._report.graphs
+            return graphs[index] if 0 <= index < len(graphs) else None
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._report.graphs)
 
     def snapshot(self) -> Report:
         with self._lock:

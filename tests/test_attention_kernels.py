@@ -408,3 +408,30 @@ def test_tuned_configs_are_kept_on_disk():
     finally:
         triton.autotune = real
     assert len(asked) == 3 and all(a.get("cache_results", False) == supported for a in asked), asked
+
+
+def test_measured_picks_only_where_measured(monkeypatch):
+    """The untuned launch (`measured_pick`) covers only what the attention benches measured on sm_90:
+    head dims up to 128, no general mask, window or softcap; the forward between 2048 and 8192 tokens
+    tunes; `LOWMEM_AUTOTUNE=full` and any other device tune everything. Each pick is a config the
+    autotuner would have tried (the dK/dV split rule assumes so)."""
+    from lowmem_compile.codegen import attention_kv4 as ak
+
+    monkeypatch.setattr(ak, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    base = dict(D=128, MASK_KIND=0, BAND=False, SOFTCAP=False, SQ=8192)
+    for kind in ("fwd", "dq", "dkdv"):
+        for meta in (base, {**base, "SQ": 1024}, {**base, "MASK_KIND": 1}):
+            pick = ak.measured_pick(kind, meta, cuda)
+            assert pick in ak.tried(kind, meta["MASK_KIND"], meta["D"]), (kind, meta, pick)
+        for unmeasured in ({"D": 256}, {"MASK_KIND": 2}, {"BAND": True}, {"SOFTCAP": True}):
+            assert ak.measured_pick(kind, {**base, **unmeasured}, cuda) is None, (kind, unmeasured)
+        assert ak.measured_pick(kind, base, torch.device("cpu")) is None
+    assert ak.measured_pick("fwd", base, cuda) != ak.measured_pick("fwd", {**base, "SQ": 2048}, cuda)
+    assert ak.measured_pick("fwd", {**base, "SQ": 4096}, cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ak.measured_pick("dq", base, cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("LOWMEM_AUTOTUNE", "full")
+    assert ak.measured_pick("dq", base, cuda) is None

@@ -479,8 +479,36 @@ def tried(kind: str, mask_kind: int, head_dim: int) -> list[tuple[int, int, int,
     return list(table[128 if head_dim <= 128 else 256][kind])
 
 
+#: What the autotuners picked on H100 and H200 (sm_90) in every attention bench run
+#: (bench/results/attention/2026-11-29T04, T14, T23: kv16/kv8/kv4, causal with and without key
+#: padding, 2048 / 8192 / 32768 tokens), for head dims up to 128, no window, no softcap: the launch
+#: uses it without tuning. Each config the autotuner tries is a compile of its own on first use (the
+#: largest part of a cold first step's kernel work), so tuning only where no pick was measured saves
+#: six of the nine compiles there. `LOWMEM_AUTOTUNE=full` tunes over every config anyway.
+_SM90_PICKS = {"dq": (128, 64, 8, 3), "dkdv": (16, 128, 8, 3)}
+_SM90_FWD_PICKS = {"long_causal": (128, 64, 8, 3), "short_or_padded": (64, 64, 4, 3)}
+
+
+def measured_pick(kind: str, meta: dict, device: torch.device) -> tuple[int, int, int, int] | None:
+    """The config `kind` launches with untuned on this device and problem (see _SM90_PICKS), or None
+    where the autotuner must choose."""
+    if (_INTERPRET or os.environ.get("LOWMEM_AUTOTUNE") == "full" or device.type != "cuda"
+            or torch.cuda.get_device_capability(device) != (9, 0)):
+        return None
+    if meta["D"] > 128 or meta["MASK_KIND"] == 2 or meta["BAND"] or meta["SOFTCAP"]:
+        return None
+    if kind != "fwd":
+        return _SM90_PICKS[kind]
+    if meta["MASK_KIND"] == 1 or meta["SQ"] <= 2048:
+        return _SM90_FWD_PICKS["short_or_padded"]
+    if meta["SQ"] >= 8192:
+        return _SM90_FWD_PICKS["long_causal"]
+    return None  # between the measured lengths: tune
+
+
 def _autotune(kind: str, kernel):
-    """`kernel` autotuned over its configs, each tried only at the mask kinds and head dims it is listed for."""
+    """`kernel` autotuned over its configs, each tried only at the mask kinds and head dims it is
+    listed for, and not at all where a pick was measured (`measured_pick`)."""
     tables = [{0: _INTERPRET_CONFIGS}] if _INTERPRET else [_CONFIGS, _TILE_MASK_CONFIGS]
     keys = list(dict.fromkeys(c for t in tables for per_dim in t.values() for c in per_dim[kind]))
     if any((n % m if kind == "dkdv" else m % n) for m, n, _, _ in keys):
@@ -489,6 +517,10 @@ def _autotune(kind: str, kernel):
 
     def prune(configs, named_args, **kwargs):
         keep = tried(kind, kwargs["MASK_KIND"], kwargs["D"])
+        device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+        pick = measured_pick(kind, {**named_args, **kwargs}, device)
+        if pick in keep:
+            keep = [pick]
         return [c for c in configs if config_key(c) in keep]
 
     key = _KEY + ["SPLIT"] if kind == "dkdv" else _KEY

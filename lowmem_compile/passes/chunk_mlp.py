@@ -98,7 +98,7 @@ class ChunkMLPPass(GraphPass):
     section = "mlp"
 
     def enabled(self, options: Options) -> bool:
-        return options.mlp_chunks != "off"
+        return options.mlp_chunks not in ("off", "budget")  # "budget": decided before the passes (knob.py)
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> MLPStats:
         graph = gm.graph

@@ -92,7 +92,7 @@ class FusedLossPass(GraphPass):
             need = bool(head_val.requires_grad)
             out_node = graph.find_nodes(op="output")[0]
             returned = head in out_node.all_input_nodes
-            keep = returned and ctx.options.logits == "keep"
+            keep = returned and ctx.options.logits != "drop"  # "budget": decided before the passes (knob.py)
             args = _CE_SIGNATURE.bind(*ce.args, **ce.kwargs).arguments
             with graph.inserting_before(ce):
                 op = graph.call_function(

@@ -499,7 +499,7 @@ class RematPartitioner(CustomPartitionerFn):
         device = _device_of(joint_inputs)
         budget, budget_source = self.budget(device)
         policy = self.options.remat
-        offload_to = device if self.options.offload != "off" else None
+        offload_to = device if self.options.offload in ("layers", "parked") else None
         planner = _Planner(
             gm,
             joint_inputs,
