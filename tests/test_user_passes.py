@@ -427,6 +427,28 @@ def test_example_pass_on_a_tiny_llama_matches_eager():
     assert d["custom_ops"]["costed"] == 2 and d["layers"]["bodies"] == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_example_kernel_on_cuda(dtype):
+    """The example's kernel compiled for the GPU (bf16 too, which the interpreter cannot check) against
+    the reference, and the pass through Inductor on a tiny Llama against eager."""
+    g = torch.Generator().manual_seed(4)
+    x, r = (torch.randn(4, 1000, 512, generator=g).to("cuda", dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(512, generator=g)).to("cuda", dtype)
+    y, s = example.add_rmsnorm_triton(x, r, w, 1e-6)
+    y_ref, s_ref = example.add_rmsnorm_reference(x, r, w, 1e-6)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    model = tiny_model("llama").cuda()
+    ref = twin(model)
+    data = {k: v.cuda() for k, v in batch().items()}
+    expected = ref(**data).loss
+    compiled = torch.compile(model, backend="lowmem", options={"attention": "kv16", "passes": [example.FusedAddRMSNorm()]})
+    loss = compiled(**data).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    assert lowmem_compile.last_report().to_dict()["passes"]["fused_add_rmsnorm"]["fused"] == 2
+
+
 def test_bench_names_a_user_pass_by_import_string():
     from bench import e2e
 
