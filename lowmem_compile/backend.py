@@ -53,6 +53,10 @@ def lowmem_backend(
     """Compile one Dynamo graph. `options` comes from `torch.compile(..., options={...})`.
     With `plan_only`, run the passes and the partitioner (the report fills in), then raise `Planned`."""
     opts = Options.from_user(options)
+    if opts.left_to_budget():  # options that memory_budget decides: knob.py plans them, then calls back
+        from .knob import compile_within_budget
+
+        return compile_within_budget(gm, example_inputs, opts, plan_only=plan_only)
     graph_report = STORE.new_graph(nodes=len(gm.graph.nodes))
     ctx = CompileContext(options=opts, example_inputs=example_inputs, report=graph_report)
     start = time.perf_counter()

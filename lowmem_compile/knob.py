@@ -1,0 +1,216 @@
+"""The one memory knob: `memory_budget` decides the options a user left at "budget".
+
+`torch.compile(model, backend="lowmem", options={"memory_budget": "7GiB"})` on a prepared model
+(`prepare_`) should reach what the hand-set lean recipe reaches (`offload="parked"`,
+`mlp_chunks="auto"`, `logits="drop"` and a budget chosen to land where it should), without the user
+knowing those options. Recomputation alone cannot: parking saved values in host memory, the MLP in
+pieces and the logits not returned each take memory that no recomputation plan frees.
+
+How: the options are decided in order of what they cost, and only as far as the budget needs:
+
+1. recomputation (the planner's own choice, `remat="auto"`, inside every option set below);
+2. `offload="parked"`: saved values parked in host memory (costs host-link time where a copy is not
+   hidden, and Inductor's buffer reuse in the compiled graphs);
+3. `mlp_chunks="auto"`: the gated MLPs in pieces along the sequence (launches, a bigger graph);
+4. `logits="drop"`: the model's logits no longer returned with its loss (the caller's
+   `outputs.logits` is None: a change of what the model returns, so last, and with a warning).
+
+Each option set is planned in full (the pre-autograd passes on a copy of the Dynamo graph, then
+AOTAutograd and the partitioner in plan-only mode, fake tensors: nothing runs): the pieces and the
+logits are decided before AOTAutograd traces, so only a plan of the rewritten graph can say what
+they save, and with the per-layer compile the step's peak is the body's plan scored through
+`cost/layered.py`. The first set is the fastest plan (every option at its no-budget value); if its
+predicted peak is over the budget, each next option is added in turn, and kept only where it
+lowers the predicted peak, until one fits. None fitting, the lowest peak found is compiled and the
+partitioner warns that the budget is infeasible, as without the knob. Options the user set are never
+changed, and a compile with no budget, or with no backward (an evaluation under `no_grad`), keeps
+the fastest plan. The report's remat section says what was chosen and why (`knob`, `knob_notes`).
+
+The price: each option set tried is one more trace and partition of the step (not of its code
+generation); a generous budget costs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from .options import BUDGET, KNOB_DEFAULTS, Options
+from .report import STORE, GraphReport, RematStats
+
+log = logging.getLogger(__name__)
+
+#: The options the knob may set, in the order it tries them (cheapest first), and the value it sets.
+STEPS: tuple[tuple[str, str], ...] = (("offload", "parked"), ("mlp_chunks", "auto"), ("logits", "drop"))
+
+_WHY = {
+    "offload": "parking saved values in host memory",
+    "mlp_chunks": "the MLP in pieces",
+    "logits": "dropping the logits",
+}
+
+
+@dataclass
+class _Trial:
+    """One option set planned: its options and what the planner predicts."""
+
+    options: Options
+    report: GraphReport
+    peak: int | None
+    budget: int | None
+    warnings: list[warnings.WarningMessage] = dataclasses.field(default_factory=list)
+    """What planning it warned (an infeasible budget), held back unless it is the plan chosen."""
+
+    @property
+    def fits(self) -> bool:
+        return self.peak is not None and self.budget is not None and self.peak <= self.budget
+
+
+def compile_within_budget(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: Options, *, plan_only: bool = False
+) -> Callable[..., Any]:
+    """The backend for options with some left at "budget": decide them (module docstring), then
+    compile with the options decided. `plan_only` as for `backend.lowmem_backend`."""
+    from .backend import Planned, lowmem_backend
+
+    free = opts.left_to_budget()
+    fastest = opts.without_knob()
+    if opts.memory_budget is None or not free:
+        return lowmem_backend(gm, example_inputs, fastest, plan_only=plan_only)
+    steps = [(name, value) for name, value in STEPS if name in free and _applies(name, opts)]
+    trial = best = _plan(gm, example_inputs, fastest)
+    if best.peak is None:  # nothing planned (no backward): nothing to fit
+        return lowmem_backend(gm, example_inputs, fastest, plan_only=plan_only)
+    notes = [f"budget {_gib(best.budget)}: the fastest plan ({_settings(fastest, free)}) peaks at {_gib(best.peak)}"
+             + (", within it" if best.fits else ", over it")]
+    without: dict[str, int] = {}  # the best peak before each option was tried
+    for name, value in steps:
+        if best.fits:
+            break
+        without[name] = best.peak
+        trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: value}))
+        lower = trial.peak is not None and trial.peak < best.peak
+        notes.append(
+            f"{name}={value}: {'chosen' if lower else 'tried, not kept'}: budget {_gib(best.budget)} below "
+            f"{_gib(best.peak)} without {_WHY[name]}, {_gib(trial.peak)} with it"
+            + ("" if lower else " (no lower)")
+        )
+        if lower:
+            best = trial
+    if best.fits:
+        best = _prune(gm, example_inputs, best, fastest, notes)
+    else:
+        notes.append(f"no option set fits: the closest, {_gib(best.peak)}, is compiled")
+    chosen = {name: getattr(best.options, name) for name in free}
+    log.info("memory knob: %s", "; ".join(notes))
+    if best.options.logits == "drop" and "logits" in free:
+        warnings.warn(
+            f"lowmem memory_budget {_gib(best.budget)}: the model's logits are dropped to fit it "
+            f"(logits='drop'): outputs.logits is None. Set options logits='keep' to keep them "
+            f"(the lowest plan that keeps them peaks at {_gib(without['logits'])}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    knob = RematStats(policy=opts.remat, knob=chosen, knob_notes=notes)
+    final = dataclasses.replace(best.options, report=False)
+    if plan_only:  # the chosen plan is the one just planned: its report (and its warnings) serve
+        for warning in best.warnings:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        graph = STORE.adopt(best.report)
+        graph.add("remat", knob)
+        _print_if(opts)
+        raise Planned
+    index = STORE.count()
+    compiled = lowmem_backend(gm, example_inputs, final)
+    graph = STORE.graph(index)
+    if graph is not None:
+        graph.add("remat", knob)
+    _print_if(opts)
+    return compiled
+
+
+def _applies(name: str, opts: Options) -> bool:
+    """Whether the knob may set `name` under the user's other options."""
+    if name == "offload":
+        return not opts.cudagraphs  # a CUDA graph replay would skip the offload ops' host-side table
+    if name == "logits":
+        return opts.fused_loss == "on"  # logits are dropped by the fused loss
+    return True
+
+
+def _plan(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> _Trial:
+    """Plan `opts` on a copy of `gm` (the passes rewrite the graph they get), reported apart."""
+    from .backend import Planned, lowmem_backend
+
+    trial_opts = dataclasses.replace(opts, report=False)
+    with STORE.isolated() as scratch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # an infeasible trial is not the user's plan: held back
+        try:
+            lowmem_backend(_copy(gm), example_inputs, trial_opts, plan_only=True)
+        except Planned:
+            pass
+    graph = scratch.graphs[-1] if scratch.graphs else GraphReport(index=0, nodes=0)
+    remat = graph.stats.get("remat")
+    peak = None if remat is None else remat.predicted_peak_bytes
+    budget = None if remat is None else remat.budget_bytes
+    log.info("memory knob: %s peaks at %s", _settings(opts, tuple(KNOB_DEFAULTS)), _gib(peak))
+    return _Trial(opts, graph, peak, budget, list(caught))
+
+
+def _prune(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], best: _Trial, fastest: Options, notes: list[str]
+) -> _Trial:
+    """`best` fits; take back each option the knob set that the fitting plan does without: parking
+    where the plan chosen parks nothing and pieces where no MLP was split (the same plan without
+    them), then, when two or more were set, each but the last set, if the plan still fits without
+    it (the one set last was needed: without it nothing fitted)."""
+    remat = best.report.stats.get("remat")
+    mlp = best.report.stats.get("mlp")
+    unused = {
+        "offload": best.options.offload != fastest.offload and remat is not None and remat.offloaded_bytes == 0,
+        "mlp_chunks": best.options.mlp_chunks != fastest.mlp_chunks and (mlp is None or mlp.chunked == 0),
+    }
+    for name, idle in unused.items():
+        if idle:
+            best = dataclasses.replace(best, options=dataclasses.replace(best.options, **{name: getattr(fastest, name)}))
+            notes.append(f"{name}={getattr(fastest, name)}: taken back, the plan that fits does not use it")
+    set_ = [name for name, _ in STEPS if getattr(best.options, name) != getattr(fastest, name)]
+    for name in set_[:-1]:
+        trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: getattr(fastest, name)}))
+        if trial.fits:
+            notes.append(f"{name}={getattr(fastest, name)}: taken back, {_gib(trial.peak)} without it fits too")
+            best = trial
+    return best
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` whose graph the passes may rewrite: new nodes (their metadata copied, the fake
+    values shared), the same parameters and submodules."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(old_output.meta)
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    return copy
+
+
+def _settings(opts: Options, names: Sequence[str]) -> str:
+    return ", ".join(f"{name}={getattr(opts, name)}" for name in names)
+
+
+def _print_if(opts: Options) -> None:
+    if opts.report:
+        from .report import last_report
+
+        print(last_report(), flush=True)
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
