@@ -18,6 +18,8 @@
 #                                                   # 8192; lean at 32 and 8 layers; lean at 131072; 70B from meta
 #   bash bench/run_all.sh first8192                 # time to first step alone: lean under a budget, then Unsloth, at
 #                                                   # 8192, with where each first step's time went
+#   bash bench/run_all.sh depth8                    # the same lean row at 8 layers (first step against depth)
+#   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
 #   bash bench/run_all.sh lean128k                  # lean at 131072 tokens (alone: ~7 min to compile beside others)
@@ -46,7 +48,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -127,6 +129,16 @@ stage() {
     first8192)  # time to first step with the GPU to itself: the headline lean row, then Unsloth (one after the other)
       e2e --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+    depth8)  # the headline lean row at 8 layers, alone: its first step against first8192's 32-layer one
+      e2e --seqs 8192 --layers 8 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+    big70b)  # Llama-3-70B shape from the meta device (no 16-bit copy), lean options: 8192 then 32768 tokens
+      lean70='{"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto"}'
+      for seq in 8192 32768; do
+        timeout 270 python3 bench/prepare_memory.py --model llama3-70b --source meta --steps 3 --seq "$seq" \
+          --options "$lean70" --out "$out/70b_$seq.json" > "$out/70b_$seq.log" 2>&1
+        tail -3 "$out/70b_$seq.log"
+      done ;;
     recompile8192)  # right after e2e8192 on the same machine: the lean budget row again, its compile from the caches
       e2e --seqs 8192 --warmup 1 --steps 2 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "compiled in\|served from" "$out"/e2e.log ;;
