@@ -9,6 +9,9 @@
 #   bash bench/run_all.sh trajectory                # offload GPU tests; 4 layers at 8192, 7 steps against fp32 (same
 #                                                   # NF4 weights): bf16 eager, stock Inductor, the defaults, `full`,
 #                                                   # kv16 with and without `full`, lean under a budget (full+parked)
+#   bash bench/run_all.sh families                  # issue 20: Llama-3-8B, Mistral-7B (window 4096), Qwen2.5-7B, Gemma-7B,
+#                                                   # Gemma-2-9B shapes, 4 layers at 8192, one family at a time: fp32
+#                                                   # reference, eager bf16, lowmem; 1 + 3 steps each (alone, ~6-8 min)
 #   bash bench/run_all.sh trajectory_bnb            # bitsandbytes-loaded weights, 2048, 20 steps against fp32: bnb QLoRA,
 #                                                   # lowmem lowering them, lowmem with nf4="off" (E2E_LAYERS=8: 8 layers)
 #   bash bench/run_all.sh e2e8192                   # 8192: lean options under a budget (full+parked; MLP in 4 pieces
@@ -48,7 +51,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -104,6 +107,14 @@ stage() {
         --lowmem 'lowmem_lean_b3={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"3.2GiB"}' \
         > "$out/trajectory.log" 2>&1
       tail -1 "$out/pytest_offload.log"; tail -12 "$out/trajectory.log" ;;
+    families)  # issue 20's end-to-end table: each family in its own process, one at a time (bench/families.py).
+      # Estimate per family on an H100: ~10 s to start, fp32 reference (checkpointed) 4 steps x 2-3 s, eager bf16
+      # ~5 s, lowmem ~35-60 s to its first step (4 layers; Gemma 2 compiles two layer bodies) + 3 x <0.5 s: ~70-100 s,
+      # so 1 warm-up + 3 timed steps (the default) for 5 families in ~6-8 min. A family past 240 s is killed
+      # (error rows); none starts after 540 s. Run it alone: other stages' unlocked compiles would slow its steps.
+      flock "$lock" timeout 580 python3 bench/families.py --steps 3 --time-limit 240 --total-time-limit 540 \
+        --out "$out" > "$out/families.txt" 2>&1
+      grep -h "^\[.*\] " "$out/families.txt" | tail -15; sed -n '/^| family | head dim/,/^$/p' "$out/families.md" ;;
     trajectory_bnb)  # bitsandbytes-loaded 4-bit weights, 20 steps at 2048 against fp32: bnb's QLoRA, our lowering, nf4="off"
       flock "$lock" timeout "${TRAJECTORY_TIMEOUT:-420}" python3 bench/trajectory.py --weights bnb --layers "${E2E_LAYERS:-32}" \
         --seq 2048 --steps 20 --out "$out" --configs eager,lowmem_bnb,lowmem_bnb_nf4off \
