@@ -10,7 +10,7 @@ For each family, the same LoRA model (r=16 on every projection, frozen linears i
              nn.Linear of its dequantized weight (bench/trajectory.py's `fp32_reference`), so the
              quantization is in neither side of a difference; each layer recomputed in the backward
              (Hugging Face's non-reentrant checkpointing: the same fp32 numbers, and an fp32 eager
-             Gemma 2 at 8192 tokens would otherwise save ~12 GiB of scores a layer)
+             Gemma 2 at 8192 tokens would otherwise save ~8 GiB of scores a layer: its tanh and softmax outputs)
     eager    bf16 autocast, no compile (bench/trajectory.py's `eager`: the NF4 model as it runs eagerly)
     lowmem   torch.compile(backend="lowmem") with the defaults (or --lowmem-options)
 
@@ -29,7 +29,7 @@ still run; a family past `--time-limit` is killed and what it had not reported b
 
     python bench/families.py                                   # 5 families, 4 layers, 8192 tokens (GPU)
     python bench/families.py --families gemma2-9b,mistral-7b --steps 5
-    python bench/families.py --device cpu --scale small --seq 64 --layers 2   # CPU smoke (~3 min)
+    python bench/families.py --device cpu --scale small --seq 64 --layers 2   # CPU smoke (3.6 min on 2 busy cores)
 
 `--scale small` keeps each family's head dim, GQA ratio, biases, window (shrunk to seq/2 where it is
 not shorter than the sequence) and softcaps, and divides the rest: hidden / 16, intermediate / 32,
