@@ -325,7 +325,8 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Names
             f"{shape.get('head_dim')} / {shape.get('num_attention_heads')}:{shape.get('num_key_value_heads')}"
             f" / {shape.get('sliding_window') or '–'} ({shape.get('window_layers', 0)})" if shape else None,
             None if not att else f"{att['replaced']}/{low.get('layers')}",
-            None if not att else f"{att['causal_masks']} / {att['window_masks']} / {att['packed_masks']} / {att['general_masks']}",
+            None if not att else " / ".join(str(att[k]) for k in ("causal_masks", "window_masks", "packed_masks",
+                                                                  "general_masks")),
             None if not att else "; ".join(att["skipped"]) or "–",
             None if not ref_losses else f"{ref_losses[0]:.5f} → {ref_losses[-1]:.5f}",
             delta(eager), delta(low), grad(eager), grad(low),
@@ -334,7 +335,8 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Names
             low.get("first_step_s"),
             errors or None,
         ])
-    header = ["family", "head dim / heads:KV / window (layers)", "sites replaced", "masks causal / window / packed / general",
+    header = ["family", "head dim / heads:KV / window (layers)", "sites replaced",
+              "masks causal / window / packed / general",
               "skipped", "fp32 loss, step 1 → last", "eager − fp32 (1, last)", "lowmem − fp32 (1, last)",
               "LoRA grads vs fp32: eager", "lowmem", "peak GiB eager → lowmem", "tokens/s eager → lowmem",
               "lowmem first step s", "errors"]
@@ -406,8 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--scale", default="full", choices=["full", "small"],
                    help="full: the published shapes; small: the same features at a CPU's size")
-    p.add_argument("--lowmem-options", default="{}", help="JSON options of the lowmem configuration (default: the defaults)")
-    p.add_argument("--time-limit", type=float, default=900, help="seconds a family's process may run, then it is killed")
+    p.add_argument("--lowmem-options", default="{}", help="JSON options of the lowmem configuration (default: none)")
+    p.add_argument("--time-limit", type=float, default=900, help="seconds a family's process may run, then killed")
     p.add_argument("--total-time-limit", type=float, default=None,
                    help="seconds for the whole run: families not started by then become error rows")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results/families)")
@@ -417,9 +419,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [f for f in args.family_list if f not in FAMILIES]
     if unknown or not args.family_list:
         p.error(f"--families {args.families!r}: choose from {', '.join(FAMILIES)}")
-    for value, flag in ((args.layers, "--layers"), (args.seq, "--seq"), (args.steps, "--steps"), (args.warmup, "--warmup")):
+    for flag in ("layers", "seq", "steps", "warmup"):
+        value = getattr(args, flag)
         if value < 1:
-            p.error(f"{flag} must be at least 1, got {value}")
+            p.error(f"--{flag} must be at least 1, got {value}")
     try:
         options = json.loads(args.lowmem_options)
         from lowmem_compile import Options
