@@ -28,7 +28,7 @@ from .passes import user as user_passes
 from .passes.attention import AttentionPass
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
-from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers
+from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, held_note, recorded_stats
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
@@ -237,7 +237,7 @@ def _compile_layers(
         for region in group:
             if region is not representative and compiled is not None:
                 split.outer.register_module(region.name, getattr(split.outer, representative.name))
-    graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls))
+    graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls, apart=why_apart(split)))
     held = [x for values in returned.values() for x in values]
     peak = graph_report.stats["remat"].predicted_peak_bytes if "remat" in graph_report.stats else None
     note = held_note(len(held), _device_bytes(held, on_device), peak or 0) if peak else None

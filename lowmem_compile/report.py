@@ -105,6 +105,7 @@ class LayerStats:
     bodies: int = _rule(_SUM)  # distinct layer graphs compiled
     calls: int = _rule(_SUM)  # layer calls those bodies serve
     skipped: list[str] = _rule(_CONCAT)  # why a graph compiled whole
+    apart: list[str] = _rule(_CONCAT)  # why layers compiled as more than one body: where their graphs differ
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ class Report:
         width = max(len(k) for k, _ in rows)
         lines = ["lowmem report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-        fallbacks = [("layers", s) for s in layers["skipped"]]
+        fallbacks = [("layers", s) for s in layers["skipped"] + layers["apart"]]
         fallbacks += [("attention", s) for s in att["skipped"]] + [("nf4", s) for s in nf4["skipped"]]
         if att["general_masks"]:
             fallbacks.append(("attention", _GENERAL_MASK_NOTE.format(n=att["general_masks"])))

@@ -50,7 +50,7 @@ def _float64(q, k, v, mask, scale, softcap, grad_out):
         s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
-    s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     o = torch.softmax(s, -1).nan_to_num(0.0) @ v.repeat_interleave(rep, 1)
     return (o, *torch.autograd.grad(o, (q, k, v), grad_out.double()))
 

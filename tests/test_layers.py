@@ -5,6 +5,7 @@ the body's plan."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -41,8 +42,45 @@ def _assert_matches_eager(model, options, inputs):
 def test_six_layers_compile_one_body_and_match_eager(attn):
     model = tiny_model("llama", attn, num_hidden_layers=6)
     report = _assert_matches_eager(model, {"inner": "eager", "attention": "kv16"}, batch(padding=True))
-    assert report["layers"] == {"bodies": 1, "calls": 6, "skipped": []}
+    assert report["layers"] == {"bodies": 1, "calls": 6, "skipped": [], "apart": []}
     assert report["attention"]["replaced"] == 6 and report["loss"]["fused"] == 1
+
+
+def test_a_layers_weights_lifted_out_of_order_still_share_the_body():
+    """Dynamo lifts weights as step inputs where it first meets them, and on CUDA it lifted some of
+    the first layer's in another order than the others' (a second body was compiled for it). Here
+    one of layer 0's weights is moved to the end of the step's inputs before the backend sees the
+    graph: the layers still share one body (each region's inputs in the order it reads them), and
+    the step still matches eager."""
+    from lowmem_compile.backend import lowmem_backend
+
+    options = {"inner": "eager", "attention": "kv16", "report": False}
+    moved = []
+
+    def lifting_out_of_order(gm, example_inputs):
+        gm = copy.deepcopy(gm)  # Dynamo builds the call from its own graph's inputs after this returns
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        j = next(i for i, p in enumerate(placeholders) if "layers_modules_0_" in p.name and "up_proj" in p.name)
+        order = [i for i in range(len(placeholders)) if i != j] + [j]
+        placeholders[-1].append(placeholders[j])
+        gm.recompile()
+        moved.append(placeholders[j].name)
+        compiled = lowmem_backend(gm, [example_inputs[i] for i in order], options)
+        return lambda *args: compiled(*[args[i] for i in order])
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    reference = twin(model)
+    inputs = batch(padding=True)
+    lowmem_compile.reset()
+    got = torch.compile(model, backend=lifting_out_of_order)(**inputs).loss
+    got.backward()
+    expected = reference(**inputs).loss
+    expected.backward()
+    assert moved and lowmem_compile.last_report().to_dict()["layers"]["bodies"] == 1, moved
+    assert abs(got.item() - expected.item()) <= TOL * abs(expected.item())
+    want = trainable_grads(reference)
+    for name, grad in trainable_grads(model).items():
+        assert rel_err(grad, want[name]) < TOL, name
 
 
 def test_full_recompute_and_offload_on_the_body(monkeypatch):
@@ -68,7 +106,9 @@ def test_layers_of_two_kinds_compile_two_bodies():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     report = _assert_matches_eager(model, {"inner": "eager", "attention": "kv16"}, batch())
-    assert report["layers"] == {"bodies": 2, "calls": 6, "skipped": []}
+    assert report["layers"]["bodies"] == 2 and report["layers"]["calls"] == 6 and not report["layers"]["skipped"]
+    (apart,) = report["layers"]["apart"]  # where the LoRA-less layers' graph leaves the LoRA layers'
+    assert "layers.1 (3 calls) differs from" in apart and "layers.0" in apart, apart
 
 
 def test_whole_graph_and_layers_agree():
@@ -152,7 +192,7 @@ def test_layers_on_cuda_match_the_whole_graph():
     options = {"remat": "full", "offload": "layers", "mlp_chunks": 2, "logits": "drop", "attention": "kv16"}
     whole = _step(twin(model), {**options, "layers": "off"}, inputs)
     split = _step(model, options, inputs)
-    assert split[2]["layers"]["bodies"] == 1 and whole[2]["layers"]["bodies"] == 0
+    assert split[2]["layers"]["bodies"] == 1 and whole[2]["layers"]["bodies"] == 0, split[2]["layers"]["apart"]
     assert abs(split[0].item() - whole[0].item()) <= 1e-2 * abs(whole[0].item())
     for name, grad in whole[1].items():
         assert rel_err(split[1][name], grad) < 3e-2, name

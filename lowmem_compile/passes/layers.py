@@ -108,6 +108,7 @@ def split_layers(gm: torch.fx.GraphModule) -> LayerSplit:
     step_inputs = {p.name for p in placeholders_of(outer)}
     for region in regions:
         if region.kind == "layer":
+            _inputs_in_read_order(outer, region.name)
             placeholders = placeholders_of(getattr(outer, region.name))
             region.carried = carried_inputs(split, region)
             region.computed = [i for i, p in enumerate(placeholders) if p.name not in step_inputs]
@@ -115,6 +116,31 @@ def split_layers(gm: torch.fx.GraphModule) -> LayerSplit:
     if all(len(group) == 1 for group in split.bodies().values()):
         raise NotOutlined(f"none of the {len(seen)} layers has the same graph as another (nothing to reuse)")
     return split
+
+
+def _inputs_in_read_order(outer: torch.fx.GraphModule, name: str) -> None:
+    """Reorder the inputs of region `name` to the order its nodes first read them, and its call's
+    arguments with them. `split_module` keeps the step graph's input order, and Dynamo lifts a
+    layer's weights where it first meets them; on CUDA it lifted some of the first layer's in
+    another order than the others' (2026-12-07: the first layer compiled as a body of its own).
+    In read order, two layers with the same graph have the same signature whatever the lifting."""
+    sub: torch.fx.GraphModule = getattr(outer, name)
+    placeholders = placeholders_of(sub)
+    first_read: dict[torch.fx.Node, tuple[int, int]] = {}  # (reading node, argument position)
+    for i, node in enumerate(sub.graph.nodes):
+        for k, used in enumerate(node.all_input_nodes):
+            first_read.setdefault(used, (i, k))
+    unread = (len(sub.graph.nodes), 0)
+    order = sorted(range(len(placeholders)), key=lambda j: (*first_read.get(placeholders[j], unread), j))
+    if order == list(range(len(placeholders))):
+        return
+    body = next(n for n in sub.graph.nodes if n.op != "placeholder")
+    for j in order:
+        body.prepend(placeholders[j])  # moves it: the inputs end up in `order` before the body
+    sub.recompile()
+    (call,) = outer.graph.find_nodes(op="call_module", target=name)
+    call.args = tuple(call.args[j] for j in order)
+    outer.recompile()
 
 
 def _assign_layers(nodes: list[torch.fx.Node]) -> list[str | None]:
@@ -142,6 +168,10 @@ def placeholders_of(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def body_key(gm: torch.fx.GraphModule, computed: list[int]) -> str:
+    return hashlib.sha256(repr(body_parts(gm, computed)).encode()).hexdigest()[:16]
+
+
+def body_parts(gm: torch.fx.GraphModule, computed: list[int]) -> list[tuple]:
     """A digest of the graph up to node names and module paths: equal for two layers that differ
     only in which weights they are given. An input another region computed counts as requiring
     grad either way: the first layer's hidden state (a frozen embedding's rows) does not, the
@@ -160,7 +190,27 @@ def body_key(gm: torch.fx.GraphModule, computed: list[int]) -> str:
             continue
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
         parts.append((node.op, _target_name(node.target), repr(args)))
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    return parts
+
+
+def why_apart(split: LayerSplit) -> list[str]:
+    """For each body but the most used one, where its graph first differs from that one's: what
+    the report says when layers that look alike compile apart."""
+    groups = sorted(split.bodies().values(), key=len, reverse=True)
+    if len(groups) < 2:
+        return []
+    main = groups[0][0]
+    main_parts = body_parts(split.submodule(main), main.computed)
+    notes = []
+    for group in groups[1:]:
+        other = group[0]
+        parts = body_parts(split.submodule(other), other.computed)
+        at = next((i for i, (a, b) in enumerate(zip(main_parts, parts)) if a != b), min(len(parts), len(main_parts)))
+        mine = parts[at] if at < len(parts) else "(end)"
+        theirs = main_parts[at] if at < len(main_parts) else "(end)"
+        notes.append(f"{other.layer} ({len(group)} calls) differs from {main.layer} at node {at}: "
+                     f"{str(mine)[:200]} against {str(theirs)[:200]}")
+    return notes
 
 
 def _target_name(target: Any) -> str:
