@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from .options import BUDGET, KNOB_DEFAULTS, Options
+from .options import KNOB_DEFAULTS, Options
 from .report import STORE, GraphReport, RematStats
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def compile_within_budget(
     if opts.memory_budget is None or not free:
         return lowmem_backend(gm, example_inputs, fastest, plan_only=plan_only)
     steps = [(name, value) for name, value in STEPS if name in free and _applies(name, opts)]
-    trial = best = _plan(gm, example_inputs, fastest)
+    best = _plan(gm, example_inputs, fastest)
     if best.peak is None:  # nothing planned (no backward): nothing to fit
         return lowmem_backend(gm, example_inputs, fastest, plan_only=plan_only)
     notes = [f"budget {_gib(best.budget)}: the fastest plan ({_settings(fastest, free)}) peaks at {_gib(best.peak)}"
@@ -94,7 +94,12 @@ def compile_within_budget(
         if best.fits:
             break
         without[name] = best.peak
-        trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: value}))
+        try:
+            trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: value}))
+        except Exception as exc:  # noqa: BLE001  (an option the user did not ask for must not break the compile)
+            log.warning("memory knob: planning with %s=%s failed (%s); left out", name, value, exc)
+            notes.append(f"{name}={value}: left out, planning with it failed: {type(exc).__name__}: {exc}")
+            continue
         lower = trial.peak is not None and trial.peak < best.peak
         notes.append(
             f"{name}={value}: {'chosen' if lower else 'tried, not kept'}: budget {_gib(best.budget)} below "
@@ -182,7 +187,11 @@ def _prune(
             notes.append(f"{name}={getattr(fastest, name)}: taken back, the plan that fits does not use it")
     set_ = [name for name, _ in STEPS if getattr(best.options, name) != getattr(fastest, name)]
     for name in set_[:-1]:
-        trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: getattr(fastest, name)}))
+        try:
+            trial = _plan(gm, example_inputs, dataclasses.replace(best.options, **{name: getattr(fastest, name)}))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("memory knob: planning without %s failed (%s); kept", name, exc)
+            continue
         if trial.fits:
             notes.append(f"{name}={getattr(fastest, name)}: taken back, {_gib(trial.peak)} without it fits too")
             best = trial

@@ -227,3 +227,18 @@ def test_budget_default_is_validated():
     with pytest.raises(ValueError, match="mlp_chunks='Budget'.*'budget'"):
         lowmem_compile.Options.from_user({"mlp_chunks": "Budget"})
     assert lowmem_compile.Options(memory_budget=1).without_knob().left_to_budget() == ()
+
+
+def test_an_option_that_fails_to_plan_is_left_out(monkeypatch):
+    """An option the user did not ask for must not break the compile: if planning with it raises,
+    the knob goes on without it and says why."""
+    from lowmem_compile.passes.chunk_mlp import ChunkMLPPass
+
+    def broken(self, gm, ctx):
+        raise RuntimeError("pieces broke")
+
+    monkeypatch.setattr(ChunkMLPPass, "__call__", broken)
+    model, inputs = _prepared(), batch(size=1, seq=SEQ)
+    report, table, _ = _plan(model, inputs, {"memory_budget": 1})
+    assert report["remat"]["knob"]["mlp_chunks"] == "off" and report["mlp"]["chunked"] == 0
+    assert "[knob] mlp_chunks=auto: left out, planning with it failed: RuntimeError: pieces broke" in table
