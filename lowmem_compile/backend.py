@@ -153,6 +153,7 @@ def _compile_layers(
     outer_inputs = {p.name: x for p, x in zip(placeholders_of(split.outer), example_inputs)}
     on_device = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
     bodies = split.bodies()
+    apart = why_apart(split)  # before the regions are replaced by their compiled code
     calls = sum(len(group) for group in bodies.values())
     returned = _returned_values(split)
 
@@ -177,7 +178,7 @@ def _compile_layers(
                 stats = dataclasses.replace(stats, notes=[f"{where}: {note}" for note in stats.notes])
             graph_report.add(section, stats)
         if compiled is not None:
-            requires_grad = [i for i in region.computed if getattr(inputs[i], "requires_grad", False)]
+            requires_grad = [i for i in region.activations if getattr(inputs[i], "requires_grad", False)]
             no_grad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
             split.outer.register_module(region.name, _CompiledRegion(compiled, single, requires_grad, no_grad))
         return compiled, partitioner
@@ -200,10 +201,10 @@ def _compile_layers(
                     tail_exprs = tuple(e - own for e in partitioner.symbolic_memory.peak_exprs)
     first_body = True
     for group in bodies.values():
-        # a body compiles for the layer whose computed inputs require grad the most (the first
+        # a body compiles for the layer whose activation inputs require grad the most (the first
         # layer's input, from a frozen embedding, requires none)
         representative = max(group, key=lambda r: sum(bool(getattr(inputs_of(r)[1][i], "requires_grad", False))
-                                                        for i in r.computed))
+                                                        for i in r.activations))
         placeholders, inputs = inputs_of(representative)
         carried = [x for i, x in enumerate(inputs) if i in representative.carried]
         own = [x for i, x in enumerate(inputs) if i not in representative.carried]
@@ -237,7 +238,7 @@ def _compile_layers(
         for region in group:
             if region is not representative and compiled is not None:
                 split.outer.register_module(region.name, getattr(split.outer, representative.name))
-    graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls, apart=why_apart(split)))
+    graph_report.add("layers", LayerStats(bodies=len(bodies), calls=calls, apart=apart))
     held = [x for values in returned.values() for x in values]
     peak = graph_report.stats["remat"].predicted_peak_bytes if "remat" in graph_report.stats else None
     note = held_note(len(held), _device_bytes(held, on_device), peak or 0) if peak else None

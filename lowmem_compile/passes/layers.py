@@ -54,8 +54,10 @@ class Region:
     """The body signature (layers only): regions with equal keys share one compiled body."""
     carried: list[int] = dataclasses.field(default_factory=list)
     """Positions of the inputs that belong to this call alone (:func:`carried_inputs`)."""
-    computed: list[int] = dataclasses.field(default_factory=list)
-    """Positions of the inputs another region computed (not the step's own inputs, such as weights)."""
+    activations: list[int] = dataclasses.field(default_factory=list)
+    """Positions of the floating-point inputs that are not parameters (the hidden state, rotary
+    tables, masks): whether they require grad depends on where the call sits (the first layer's
+    input, rows of a frozen embedding, requires none), not on the layer (:func:`body_parts`)."""
 
 
 @dataclasses.dataclass
@@ -105,42 +107,15 @@ def split_layers(gm: torch.fx.GraphModule) -> LayerSplit:
     regions = [Region(name=f"submod_{i}", kind=kind, layer=layer) for i, (kind, layer) in enumerate(kinds)]
     regions = [r for r in regions if hasattr(outer, r.name)]  # split_module drops empty partitions
     split = LayerSplit(outer=outer, regions=regions)
-    step_inputs = {p.name for p in placeholders_of(outer)}
     for region in regions:
         if region.kind == "layer":
-            _inputs_in_read_order(outer, region.name)
             placeholders = placeholders_of(getattr(outer, region.name))
             region.carried = carried_inputs(split, region)
-            region.computed = [i for i, p in enumerate(placeholders) if p.name not in step_inputs]
-            region.key = body_key(getattr(outer, region.name), region.computed)
+            region.activations = [i for i, p in enumerate(placeholders) if _is_activation(p)]
+            region.key = body_key(getattr(outer, region.name), region.activations)
     if all(len(group) == 1 for group in split.bodies().values()):
         raise NotOutlined(f"none of the {len(seen)} layers has the same graph as another (nothing to reuse)")
     return split
-
-
-def _inputs_in_read_order(outer: torch.fx.GraphModule, name: str) -> None:
-    """Reorder the inputs of region `name` to the order its nodes first read them, and its call's
-    arguments with them. `split_module` keeps the step graph's input order, and Dynamo lifts a
-    layer's weights where it first meets them; on CUDA it lifted some of the first layer's in
-    another order than the others' (2026-12-07: the first layer compiled as a body of its own).
-    In read order, two layers with the same graph have the same signature whatever the lifting."""
-    sub: torch.fx.GraphModule = getattr(outer, name)
-    placeholders = placeholders_of(sub)
-    first_read: dict[torch.fx.Node, tuple[int, int]] = {}  # (reading node, argument position)
-    for i, node in enumerate(sub.graph.nodes):
-        for k, used in enumerate(node.all_input_nodes):
-            first_read.setdefault(used, (i, k))
-    unread = (len(sub.graph.nodes), 0)
-    order = sorted(range(len(placeholders)), key=lambda j: (*first_read.get(placeholders[j], unread), j))
-    if order == list(range(len(placeholders))):
-        return
-    body = next(n for n in sub.graph.nodes if n.op != "placeholder")
-    for j in order:
-        body.prepend(placeholders[j])  # moves it: the inputs end up in `order` before the body
-    sub.recompile()
-    (call,) = outer.graph.find_nodes(op="call_module", target=name)
-    call.args = tuple(call.args[j] for j in order)
-    outer.recompile()
 
 
 def _assign_layers(nodes: list[torch.fx.Node]) -> list[str | None]:
@@ -167,24 +142,31 @@ def placeholders_of(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def body_key(gm: torch.fx.GraphModule, computed: list[int]) -> str:
-    return hashlib.sha256(repr(body_parts(gm, computed)).encode()).hexdigest()[:16]
+def _is_activation(placeholder: torch.fx.Node) -> bool:
+    value = placeholder.meta.get("example_value", placeholder.meta.get("val"))
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and not isinstance(value, torch.nn.Parameter)
 
 
-def body_parts(gm: torch.fx.GraphModule, computed: list[int]) -> list[tuple]:
-    """A digest of the graph up to node names and module paths: equal for two layers that differ
-    only in which weights they are given. An input another region computed counts as requiring
-    grad either way: the first layer's hidden state (a frozen embedding's rows) does not, the
-    others' do, and the body compiled for the others serves the first too (its call makes the input
-    require grad; the extra input gradient costs a fraction of one layer's backward, where a body of
-    its own would cost a compile). The weights' `requires_grad` (LoRA or frozen) stays in the key."""
+def body_key(gm: torch.fx.GraphModule, activations: list[int]) -> str:
+    return hashlib.sha256(repr(body_parts(gm, activations)).encode()).hexdigest()[:16]
+
+
+def body_parts(gm: torch.fx.GraphModule, activations: list[int]) -> list[tuple]:
+    """The graph up to node names and module paths, node by node: equal for two layers that differ
+    only in which weights they are given. An activation input counts as requiring grad either way:
+    the first layer's hidden state (a frozen embedding's rows) does not, the others' do, and the
+    body compiled for the others serves the first too (its call makes the input require grad; the
+    extra input gradient costs a fraction of one layer's backward, where a body of its own would
+    cost a compile). Parameters keep their `requires_grad` (LoRA or frozen) in the key. (On CUDA
+    the first layer's hidden state was not always an input another region computed, 2026-12-07:
+    hence activations, not computed inputs.)"""
     index: dict[torch.fx.Node, int] = {}
     parts = []
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
             signature = _value_signature(node.meta.get("example_value", node.meta.get("val")))
-            if i in computed and signature[0] == "tensor":
+            if i in activations and signature[0] == "tensor":
                 signature = signature[:5] + (True,) + signature[6:]
             parts.append(("input", signature))
             continue
@@ -200,11 +182,11 @@ def why_apart(split: LayerSplit) -> list[str]:
     if len(groups) < 2:
         return []
     main = groups[0][0]
-    main_parts = body_parts(split.submodule(main), main.computed)
+    main_parts = body_parts(split.submodule(main), main.activations)
     notes = []
     for group in groups[1:]:
         other = group[0]
-        parts = body_parts(split.submodule(other), other.computed)
+        parts = body_parts(split.submodule(other), other.activations)
         at = next((i for i, (a, b) in enumerate(zip(main_parts, parts)) if a != b), min(len(parts), len(main_parts)))
         mine = parts[at] if at < len(parts) else "(end)"
         theirs = main_parts[at] if at < len(main_parts) else "(end)"
