@@ -42,7 +42,10 @@ from bench._common import default_out_dir, environment, markdown_table, run_proc
 MARKER = "REMAT_SWEEP "
 GIB = 2**30
 STOCK = [("inductor_amb1.0", 1.0), ("inductor_amb0.5", 0.5), ("inductor_amb0.3", 0.3), ("inductor_amb0.1", 0.1)]
-OTHER_PASSES_OFF = {"attention": "off", "fused_loss": "off", "nf4": "off"}
+#: Recomputation alone: the other passes off, and nothing left for `memory_budget` to decide beside it
+#: (parking, MLP pieces and the logits stay as they were before the knob, lowmem_compile/knob.py).
+OTHER_PASSES_OFF = {"attention": "off", "fused_loss": "off", "nf4": "off", "offload": "off", "mlp_chunks": "off",
+                    "logits": "keep"}
 
 
 def worker(cfg: dict) -> dict:

@@ -21,6 +21,7 @@
 #                                                   # 8192; lean at 32 and 8 layers; lean at 131072; 70B from meta
 #   bash bench/run_all.sh first8192                 # time to first step alone: lean under a budget, then Unsloth, at
 #                                                   # 8192, with where each first step's time went
+#   bash bench/run_all.sh knob                      # memory_budget alone at 8192 ("7GiB") beside the lean row; 2048 ("6GiB")
 #   bash bench/run_all.sh depth8                    # the same lean row at 8 layers (first step against depth)
 #   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
@@ -51,7 +52,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -140,6 +141,13 @@ stage() {
     first8192)  # time to first step with the GPU to itself: the headline lean row, then Unsloth (one after the other)
       e2e --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+    knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
+      # other: 8192 tokens at "7GiB", then 2048 at "6GiB" (the prepared model: NF4, host embeddings, no K/V cache)
+      e2e --seqs 8192 --gpus 1 --lowmem "$lean_budget" --lowmem 'lowmem_lean_knob7={"memory_budget":"7GiB"}' \
+        --configs lowmem_lean_b6,lowmem_lean_knob7 --out "$out/a" > "$out/a.log" 2>&1
+      e2e --seqs 2048 --gpus 1 --lowmem 'lowmem_lean_knob6={"memory_budget":"6GiB"}' \
+        --configs lowmem_lean_knob6 --out "$out/b" > "$out/b.log" 2>&1
+      rows "$out"/?/e2e.md ;;
     depth8)  # the headline lean row at 8 layers, alone: its first step against first8192's 32-layer one
       e2e --seqs 8192 --layers 8 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
