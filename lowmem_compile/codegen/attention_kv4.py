@@ -481,7 +481,8 @@ def tried(kind: str, mask_kind: int, head_dim: int) -> list[tuple[int, int, int,
 
 #: What the autotuners picked on H100 and H200 (sm_90) in every attention bench run
 #: (bench/results/attention/2026-11-29T04, T14, T23: kv16/kv8/kv4, causal with and without key
-#: padding, 2048 / 8192 / 32768 tokens), for head dims up to 128, no window, no softcap: the launch
+#: padding, 2048 / 8192 / 32768 tokens, 32 query / 8 KV heads of 128), for head dims up to 128 (other
+#: GQA ratios and head dims below 128 take the same picks unmeasured), no window, no softcap: the launch
 #: uses it without tuning. Each config the autotuner tries is a compile of its own on first use (the
 #: largest part of a cold first step's kernel work), so tuning only where no pick was measured saves
 #: six of the nine compiles there. `LOWMEM_AUTOTUNE=full` tunes over every config anyway.
