@@ -666,10 +666,21 @@ def _predicted_over_measured(row: dict[str, Any]) -> str | None:
     return f"{(predicted + row.get('optimizer_state_bytes', 0)) / row['peak_steps_bytes']:.3f}"
 
 
+#: The first step's parts the table shows: Dynamo's trace, the backend (passes, AOTAutograd, our
+#: partitioner, Inductor's forward code), the backwards compiled at the first backward, Triton tuning.
+FIRST_STEP_PARTS = ("bytecode_tracing", "OutputGraph.call_user_compiler", "compile_fx.<locals>.bw_compiler", "triton_autotune")
+
+
+def _first_step_split(parts: dict[str, float] | None) -> str | None:
+    if not parts:
+        return None
+    return " / ".join(f"{parts.get(name, 0.0):.1f}" for name in FIRST_STEP_PARTS)
+
+
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
     header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "reserved GiB", "tokens/s", "vs eager"]
-    header += ["predicted / measured peak", "first step s", "last loss", "error"]
+    header += ["predicted / measured peak", "first step s", "of it: trace / backend / backwards / tuning s", "last loss", "error"]
     body = []
     for r in rows:
         b = base.get(r["seq"], {})
@@ -685,6 +696,7 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
                 _ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
                 _predicted_over_measured(r),
                 r.get("first_step_s"),
+                _first_step_split(r.get("first_step_parts_s")),
                 None if r.get("last_loss") is None else f"{r['last_loss']:.4f}",
                 r.get("error"),
             ]
@@ -699,7 +711,8 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse
         "Peak steps: max allocated over the timed steps (weights, optimizer state and activations); "
         "peak run: from before loading to the end. Reserved: the allocator's reserved peak over the timed "
         "steps (it holds CUDA graph pools, which the allocated peaks do not count). Tokens/s: median timed step. "
-        "First step includes compilation. Predicted / measured: lowmem's cost model (outputs freed "
+        "First step includes compilation (its parts: Dynamo's trace, the backend, the backwards compiled at "
+        "the first backward, Triton's autotuners; each summed over the step's graphs). Predicted / measured: lowmem's cost model (outputs freed "
         "before the backward, as this loop does, plus the optimizer's state) over peak steps.\n\n"
     )
     return intro + markdown_table(header, body)
