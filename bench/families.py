@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the package, ben
     sys.path.insert(0, str(ROOT))
 
 from bench._common import default_out_dir, environment, markdown_table, run_process_group, write_jsonl  # noqa: E402
-from bench.e2e import GIB, MODELS, Recipe, _train, worker_env  # noqa: E402
+from bench.e2e import GIB, MODELS, Recipe, _train, load_for_training, worker_env  # noqa: E402
 from bench.trajectory import fp32_reference, quantized_model  # noqa: E402
 
 ROW_MARKER = "FAMILIES_ROW "
@@ -205,12 +205,7 @@ def run_config(args: argparse.Namespace, config, name: str, input_ids, ref_grads
         if cuda:
             row["gpu"] = torch.cuda.get_device_name()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        model, step_fn = _build(args, config, name)
-        row["load_s"] = round(time.perf_counter() - start, 2)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        row["trainable_params"] = sum(p.numel() for p in trainable)
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+        model, step_fn, optimizer = load_for_training(lambda: _build(args, config, name), args.lr, row)
         grads = _capture_first_grads(model, optimizer)
         if cuda:
             row["resident_bytes"] = torch.cuda.memory_allocated()
