@@ -142,8 +142,13 @@ def placeholders_of(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def _input_value(placeholder: torch.fx.Node) -> Any:
+    """A region input's example value (Dynamo's, copied by `split_module`; else the traced `val`)."""
+    return placeholder.meta.get("example_value", placeholder.meta.get("val"))
+
+
 def _is_activation(placeholder: torch.fx.Node) -> bool:
-    value = placeholder.meta.get("example_value", placeholder.meta.get("val"))
+    value = _input_value(placeholder)
     return isinstance(value, torch.Tensor) and value.is_floating_point() and not isinstance(value, torch.nn.Parameter)
 
 
@@ -165,8 +170,8 @@ def body_parts(gm: torch.fx.GraphModule, activations: list[int]) -> list[tuple]:
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
-            signature = _value_signature(node.meta.get("example_value", node.meta.get("val")))
-            if i in activations and signature[0] == "tensor":
+            signature = _value_signature(_input_value(node))
+            if i in activations:  # a tensor: the requires_grad field made True
                 signature = signature[:5] + (True,) + signature[6:]
             parts.append(("input", signature))
             continue
