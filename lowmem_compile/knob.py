@@ -42,6 +42,7 @@ import torch
 import torch.fx
 
 from .options import KNOB_DEFAULTS, Options
+from .passes import copy_graph_module
 from .report import STORE, GraphReport, RematStats
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: Options
     with STORE.isolated() as scratch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # an infeasible trial is not the user's plan: held back
         try:
-            lowmem_backend(_copy(gm), example_inputs, trial_opts, plan_only=True)
+            lowmem_backend(copy_graph_module(gm), example_inputs, trial_opts, plan_only=True)
         except Planned:
             pass
     graph = scratch.graphs[-1] if scratch.graphs else GraphReport(index=0, nodes=0)
@@ -196,18 +197,6 @@ def _prune(
             notes.append(f"{name}={getattr(fastest, name)}: taken back, {_gib(trial.peak)} without it fits too")
             best = trial
     return best
-
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` whose graph the passes may rewrite: new nodes (their metadata copied, the fake
-    values shared), the same parameters and submodules."""
-    graph = torch.fx.Graph()
-    graph._codegen = gm.graph._codegen
-    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(out).meta = dict(old_output.meta)
-    copy = torch.fx.GraphModule(gm, graph)
-    copy.meta = dict(gm.meta)
-    return copy
 
 
 def _settings(opts: Options, names: Sequence[str]) -> str:

@@ -35,6 +35,18 @@ def example_value(node: Any) -> Any:
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
 
 
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` whose graph may be rewritten apart: new nodes (their metadata copied, the fake
+    values shared), the same parameters and submodules."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(old_output.meta)
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    return copy
+
+
 def calls(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
     """`node` calls one of `functions`, or one of the tensor `methods`. An operator function also
     matches its method form: Dynamo in torch 2.11 records some tensor comparisons (HF's `a == b` in its

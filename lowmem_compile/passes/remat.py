@@ -61,7 +61,7 @@ from ..cost.timing import DeviceRates, is_fusible, node_flops, node_time, rates_
 from ..options import Options
 from ..report import GraphReport, RematStats
 from ..sources import source_hash
-from . import offload
+from . import copy_graph_module, offload
 
 #: Modules whose ops' autograd formulas and fake impls AOTAutograd traces into the joint graph:
 #: every module of the ops package (each registers its ops on import).
@@ -202,11 +202,7 @@ class _Planner:
 
     def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
         start = time.perf_counter()
-        graph = torch.fx.Graph()
-        graph._codegen = self.gm.graph._codegen
-        out, old_output = graph.graph_copy(self.gm.graph, {}, return_output_node=True)
-        graph.output(out).meta = dict(old_output.meta)
-        joint = torch.fx.GraphModule(self.gm, graph)
+        joint = copy_graph_module(self.gm)
         for node in joint.graph.nodes:
             if node.name in tags:
                 node.meta["recompute"] = tags[node.name]
