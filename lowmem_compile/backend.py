@@ -53,6 +53,13 @@ def lowmem_backend(
     """Compile one Dynamo graph. `options` comes from `torch.compile(..., options={...})`.
     With `plan_only`, run the passes and the partitioner (the report fills in), then raise `Planned`."""
     opts = Options.from_user(options)
+    if not plan_only and opts.inner != "eager":
+        # Inductor's compile workers take seconds to start: start them now, so they are up by the
+        # time the passes and the partitioner hand Inductor its first kernels (Inductor's own
+        # backend does the same on entry)
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
     if opts.left_to_budget():  # options that memory_budget decides: knob.py plans them, then calls back
         from .knob import compile_within_budget
 
