@@ -59,6 +59,33 @@ def test_a_step_input_as_the_first_layers_hidden_state_shares_the_body():
     assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 3, report["layers"]["apart"]
 
 
+def _region_graph(hidden_requires_grad: bool) -> torch.fx.GraphModule:
+    """A layer region whose graph starts with a non-input node, as regions split on CUDA did."""
+    graph = torch.fx.Graph()
+    root = torch.nn.Module()
+    root.register_buffer("scale", torch.ones(8))
+    scale = graph.get_attr("scale")
+    hidden = graph.placeholder("hidden")
+    hidden.meta["val"] = torch.randn(2, 8, requires_grad=hidden_requires_grad)
+    weight = graph.placeholder("weight")
+    weight.meta["val"] = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    graph.output(graph.call_function(torch.matmul, (graph.call_function(torch.mul, (hidden, scale)), weight)))
+    return torch.fx.GraphModule(root, graph)
+
+
+def test_the_body_key_counts_activations_among_inputs_not_nodes():
+    """The activation positions index the region's inputs; a node before the first input must not
+    shift them (on CUDA layer 0 compiled apart this way, 2026-12-07T16: its hidden state kept
+    `requires_grad=False` in the key). The frozen weight keeps its flag."""
+    from lowmem_compile.passes.layers import _is_activation, body_key, placeholders_of
+
+    first, other = _region_graph(False), _region_graph(True)
+    activations = [i for i, p in enumerate(placeholders_of(first)) if _is_activation(p)]
+    assert activations == [0]
+    assert body_key(first, activations) == body_key(other, activations)
+    assert body_key(first, []) != body_key(other, [])
+
+
 def test_full_recompute_and_offload_on_the_body(monkeypatch):
     """`remat="full"` inside the body and every call's saved values parked in host memory: exact,
     and the report counts what every call recomputes and parks."""

@@ -167,11 +167,14 @@ def body_parts(gm: torch.fx.GraphModule, activations: list[int]) -> list[tuple]:
     hence activations, not computed inputs.)"""
     index: dict[torch.fx.Node, int] = {}
     parts = []
+    inputs = 0
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
             signature = _value_signature(_input_value(node))
-            if i in activations:  # a tensor: the requires_grad field made True
+            inputs += 1
+            if inputs - 1 in activations:  # a tensor: the requires_grad field made True (counted among
+                # the inputs, not the nodes: on CUDA a region's graph may hold other nodes before them)
                 signature = signature[:5] + (True,) + signature[6:]
             parts.append(("input", signature))
             continue
