@@ -411,6 +411,14 @@ def _device_of(joint_inputs: object) -> torch.device:
     return torch.device("cpu")
 
 
+def budget_on(options: Options, device: torch.device) -> int | None:
+    """`memory_budget` in bytes on `device` (a fraction is of the device's memory; of the host's
+    on the CPU)."""
+    if device.type == "cuda":
+        return options.budget_bytes(torch.cuda.get_device_properties(device).total_memory)
+    return options.budget_bytes(_host_memory())
+
+
 def _host_memory() -> int:
     import os
 
@@ -478,15 +486,12 @@ class RematPartitioner(CustomPartitionerFn):
 
     def budget(self, device: torch.device) -> tuple[int | None, str]:
         """The peak to fit, in bytes, and where it comes from."""
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            budget = self.options.budget_bytes(total)
-            if budget is None:
-                free, _ = torch.cuda.mem_get_info(device)
-                usable = free + torch.cuda.memory_reserved(device)
-                return int(usable * (1 - FREE_MEMORY_MARGIN)), "free device memory less a margin"
-            return budget, "memory_budget"
-        return self.options.budget_bytes(_host_memory()), "memory_budget"
+        budget = budget_on(self.options, device)
+        if budget is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            usable = free + torch.cuda.memory_reserved(device)
+            return int(usable * (1 - FREE_MEMORY_MARGIN)), "free device memory less a margin"
+        return budget, "memory_budget"
 
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
