@@ -143,10 +143,11 @@ stage() {
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
     knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
       # other: 8192 tokens at "7GiB", then 2048 at "6GiB" (the prepared model: NF4, host embeddings, no K/V cache).
-      # KNOB_BASELINE= (empty) leaves the lean row out, when first8192 ran it earlier in the same call
+      # KNOB_BASELINE= (empty) leaves the lean row out, when first8192 ran it earlier in the same call; KNOB_2048=0
+      # the 2048-token row
       e2e --seqs 8192 --gpus 1 --lowmem "$lean_budget" --lowmem 'lowmem_lean_knob7={"memory_budget":"7GiB"}' \
         --configs "${KNOB_BASELINE-lowmem_lean_b6,}lowmem_lean_knob7" --out "$out/a" > "$out/a.log" 2>&1
-      e2e --seqs 2048 --gpus 1 --lowmem 'lowmem_lean_knob6={"memory_budget":"6GiB"}' \
+      [ "${KNOB_2048-1}" = 0 ] || e2e --seqs 2048 --gpus 1 --lowmem 'lowmem_lean_knob6={"memory_budget":"6GiB"}' \
         --configs lowmem_lean_knob6 --out "$out/b" > "$out/b.log" 2>&1
       rows "$out"/?/e2e.md ;;
     depth8)  # the headline lean row at 8 layers, alone: its first step against first8192's 32-layer one
