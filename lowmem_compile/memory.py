@@ -21,7 +21,8 @@ The backend does this by itself: every graph it compiles for CUDA is wrapped by
 outputs has finished (the backward graph is compiled lazily, at that first backward), or right
 after the first call where nothing needs a gradient. At that point it also switches the allocator
 to expandable segments for the memory it maps from then on (`use_expandable_segments`), unless
-the user's `PYTORCH_CUDA_ALLOC_CONF` says either way: the steps then reserve about what they
+the user's `PYTORCH_CUDA_ALLOC_CONF` says either way or the graph replays CUDA graphs
+(`cudagraphs=True`: their private pools were never measured with the setting changed under them): the steps then reserve about what they
 allocate. Why: with only the cache given back, the timed steps still reserved 9.87 GiB for an
 allocated peak of 6.76 (H100, Llama-3-8B at 8192, lean options; bench/results/layers/2026-12-07T16/):
 fixed-size segments that the steps' blocks of many sizes fill only in part. `lowmem_compile.trainer.LowmemCallback` calls
@@ -66,9 +67,12 @@ def release_compile_memory(device: torch.device | str | int | None = None, *, re
     return out
 
 
-def release_after_first_backward(fn: Callable[..., Any], release: Callable[[], Any] | None = None) -> Callable[..., Any]:
+def release_after_first_backward(
+    fn: Callable[..., Any], release: Callable[[], Any] | None = None, *, expandable: bool = True
+) -> Callable[..., Any]:
     """`fn` (a compiled graph's callable), which calls `release` (default: `release_compile_memory`
-    without resetting the peak statistics, on CUDA only) once: at the end of the first backward pass
+    without resetting the peak statistics, then `use_expandable_segments` if `expandable`, on CUDA
+    only) once: at the end of the first backward pass
     that reaches the outputs of its first call, or right after that call when no output needs a
     gradient (an evaluation). Later calls go straight to `fn`. Keeps Dynamo's `_boxed_call` marker."""
     if release is None:
@@ -77,7 +81,8 @@ def release_after_first_backward(fn: Callable[..., Any], release: Callable[[], A
 
         def release() -> None:
             release_compile_memory(reset_peak=False)
-            use_expandable_segments()
+            if expandable:
+                use_expandable_segments()
 
     armed = [True]
 
