@@ -219,7 +219,8 @@ def test_fractional_budget_end_to_end():
     assert full["predicted_peak_bytes"] < stock["predicted_peak_bytes"]
     fraction = (stock["predicted_peak_bytes"] + full["predicted_peak_bytes"]) / 2 / host
     assert 0 < fraction < 1e-3
-    fitted = _tiny_step({"memory_budget": fraction})
+    # the knob's options set: the budget is the compiled step's own, not the whole step's (knob.py)
+    fitted = _tiny_step({"memory_budget": fraction, "offload": "off", "mlp_chunks": "off", "logits": "keep"})
     assert fitted["budget_bytes"] == int(fraction * host)
     assert fitted["predicted_peak_bytes"] <= fitted["budget_bytes"] < stock["predicted_peak_bytes"]
     assert fitted["recomputed"] > 0
