@@ -97,7 +97,7 @@ def lowmem_backend(
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         # what the compile and the first run cached in the allocator goes back to the driver once the
         # first backward (itself compiled lazily) is done: reserved memory then follows the steps
-        compiled = release_after_first_backward(compiled, expandable=not opts.cudagraphs)
+        compiled = release_after_first_backward(compiled)
     if opts.report:
         from .report import last_report
 

@@ -19,29 +19,24 @@ set before the process's first CUDA allocation lets the allocator grow and shrin
 The backend does this by itself: every graph it compiles for CUDA is wrapped by
 `release_after_first_backward`, which calls it once, when the first backward through the graph's
 outputs has finished (the backward graph is compiled lazily, at that first backward), or right
-after the first call where nothing needs a gradient. At that point it also switches the allocator
-to expandable segments for the memory it maps from then on (`use_expandable_segments`), unless
-the user's `PYTORCH_CUDA_ALLOC_CONF` says either way or the graph replays CUDA graphs
-(`cudagraphs=True`: their private pools were never measured with the setting changed under them): the steps then reserve about what they
-allocate. Why: with only the cache given back, the timed steps still reserved 9.87 GiB for an
-allocated peak of 6.76 (H100, Llama-3-8B at 8192, lean options; bench/results/layers/2026-12-07T16/):
-fixed-size segments that the steps' blocks of many sizes fill only in part. `lowmem_compile.trainer.LowmemCallback` calls
+after the first call where nothing needs a gradient. `lowmem_compile.trainer.LowmemCallback` calls
 it again after a `transformers.Trainer`'s first optimizer step and first evaluation.
+
+What it leaves: on an H100 (Llama-3-8B at 8192, lean options, bench/results/layers/2026-12-07T16/,
+call 3) the timed steps still reserved 9.38 GiB for an allocated peak of 7.00. Expandable segments
+from the process's start changed that to 9.14 (same call), so fixed-size segments are not what
+holds the rest; the backend therefore leaves the allocator's settings to the user.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["release_compile_memory", "release_after_first_backward", "use_expandable_segments"]
-
-#: The environment variables through which a user configures PyTorch's CUDA allocator.
-_ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+__all__ = ["release_compile_memory", "release_after_first_backward"]
 
 
 def release_compile_memory(device: torch.device | str | int | None = None, *, reset_peak: bool = True) -> dict:
@@ -67,12 +62,9 @@ def release_compile_memory(device: torch.device | str | int | None = None, *, re
     return out
 
 
-def release_after_first_backward(
-    fn: Callable[..., Any], release: Callable[[], Any] | None = None, *, expandable: bool = True
-) -> Callable[..., Any]:
+def release_after_first_backward(fn: Callable[..., Any], release: Callable[[], Any] | None = None) -> Callable[..., Any]:
     """`fn` (a compiled graph's callable), which calls `release` (default: `release_compile_memory`
-    without resetting the peak statistics, then `use_expandable_segments` if `expandable`, on CUDA
-    only) once: at the end of the first backward pass
+    without resetting the peak statistics, on CUDA only) once: at the end of the first backward pass
     that reaches the outputs of its first call, or right after that call when no output needs a
     gradient (an evaluation). Later calls go straight to `fn`. Keeps Dynamo's `_boxed_call` marker."""
     if release is None:
@@ -81,8 +73,6 @@ def release_after_first_backward(
 
         def release() -> None:
             release_compile_memory(reset_peak=False)
-            if expandable:
-                use_expandable_segments()
 
     armed = [True]
 
@@ -109,16 +99,3 @@ def release_after_first_backward(
     if getattr(fn, "_boxed_call", False):
         wrapped._boxed_call = True  # type: ignore[attr-defined]
     return wrapped
-
-
-def use_expandable_segments() -> bool:
-    """From now on let the CUDA allocator map memory into segments that grow and shrink (PyTorch's
-    `expandable_segments`), unless the user's allocator configuration names the setting; blocks
-    already mapped keep their segments. Returns whether it switched it on."""
-    if not torch.cuda.is_available() or any("expandable_segments" in os.environ.get(v, "") for v in _ALLOC_CONF):
-        return False
-    # the accelerator-wide setter where this torch has it; `torch.cuda.memory`'s private one, which
-    # later versions deprecate in its favour, before
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    setter("expandable_segments:True")
-    return True

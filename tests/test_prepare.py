@@ -334,19 +334,3 @@ def test_backend_gives_back_the_compiles_cache_after_the_first_backward():
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     released = lowmem_compile.release_compile_memory()["released"]
     assert released == 0, f"{released} bytes were left cached after the first backward ({cached} reserved over allocated)"
-
-
-@pytest.mark.gpu
-def test_memory_mapped_after_the_first_backward_is_expandable(monkeypatch):
-    """After the backend's release, new memory comes in expandable segments (unless the user's
-    allocator configuration names the setting): the steps' reserved memory follows their allocations."""
-    from tests.models import tiny_model
-
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(name, raising=False)
-    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64).cuda()
-    inputs = {k: v.cuda() for k, v in batch(seq=128).items()}
-    torch.compile(model, backend="lowmem")(**inputs).loss.backward()
-    fresh = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # larger than any cached block
-    segment = next(s for s in torch.cuda.memory_snapshot() if s["address"] <= fresh.data_ptr() < s["address"] + s["total_size"])
-    assert segment.get("is_expandable"), segment.keys()
