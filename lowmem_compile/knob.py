@@ -50,7 +50,7 @@ import torch.fx
 
 from .options import KNOB_DEFAULTS, Options
 from .passes import copy_graph_module
-from .report import STORE, GraphReport, RematStats
+from .report import STORE, GraphReport, RematStats, gib
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def compile_within_budget(
     best = _plan(gm, example_inputs, fastest)
     if best.peak is None:  # nothing planned (no backward): nothing to fit
         return lowmem_backend(gm, example_inputs, fastest, plan_only=plan_only)
-    notes.append(f"budget {_gib(best.budget)}: the fastest plan ({_settings(fastest, free)}) peaks at {_gib(best.peak)}"
+    notes.append(f"budget {gib(best.budget)}: the fastest plan ({_settings(fastest, free)}) peaks at {gib(best.peak)}"
                  + (", within it" if best.fits else ", over it"))
     without: dict[str, int] = {}  # the best peak before each option was tried
     for name, value in steps:
@@ -117,8 +117,8 @@ def compile_within_budget(
             continue
         lower = trial.peak is not None and trial.peak < best.peak
         notes.append(
-            f"{name}={value}: {'chosen' if lower else 'tried, not kept'}: budget {_gib(best.budget)} below "
-            f"{_gib(best.peak)} without {_WHY[name]}, {_gib(trial.peak)} with it"
+            f"{name}={value}: {'chosen' if lower else 'tried, not kept'}: budget {gib(best.budget)} below "
+            f"{gib(best.peak)} without {_WHY[name]}, {gib(trial.peak)} with it"
             + ("" if lower else " (no lower)")
         )
         if lower:
@@ -126,14 +126,14 @@ def compile_within_budget(
     if best.fits:
         best = _prune(gm, example_inputs, best, fastest, notes)
     else:
-        notes.append(f"no option set fits: the closest, {_gib(best.peak)}, is compiled")
+        notes.append(f"no option set fits: the closest, {gib(best.peak)}, is compiled")
     chosen = {name: getattr(best.options, name) for name in free}
     log.info("memory knob: %s", "; ".join(notes))
     if best.options.logits == "drop" and "logits" in free:
         warnings.warn(
-            f"lowmem memory_budget (the step planned for {_gib(best.budget)}): the model's logits are dropped to fit it "
+            f"lowmem memory_budget (the step planned for {gib(best.budget)}): the model's logits are dropped to fit it "
             f"(logits='drop'): outputs.logits is None. Set options logits='keep' to keep them "
-            f"(the lowest plan that keeps them peaks at {_gib(without['logits'])}).",
+            f"(the lowest plan that keeps them peaks at {gib(without['logits'])}).",
             UserWarning,
             stacklevel=2,
         )
@@ -169,11 +169,11 @@ def _for_the_step(opts: Options, fastest: Options, example_inputs: Sequence[Any]
     margin = int(MODEL_ERROR * budget)
     planned = budget - state - margin
     if planned <= 0:
-        return opts, fastest, [f"budget {_gib(budget)}: below the optimizer's state ({_gib(state)}) and the "
-                               f"cost model's margin ({_gib(margin)}); planned as given"]
-    note = (f"budget {_gib(budget)} for the step: {_gib(state)} set aside for the optimizer's state "
-            f"({OPTIMIZER_VALUES} values per trainable parameter), {_gib(margin)} ({MODEL_ERROR:.0%}) for the "
-            f"cost model's error: planned for {_gib(planned)}")
+        return opts, fastest, [f"budget {gib(budget)}: below the optimizer's state ({gib(state)}) and the "
+                               f"cost model's margin ({gib(margin)}); planned as given"]
+    note = (f"budget {gib(budget)} for the step: {gib(state)} set aside for the optimizer's state "
+            f"({OPTIMIZER_VALUES} values per trainable parameter), {gib(margin)} ({MODEL_ERROR:.0%}) for the "
+            f"cost model's error: planned for {gib(planned)}")
     return (dataclasses.replace(opts, memory_budget=planned), dataclasses.replace(fastest, memory_budget=planned),
             [note])
 
@@ -202,7 +202,7 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: Options
     remat = graph.stats.get("remat")
     peak = None if remat is None else remat.predicted_peak_bytes
     budget = None if remat is None else remat.budget_bytes
-    log.info("memory knob: %s peaks at %s", _settings(opts, tuple(KNOB_DEFAULTS)), _gib(peak))
+    log.info("memory knob: %s peaks at %s", _settings(opts, tuple(KNOB_DEFAULTS)), gib(peak))
     return _Trial(opts, graph, peak, budget, list(caught))
 
 
@@ -231,7 +231,7 @@ def _prune(
             log.warning("memory knob: planning without %s failed (%s); kept", name, exc)
             continue
         if trial.fits:
-            notes.append(f"{name}={getattr(fastest, name)}: taken back, {_gib(trial.peak)} without it fits too")
+            notes.append(f"{name}={getattr(fastest, name)}: taken back, {gib(trial.peak)} without it fits too")
             best = trial
     return best
 
@@ -246,6 +246,3 @@ def _print_if(opts: Options) -> None:
 
         print(last_report(), flush=True)
 
-
-def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -207,20 +207,20 @@ class Report:
             ("graphs compiled", str(d["graphs"])),
             ("layer bodies compiled", f"{layers['bodies']} for {layers['calls']} layer calls"),
             ("attention sites replaced", str(att["replaced"])),
-            ("linear layers in NF4", f"{nf4['lowered']} ({_gib(nf4['bytes_before'])} -> {_gib(nf4['bytes_after'])})"),
+            ("linear layers in NF4", f"{nf4['lowered']} ({gib(nf4['bytes_before'])} -> {gib(nf4['bytes_after'])})"),
             ("LM head + loss fused", f"{loss['fused']} (chunk {loss['chunk_tokens']} tokens)"),
             ("MLP blocks in pieces", f"{mlp['chunked']} ({mlp['chunks']} pieces)"),
             ("remat policy", remat["policy"]),
-            ("saved for backward", _gib(remat["saved_bytes"])),
+            ("saved for backward", gib(remat["saved_bytes"])),
             ("values recomputed", str(remat["recomputed"])),
-            ("offloaded to host memory", _gib(remat["offloaded_bytes"])),
-            ("predicted peak", "n/a" if peak is None else _gib(peak)),
+            ("offloaded to host memory", gib(remat["offloaded_bytes"])),
+            ("predicted peak", "n/a" if peak is None else gib(peak)),
         ]
         freed = remat["predicted_peak_outputs_freed_bytes"]
         if freed is not None and freed != peak:
-            rows.append(("  if outputs freed before backward", _gib(freed)))
+            rows.append(("  if outputs freed before backward", gib(freed)))
         if remat["budget_bytes"] is not None:
-            rows.append(("memory budget", _gib(remat["budget_bytes"])))
+            rows.append(("memory budget", gib(remat["budget_bytes"])))
         if remat["knob"]:
             rows.append(("memory knob chose", ", ".join(f"{k}={v}" for k, v in remat["knob"].items())))
         if remat["longest_fitting_seq"] is not None:
@@ -233,10 +233,10 @@ class Report:
         shard = d["sharding"]
         if shard is not None:
             rows.append(("sharded over ranks", f"{shard['ranks']} ({shard['units']} FSDP units)"))
-            rows.append(("  NF4 weights on this rank", f"{_gib(shard['nf4_local_bytes'])} of {_gib(shard['nf4_bytes'])}"))
-            rows.append(("  trainable on this rank", f"{_gib(shard['trainable_local_bytes'])} of {_gib(shard['trainable_bytes'])}"))
-            rows.append(("  other frozen on this rank", f"{_gib(shard['other_local_bytes'])} of {_gib(shard['other_bytes'])}"))
-            rows.append(("  gathered layer unit", _gib(shard["largest_unit_bytes"])))
+            rows.append(("  NF4 weights on this rank", f"{gib(shard['nf4_local_bytes'])} of {gib(shard['nf4_bytes'])}"))
+            rows.append(("  trainable on this rank", f"{gib(shard['trainable_local_bytes'])} of {gib(shard['trainable_bytes'])}"))
+            rows.append(("  other frozen on this rank", f"{gib(shard['other_local_bytes'])} of {gib(shard['other_bytes'])}"))
+            rows.append(("  gathered layer unit", gib(shard["largest_unit_bytes"])))
         for name, entry in d["passes"].items():
             shown = ", ".join(f"{k}={_short(v)}" for k, v in entry.items() if k != "skipped")
             rows.append((f"pass {name}", shown or "ran"))
@@ -292,8 +292,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _gib(n: int) -> str:
-    """Bytes in GiB, or MiB below one GiB so that small models do not read as zero."""
+def gib(n: int | None) -> str:
+    """Bytes in GiB, or MiB below one GiB so that small models do not read as zero; "n/a" for None."""
+    if n is None:
+        return "n/a"
     return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 

@@ -17,6 +17,7 @@ import torch
 
 import lowmem_compile
 from lowmem_compile import knob
+from lowmem_compile.report import gib
 
 from .models import batch, rel_err, tiny_model, trainable_grads, twin
 
@@ -88,7 +89,7 @@ def test_budget_between_lean_and_default_reaches_the_lean_plan():
     remat = report["remat"]
     assert remat["budget_bytes"] == _planned(model, asked) and 0 <= remat["budget_bytes"] - budget <= 2
     assert remat["predicted_peak_bytes"] <= remat["budget_bytes"]
-    assert remat["knob_notes"][0].startswith(f"budget {knob._gib(asked)} for the step: {knob._gib(_state(model))} set aside")
+    assert remat["knob_notes"][0].startswith(f"budget {gib(asked)} for the step: {gib(_state(model))} set aside")
     assert abs(remat["predicted_peak_bytes"] - lean) <= 0.05 * lean
     assert remat["offloaded_bytes"] > 0 and report["mlp"]["chunked"] > 0
     assert remat["knob"] == {"offload": "parked", "mlp_chunks": "auto", "logits": "keep"}
