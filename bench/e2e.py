@@ -545,8 +545,13 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
     return cmd
 
 
-def worker_env(args: argparse.Namespace, gpu: int, config: str | None) -> dict[str, str]:
+def worker_env(args: argparse.Namespace, gpu: int, config: str | None, caches: Path | None = None) -> dict[str, str]:
+    """The worker's environment; with `caches` (`--cold`), Inductor's and Triton's caches go to fresh
+    folders under it, so the first step compiles everything even on a machine that ran it before."""
     env = dict(os.environ)
+    if caches is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(caches / "inductor")
+        env["TRITON_CACHE_DIR"] = str(caches / "triton")
     # Workers run in a scratch folder: make PYTHONPATH (e.g. a relative .peers/site) absolute first.
     paths = [str(ROOT), *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -615,9 +620,11 @@ class Runner:
             if timeout < 1:
                 return {"error": "not run: --time-limit reached"}
         start = time.perf_counter()
-        rc, out, err = run_process_group(cmd, worker_env(self.args, gpu, config), self.scratch, timeout)
+        caches = Path(tempfile.mkdtemp(prefix="caches_", dir=self.scratch)) if self.args.cold else None
+        rc, out, err = run_process_group(cmd, worker_env(self.args, gpu, config, caches), self.scratch, timeout)
         result = parse_result(rc, out, err, timeout)
         result["wall_s"] = round(time.perf_counter() - start, 1)
+        result["cold_caches"] = caches is not None
         with self.lock:
             tail = "\n".join(err.splitlines()[-80:])
             self.log.append(f"### {name} (slot {gpu}, rc={rc})\n$ {' '.join(cmd)}\n{tail}")
@@ -831,6 +838,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder (model folder, worker caches)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run, then error rows")
+    p.add_argument("--cold", action="store_true",
+                   help="each worker compiles into fresh Inductor and Triton cache folders (a cold first step on any machine)")
     p.add_argument(
         "--no-head", action="store_true",
         help="train the decoder alone (loss: mean of its last hidden states): the peak without the LM head and loss",

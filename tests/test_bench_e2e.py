@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,14 @@ def test_peak_memory_plot_is_a_png(tmp_path):
     path = tmp_path / "plot.png"
     assert grouped_bar_plot([r["config"] for r in rows], series, path, "title", "GiB") is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cold_workers_compile_into_fresh_cache_folders(tmp_path):
+    """`--cold`: each worker's Inductor and Triton caches are folders of its own, not the machine's."""
+    args = _run_args("--cold")
+    assert args.cold
+    env = e2e.worker_env(args, 0, "eager", tmp_path / "caches_1")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "caches_1" / "inductor")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "caches_1" / "triton")
+    shared = e2e.worker_env(args, 0, "eager")
+    assert shared.get("TORCHINDUCTOR_CACHE_DIR") == os.environ.get("TORCHINDUCTOR_CACHE_DIR")
