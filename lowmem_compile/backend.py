@@ -257,6 +257,22 @@ def _compile_layers(
     return split.outer
 
 
+class _GradSink(torch.autograd.Function):
+    """`x` as a tensor that requires grad, whose gradient goes nowhere. The first layer's hidden
+    state needs none, but the body it shares was compiled for one that does: a leaf made to require
+    grad (`detach().requires_grad_()`) would keep that unused gradient in its `.grad` until the
+    backward ends, through the first layer's backward, where the step's peak is. `anchor`, a scalar
+    leaf that requires grad, only makes the output require grad; it gets no gradient either."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
 class _CompiledRegion(torch.nn.Module):
     """A compiled region as the outer graph calls it: returns what the region's graph returned,
     and gives a carried input the `requires_grad` the body was compiled for (see `layers.body_key`)."""
@@ -277,7 +293,7 @@ class _CompiledRegion(torch.nn.Module):
             args = list(args)
             for i in self.requires_grad:
                 if not args[i].requires_grad:
-                    args[i] = args[i].detach().requires_grad_()
+                    args[i] = _GradSink.apply(args[i], torch.ones((), requires_grad=True))
             for i in self.no_grad:
                 if args[i].requires_grad:
                     raise RuntimeError(f"lowmem: input {i} of a compiled layer body requires grad here but not "
