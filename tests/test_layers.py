@@ -127,6 +127,24 @@ def test_full_recompute_and_offload_on_the_body(monkeypatch):
     assert report["remat"]["offloaded_bytes"] > 0 and report["remat"]["offloaded_bytes"] % 4 == 0
 
 
+def test_parking_stays_within_the_hosts_share(monkeypatch):
+    """With less host memory allowed than every call's saved values take, each call parks only what
+    fits (largest first), the rest stays on the device, the report says so, and the step is still
+    exact."""
+    monkeypatch.setattr(remat.offload, "MIN_BYTES", 1)
+    model = tiny_model("qwen2", num_hidden_layers=4)
+    options = {"inner": "eager", "attention": "kv16", "remat": "none", "offload": "layers"}  # many saved values
+    unlimited = _step(model, options, batch(padding=True))[2]["remat"]
+    model.zero_grad(set_to_none=True)
+    parked_all = unlimited["offloaded_bytes"]
+    assert parked_all > 0 and not any("host memory: parking all" in n for n in unlimited["notes"])
+    limit = parked_all // 2
+    monkeypatch.setattr(remat.offload, "host_bytes_for_parking", lambda: limit)
+    report = _assert_matches_eager(model, options, batch(padding=True))
+    assert 0 < report["remat"]["offloaded_bytes"] <= limit
+    assert any(n.startswith("layer body: host memory: parking all would take") for n in report["remat"]["notes"])
+
+
 def test_layers_of_two_kinds_compile_two_bodies():
     """LoRA on every other layer: two layer graphs, each compiled once, the step exact."""
     import peft

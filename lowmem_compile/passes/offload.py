@@ -39,6 +39,11 @@ from ..ops import offload as offload_ops
 
 #: Saved values smaller than this stay on the device.
 MIN_BYTES = 1 << 20
+#: Share of the host's physical memory that a step's parked values may take; the rest is the
+#: process's own (Python, tables kept in host memory, the optimizer's copies) and the system's. Of the
+#: physical memory, not of what is free at compile time, so the plan, and AOTAutograd's cache key
+#: that holds this module's tunables, does not change from run to run.
+HOST_SHARE = 0.75
 #: A prefetch starts this many copy times ahead of its read on the time model, whose rates are
 #: nominal: a copy slower than modelled, or work faster, must still not keep the backward waiting.
 PREFETCH_SLACK = 1.5
@@ -69,6 +74,30 @@ def choose(
         if order[node] < limit and val.is_contiguous() and tensor_bytes(val) >= MIN_BYTES:
             chosen.append(node)
     return chosen
+
+
+def host_bytes_for_parking() -> int:
+    """What one step may park in host memory (`HOST_SHARE` of the host's physical memory)."""
+    import os
+
+    return int(HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def within_host(values: list[torch.fx.Node], calls: int, limit: int) -> tuple[list[torch.fx.Node], int]:
+    """The values to park, largest first, such that `calls` calls of the graph park at most `limit`
+    bytes, and the bytes a call keeps on the device instead. Where the host cannot hold everything
+    (a long sequence: 32 layers of Llama-3-8B at 524288 tokens park 128 GiB of layer inputs alone),
+    the device keeps the rest rather than the host running out of memory mid-step."""
+    kept, total, left = [], 0, 0
+    for node in sorted(values, key=lambda n: tensor_bytes(tensor_val(n)), reverse=True):
+        size = tensor_bytes(tensor_val(node))
+        if (total + size) * calls <= limit:
+            kept.append(node)
+            total += size
+        else:
+            left += size
+    order = {n: i for i, n in enumerate(values)}
+    return sorted(kept, key=order.__getitem__), left
 
 
 def apply(

@@ -98,6 +98,8 @@ class Plan:
     """For a layer body: whether its carried input is parked in host memory between the passes."""
     step_peak: int | None = None
     """For a layer body compiled once for many layers: the whole step's peak (`cost/layered.py`)."""
+    host_note: str | None = None
+    """Set when not all the values this plan would park fit the host's share (`offload.within_host`)."""
 
     @property
     def peak(self) -> int:
@@ -209,7 +211,7 @@ class _Planner:
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
-        moved, link_seconds, carried_moved = 0, 0.0, False
+        moved, link_seconds, carried_moved, host_note = 0, 0.0, False, None
         peak = memory.peak if self.context is None else self.context.step_peak(memory)
         if self.offload_to is not None and self.layers and (self.offload_above is None or peak > self.offload_above):
             if self.context is not None:
@@ -217,6 +219,13 @@ class _Planner:
             else:  # the forward's first node of the last layer (none if the partition dropped the layer tags)
                 last_layer = next((n for n in fw.graph.nodes if self.layer_of(n) == self.layers[-1]), None)
                 values = offload.choose(fw, num_out, last_layer) if last_layer is not None else []
+            calls = 1 if self.context is None else self.context.calls
+            values, left = offload.within_host(values, calls, offload.host_bytes_for_parking())
+            if left:
+                host_note = (
+                    f"host memory: parking all would take {(sum(map(_bytes_of, values)) + left) * calls / 2**30:.1f} GiB "
+                    f"of the {offload.host_bytes_for_parking() / 2**30:.1f} GiB allowed "
+                    f"({offload.HOST_SHARE:.0%} of the host's); {left * calls / 2**30:.1f} GiB stay on the device")
             carried_moved = any(v.op == "placeholder" for v in values)
             moved = offload.apply(fw, bw, values, self.offload_to, self.rates, ahead=self.context is not None) if values else 0
             if moved:
@@ -241,6 +250,7 @@ class _Planner:
             offloaded_bytes=moved,
             carried_offloaded=carried_moved,
             step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved, moved),
+            host_note=host_note,
         )
 
     def layer_of(self, node: torch.fx.Node) -> str | None:
@@ -425,6 +435,10 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _bytes_of(node: torch.fx.Node) -> int:
+    return tensor_bytes(tensor_val(node))
+
+
 def _held_note(plan: Plan) -> str | None:
     """What the step returns besides its loss, when it weighs (see :func:`held_note`)."""
     out = plan.fw.graph.find_nodes(op="output")[0].args[0][: plan.num_fwd_outputs]
@@ -529,6 +543,8 @@ class RematPartitioner(CustomPartitionerFn):
             notes.append(miss)
         if budget is not None and plan.peak > budget and policy != "auto":
             notes.append(f"remat={policy} plan peaks at {plan.peak / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget")
+        if plan.host_note:
+            notes.append(plan.host_note)
         if offload_to is not None and not planner.layers:
             notes.append("offload=layers: no repeated layers found (a ModuleList of blocks); nothing offloaded")
         notes.append(
