@@ -422,6 +422,14 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             row["peak_steps_reserved_bytes"] = torch.cuda.max_memory_reserved()
             if args.profile:
                 row["profile"] = _profile_step(args, step_fn, optimizer, input_ids)
+            if args.memory_trace:
+                from bench import memory_trace
+
+                try:  # after the measured steps: a failure here must not cost the row
+                    row["memory_trace"] = memory_trace.record_step(lambda: _train_step(args, step_fn, optimizer, input_ids))
+                    print(memory_trace.table(row["memory_trace"]), file=sys.stderr, flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    row["memory_trace"] = {"error": f"{type(exc).__name__}: {exc}"}
     timed = times[args.warmup :]
     row["losses"] = [round(x, 5) for x in losses]
     row["first_loss"], row["last_loss"] = losses[0], losses[-1]
@@ -535,6 +543,8 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
         cmd.append("--no-head")
     if args.profile:
         cmd.append("--profile")
+    if args.memory_trace:
+        cmd.append("--memory-trace")
     if model_dir is not None:
         cmd += ["--model-dir", model_dir]
     if job is None:
@@ -847,6 +857,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true",
         help="one more step under torch.profiler (CUDA): kernel and copy device time, kernel count, in the row and the log",
+    )
+    p.add_argument(
+        "--memory-trace", action="store_true",
+        help="one more step with the allocator's history on (CUDA): the blocks live at its allocated peak and "
+             "its reserved peak (bench/memory_trace.py), in the row and the log",
     )
     p.add_argument(
         "--gpu-lock", default=None, metavar="PATH",

@@ -139,9 +139,10 @@ stage() {
       fi
       wait; rows "$out"/?/e2e.md; tail -4 "$out/70b.log" 2>/dev/null ;;
     first8192)  # time to first step with the GPU to itself: the headline lean row, then Unsloth (one after the other);
-      # --cold: fresh compile caches per worker, so a machine that ran the stage before still measures a cold start
-      e2e --cold --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
-      rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+      # --cold: fresh compile caches per worker, so a machine that ran the stage before still measures a cold start;
+      # --memory-trace: one more step each with the allocator's history, what is live at the peak (bench/memory_trace.py)
+      e2e --cold --memory-trace --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log; grep -h -A8 "^allocated peak" "$out"/e2e.log ;;
     knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
       # other: 8192 tokens at "7GiB", then 2048 at "6GiB" (the prepared model: NF4, host embeddings, no K/V cache).
       # KNOB_BASELINE= (empty) leaves the lean row out, when first8192 ran it earlier in the same call; KNOB_2048=0
