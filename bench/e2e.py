@@ -98,7 +98,8 @@ MODELS: dict[str, dict[str, Any]] = {
 class Recipe:
     """How a configuration loads, wraps and compiles the model."""
 
-    loader: str = "hf"  # "hf" (built in memory), "bnb" (4-bit from the saved folder), "unsloth"
+    loader: str = "hf"  # "hf" (built in memory), "bnb" (4-bit from the saved folder), "unsloth",
+    # "prepare" (built on the CPU, then `lowmem_compile.prepare_` onto the device layer by layer)
     checkpointing: bool = False  # Hugging Face gradient checkpointing, non-reentrant
     compiler: str | None = None  # None, "inductor" or "lowmem"
     budget: bool = False  # stock activation_memory_budget around the compile
@@ -110,7 +111,7 @@ class Recipe:
 
     @property
     def needs_cuda(self) -> bool:
-        return self.loader != "hf"
+        return self.loader in ("bnb", "unsloth")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -127,6 +128,10 @@ LOWMEM_RECIPE = Recipe(compiler="lowmem")
 #: lowmem on the bitsandbytes-loaded model (the backend lowers its 4-bit layers unless `nf4="off"`):
 #: variants named `lowmem_bnb*`.
 LOWMEM_BNB_RECIPE = Recipe(loader="bnb", compiler="lowmem")
+#: lowmem on a model built on the CPU and moved by `prepare_` (NF4 on the way, so no 16-bit copy on
+#: the device; host embeddings; no K/V cache): variants named `lowmem_prep*`, the user's journey.
+#: Built on the CPU, their random weights differ from the device-built rows'.
+LOWMEM_PREPARE_RECIPE = Recipe(loader="prepare", compiler="lowmem")
 #: Built-in lowmem variants: the defaults (frozen linears quantized to NF4 by `quantize_` first);
 #: every pass off with the bf16 weights (what the pipeline costs by itself; compare with `inductor`);
 #: and the least memory (layers recomputed, their inputs in host memory, no logits returned: what
@@ -151,6 +156,8 @@ def recipe_for(name: str) -> Recipe:
         return RECIPES[name]
     if name.startswith("lowmem_bnb"):
         return LOWMEM_BNB_RECIPE
+    if name.startswith("lowmem_prep"):
+        return LOWMEM_PREPARE_RECIPE
     if name.startswith("lowmem"):
         return LOWMEM_RECIPE
     raise ValueError(f"unknown configuration {name!r}; choose from {sorted(RECIPES)} or a lowmem* variant")
@@ -269,6 +276,11 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         model = load_unsloth(args, seq)
     elif recipe.loader == "bnb":
         model = load_bnb(args, recipe)
+    elif recipe.loader == "prepare":
+        import lowmem_compile
+
+        model = add_lora(build_model(llama_config(args.model, args.layers, seq), "cpu", args.seed), recipe.checkpointing)
+        lowmem_compile.prepare_(model, device=args.device)
     else:
         config = llama_config(args.model, args.layers, seq)
         model = add_lora(build_model(config, args.device, args.seed), recipe.checkpointing)
@@ -283,7 +295,7 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         import lowmem_compile
 
         options = json.loads(args.lowmem_options or "{}")
-        if recipe.loader == "hf" and options.get("nf4", "auto") != "off":
+        if recipe.loader == "hf" and options.get("nf4", "auto") != "off":  # ("prepare" has quantized)
             lowmem_compile.quantize_(model)  # frozen linears to NF4; the backend lowers them
         if args.config.startswith(LEAN_PREFIX):
             lowmem_compile.offload_embeddings_(model)
@@ -335,6 +347,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             if not torch.cuda.is_available():
                 raise RuntimeError("--device cuda but torch sees no CUDA device")
             row["gpu"] = torch.cuda.get_device_name()
+            if args.cap_gib:  # before anything is loaded: the whole journey under the cap
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+                row["cap_gib"] = args.cap_gib
             torch.cuda.reset_peak_memory_stats()
         model, step_fn, optimizer = load_for_training(lambda: prepare(args, recipe, seq), args.lr, row)
         vocab = model.config.vocab_size
@@ -545,6 +561,8 @@ def worker_command(args: argparse.Namespace, job: Job | None, model_dir: str | N
         cmd.append("--profile")
     if args.memory_trace:
         cmd.append("--memory-trace")
+    if args.cap_gib:
+        cmd += ["--cap-gib", str(args.cap_gib)]
     if model_dir is not None:
         cmd += ["--model-dir", model_dir]
     if job is None:
@@ -857,6 +875,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true",
         help="one more step under torch.profiler (CUDA): kernel and copy device time, kernel count, in the row and the log",
+    )
+    p.add_argument(
+        "--cap-gib", type=float, default=None,
+        help="cap each worker's GPU memory (set_per_process_memory_fraction) before it loads anything",
     )
     p.add_argument(
         "--memory-trace", action="store_true",

@@ -22,6 +22,8 @@
 #   bash bench/run_all.sh first8192                 # time to first step alone: lean under a budget, then Unsloth, at
 #                                                   # 8192, with where each first step's time went
 #   bash bench/run_all.sh knob                      # memory_budget alone at 8192 ("7GiB") beside the lean row; 2048 ("6GiB")
+#   bash bench/run_all.sh capped                    # 10 GiB cap before loading: prepare_ from the CPU + the knob at "10GiB",
+#                                                   # then Unsloth under the same cap, 8192 tokens
 #   bash bench/run_all.sh depth8                    # the same lean row at 8 layers (first step against depth)
 #   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
@@ -52,7 +54,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob capped depth8 big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -152,6 +154,11 @@ stage() {
       [ "${KNOB_2048-1}" = 0 ] || e2e --seqs 2048 --gpus 1 --lowmem 'lowmem_lean_knob6={"memory_budget":"6GiB"}' \
         --configs lowmem_lean_knob6 --out "$out/b" > "$out/b.log" 2>&1
       rows "$out"/?/e2e.md ;;
+    capped)  # issue 21's journey under a 10 GiB cap set before loading: the model built on the CPU, prepare_
+      # onto the GPU, the knob alone at "10GiB", 8192 tokens; then Unsloth under the same cap (one after the other)
+      e2e --cold --cap-gib 10 --seqs 8192 --gpus 1 --lowmem 'lowmem_prep_knob10={"memory_budget":"10GiB"}' \
+        --configs lowmem_prep_knob10,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md ;;
     depth8)  # the headline lean row at 8 layers, alone: its first step against first8192's 32-layer one
       e2e --cold --seqs 8192 --layers 8 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;

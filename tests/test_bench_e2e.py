@@ -188,3 +188,20 @@ def test_cold_workers_compile_into_fresh_cache_folders(tmp_path):
     assert env["TRITON_CACHE_DIR"] == str(tmp_path / "caches_1" / "triton")
     shared = e2e.worker_env(args, 0, "eager")
     assert shared.get("TORCHINDUCTOR_CACHE_DIR") == os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def test_prepared_rows_train_the_model_prepare_moved(tmp_path):
+    """`lowmem_prep*` rows build the model on the CPU and hand it to `prepare_` (the user's journey,
+    with `--cap-gib` on a GPU): on the CPU the weights are the built-in row's, so the losses agree,
+    and the frozen linears arrive in NF4."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--model", "small", "--layers", "1",
+        "--configs", "lowmem_prep_eager,lowmem", "--lowmem", 'lowmem_prep_eager={"inner": "eager"}',
+        "--lowmem-options", '{"inner": "eager"}', "--seqs", "32", "--warmup", "1", "--steps", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prepared, built = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert "error" not in prepared and "error" not in built, (prepared.get("error"), built.get("error"))
+    assert prepared["losses"] == pytest.approx(built["losses"], rel=1e-5)
+    assert prepared["lowmem_report"]["nf4"]["lowered"] == built["lowmem_report"]["nf4"]["lowered"] > 0
