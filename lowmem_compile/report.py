@@ -214,7 +214,7 @@ class Report:
             ("saved for backward", gib(remat["saved_bytes"])),
             ("values recomputed", str(remat["recomputed"])),
             ("offloaded to host memory", gib(remat["offloaded_bytes"])),
-            ("predicted peak", "n/a" if peak is None else gib(peak)),
+            ("predicted peak", gib(peak)),
         ]
         freed = remat["predicted_peak_outputs_freed_bytes"]
         if freed is not None and freed != peak:

@@ -219,13 +219,14 @@ class _Planner:
             else:  # the forward's first node of the last layer (none if the partition dropped the layer tags)
                 last_layer = next((n for n in fw.graph.nodes if self.layer_of(n) == self.layers[-1]), None)
                 values = offload.choose(fw, num_out, last_layer) if last_layer is not None else []
-            calls = 1 if self.context is None else self.context.calls
-            values, left = offload.within_host(values, calls, offload.host_bytes_for_parking())
+            calls, allowed = 1 if self.context is None else self.context.calls, offload.host_bytes_for_parking()
+            values, left = offload.within_host(values, calls, allowed)
             if left:
+                parked = sum(tensor_bytes(tensor_val(v)) for v in values)
                 host_note = (
-                    f"host memory: parking all would take {(sum(map(_bytes_of, values)) + left) * calls / 2**30:.1f} GiB "
-                    f"of the {offload.host_bytes_for_parking() / 2**30:.1f} GiB allowed "
-                    f"({offload.HOST_SHARE:.0%} of the host's); {left * calls / 2**30:.1f} GiB stay on the device")
+                    f"host memory: parking all would take {(parked + left) * calls / 2**30:.1f} GiB of the "
+                    f"{allowed / 2**30:.1f} GiB allowed ({offload.HOST_SHARE:.0%} of the host's); "
+                    f"{left * calls / 2**30:.1f} GiB stay on the device")
             carried_moved = any(v.op == "placeholder" for v in values)
             moved = offload.apply(fw, bw, values, self.offload_to, self.rates, ahead=self.context is not None) if values else 0
             if moved:
@@ -433,10 +434,6 @@ def _host_memory() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _bytes_of(node: torch.fx.Node) -> int:
-    return tensor_bytes(tensor_val(node))
 
 
 def _held_note(plan: Plan) -> str | None:
