@@ -262,3 +262,22 @@ def test_parked_plan_is_a_candidate_only_when_asked(monkeypatch):
         note = next(n for n in part.report.stats["remat"].notes if " evaluated" in n)
         evaluated[setting] = int(note.split(" of ")[1].split()[0])
     assert evaluated["parked"] == evaluated["layers"] + 1
+
+
+def test_parking_fits_the_host_largest_values_first():
+    """`within_host`: per call the largest values that fit `limit / calls` are parked, in the graph's
+    order; what does not fit is counted as staying on the device."""
+    graph = torch.fx.Graph()
+    sizes = [3, 10, 5, 2]  # float32 elements: 12, 40, 20 and 8 bytes
+    values = []
+    for i, n in enumerate(sizes):
+        node = graph.placeholder(f"v{i}")
+        node.meta["val"] = torch.empty(n)
+        values.append(node)
+    kept, left = offload.within_host(values, calls=2, limit=2 * 64)  # 64 bytes a call
+    assert [v.name for v in kept] == ["v1", "v2"]  # 40, then 20: 60; 12 more would be 72, 8 more 68
+    assert left == 12 + 8
+    kept, left = offload.within_host(values, calls=4, limit=4 * 80)  # room for all 80
+    assert kept == values and left == 0
+    kept, left = offload.within_host(values, calls=1, limit=7)  # nothing fits
+    assert kept == [] and left == 80
