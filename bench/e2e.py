@@ -276,14 +276,13 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         model = load_unsloth(args, seq)
     elif recipe.loader == "bnb":
         model = load_bnb(args, recipe)
-    elif recipe.loader == "prepare":
-        import lowmem_compile
+    else:  # built from the config: on the device, or on the CPU and moved there by prepare_
+        on = "cpu" if recipe.loader == "prepare" else args.device
+        model = add_lora(build_model(llama_config(args.model, args.layers, seq), on, args.seed), recipe.checkpointing)
+        if recipe.loader == "prepare":
+            import lowmem_compile
 
-        model = add_lora(build_model(llama_config(args.model, args.layers, seq), "cpu", args.seed), recipe.checkpointing)
-        lowmem_compile.prepare_(model, device=args.device)
-    else:
-        config = llama_config(args.model, args.layers, seq)
-        model = add_lora(build_model(config, args.device, args.seed), recipe.checkpointing)
+            lowmem_compile.prepare_(model, device=args.device)
     model.train()
     import torch
 

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 TOP = 30
 #: Frames kept per block: the innermost ones outside PyTorch's own Python files.
 FRAMES = 3
-_ALLOC, _FREE = ("alloc",), ("free_completed",)
+#: Events that map device memory into the allocator's segments, and that unmap it (plain segments,
+#: and expandable ones).
 _SEGMENT_UP, _SEGMENT_DOWN = ("segment_alloc", "segment_map"), ("segment_free", "segment_unmap")
 
 
@@ -54,12 +55,12 @@ def summarize(trace: Iterable[dict[str, Any]], allocated_at_start: int, reserved
     for i, event in enumerate(trace):
         action, size = event.get("action"), int(event.get("size", 0))
         events += 1
-        if action in _ALLOC:
+        if action == "alloc":
             allocated += size
             live[event["addr"]] = event
             if allocated > peak["allocated"]:
                 peak = {"allocated": allocated, "live": list(live.values()), "at": i}
-        elif action in _FREE:
+        elif action == "free_completed":  # ("free_requested" may still wait for another stream)
             allocated -= size
             live.pop(event.get("addr"), None)
         elif action in _SEGMENT_UP:

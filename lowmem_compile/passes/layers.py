@@ -172,10 +172,10 @@ def body_parts(gm: torch.fx.GraphModule, activations: list[int]) -> list[tuple]:
         index[node] = i
         if node.op == "placeholder":
             signature = _value_signature(_input_value(node))
-            inputs += 1
-            if inputs - 1 in activations:  # a tensor: the requires_grad field made True (counted among
-                # the inputs, not the nodes: on CUDA a region's graph may hold other nodes before them)
+            if inputs in activations:  # a tensor: the requires_grad field made True (counted among the
+                # inputs, not the nodes: on CUDA a region's graph may hold other nodes before them)
                 signature = signature[:5] + (True,) + signature[6:]
+            inputs += 1
             parts.append(("input", signature))
             continue
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
