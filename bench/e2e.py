@@ -408,7 +408,7 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
         else contextlib.nullcontext()
     )
     losses, times = [], []
-    tuning = _time_triton_tuning()
+    triton_seconds = _time_triton()
     with budget, contextlib.ExitStack() as held:
         for i in range(args.warmup + args.steps):
             if i == 1 and args.gpu_lock:
@@ -424,9 +424,10 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             times.append(time.perf_counter() - start)
             if i == 0:
                 row["first_step_s"] = round(times[0], 3)
-                row["first_step_parts_s"] = _first_step_parts(tuning)
-                print(f"[{args.config} seq={input_ids.shape[-1]}] first step's parts (s): {row['first_step_parts_s']}",
-                      file=sys.stderr, flush=True)
+                row["first_step_parts_s"] = _first_step_parts(triton_seconds)
+                row["first_step_jit_kernels"] = list(triton_seconds["jit_kernels"])
+                print(f"[{args.config} seq={input_ids.shape[-1]}] first step's parts (s): {row['first_step_parts_s']}; "
+                      f"Triton compiles here (s): {row['first_step_jit_kernels']}", file=sys.stderr, flush=True)
             # progress on stderr (the parent keeps it in e2e.log): a long first step is the compile
             print(f"[{args.config} seq={input_ids.shape[-1]}] step {i + 1}/{args.warmup + args.steps}: "
                   f"{times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
@@ -455,43 +456,56 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
     )
 
 
-#: Seconds spent in Triton autotuners since the current `_train` began (`_time_triton_tuning`).
-_TUNING_SECONDS = [0.0]
+#: Seconds since the current `_train` began spent in Triton autotuners, and in Triton compiles run
+#: in this process, with each compiled kernel's name and seconds (`_time_triton`).
+_TRITON_SECONDS = {"triton_autotune": 0.0, "triton_jit": 0.0, "jit_kernels": []}
 
 
-def _time_triton_tuning() -> list[float]:
-    """The counter of seconds spent in Triton autotuners (each config's compile and timing), reset to
-    zero; it grows as the step runs. The part of a first step that no compile metric of Dynamo's
-    counts (the attention kernels tune on first use; so do some peers'). The timer wraps
-    `Autotuner._bench` once per process (bench/families.py trains several configurations in one)."""
-    _TUNING_SECONDS[0] = 0.0
+def _time_triton() -> dict:
+    """The counters of `_TRITON_SECONDS`, reset to zero; they grow as the step runs. Parts of a first
+    step that no compile metric of Dynamo's counts: the attention kernels tune on first use (so do
+    some peers'), and every hand-written Triton kernel compiles in this process on its first launch
+    (Inductor's own kernels compile in its worker processes, which these do not see). A compile
+    inside a tuning run counts in both. The timers wrap `Autotuner._bench` and
+    `triton.compiler.compile` once per process (bench/families.py trains several configurations in one)."""
+    _TRITON_SECONDS.update(triton_autotune=0.0, triton_jit=0.0, jit_kernels=[])
     try:
+        import triton.compiler
         from triton.runtime.autotuner import Autotuner
     except ImportError:
-        return _TUNING_SECONDS
-    bench = Autotuner._bench
-    if getattr(bench, "timed_by_e2e", False):
-        return _TUNING_SECONDS
+        return _TRITON_SECONDS
 
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return bench(self, *args, **kwargs)
-        finally:
-            _TUNING_SECONDS[0] += time.perf_counter() - start
+    def timer(fn, counter, name_of=None):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                _TRITON_SECONDS[counter] += seconds
+                if name_of is not None and seconds >= 0.1:  # cache hits (Inductor loading its workers' kernels) stay unnamed
+                    _TRITON_SECONDS["jit_kernels"].append((name_of(*args), round(seconds, 2)))
 
-    timed.timed_by_e2e = True
-    Autotuner._bench = timed
-    return _TUNING_SECONDS
+        timed.timed_by_e2e = True
+        return timed
+
+    if not getattr(Autotuner._bench, "timed_by_e2e", False):
+        Autotuner._bench = timer(Autotuner._bench, "triton_autotune")
+    if not getattr(triton.compiler.compile, "timed_by_e2e", False):
+        # a kernel's launcher imports `compile` from triton.compiler when first bound: wrap it before any launch
+        triton.compiler.compile = timer(triton.compiler.compile, "triton_jit", lambda src, *a: getattr(src, "name", "?"))
+    return _TRITON_SECONDS
 
 
-def _first_step_parts(tuning: list[float]) -> dict[str, float]:
+def _first_step_parts(triton_seconds: dict) -> dict[str, float]:
     """Where the first step's time went: Dynamo's compile metrics (tracing, the backend, the lazily
-    compiled backwards, guards), summed over every graph, each over half a second, and the Triton tuning."""
+    compiled backwards, guards), summed over every graph, each over half a second, and Triton's
+    tuning and in-process compiles."""
     from torch._dynamo.utils import compilation_time_metrics
 
     parts = {name: round(sum(values), 2) for name, values in compilation_time_metrics.items() if sum(values) >= 0.5}
-    parts["triton_autotune"] = round(tuning[0], 2)
+    parts["triton_autotune"] = round(triton_seconds["triton_autotune"], 2)
+    parts["triton_jit"] = round(triton_seconds["triton_jit"], 2)
     return parts
 
 
@@ -717,8 +731,10 @@ def _predicted_over_measured(row: dict[str, Any]) -> str | None:
 
 
 #: The first step's parts the table shows: Dynamo's trace, the backend (passes, AOTAutograd, our
-#: partitioner, Inductor's forward code), the backwards compiled at the first backward, Triton tuning.
-FIRST_STEP_PARTS = ("bytecode_tracing", "OutputGraph.call_user_compiler", "compile_fx.<locals>.bw_compiler", "triton_autotune")
+#: partitioner, Inductor's forward code), the backwards compiled at the first backward, Triton tuning,
+#: Triton compiles in the training process (the hand-written kernels; a compile while tuning counts in both).
+FIRST_STEP_PARTS = ("bytecode_tracing", "OutputGraph.call_user_compiler", "compile_fx.<locals>.bw_compiler", "triton_autotune",
+                    "triton_jit")
 
 
 def _first_step_split(parts: dict[str, float] | None) -> str | None:
@@ -730,7 +746,7 @@ def _first_step_split(parts: dict[str, float] | None) -> str | None:
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
     header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "reserved GiB", "tokens/s", "vs eager"]
-    header += ["predicted / measured peak", "first step s", "of it: trace / backend / backwards / tuning s", "last loss", "error"]
+    header += ["predicted / measured peak", "first step s", "of it: trace / backend / backwards / tuning / jit s", "last loss", "error"]
     body = []
     for r in rows:
         b = base.get(r["seq"], {})

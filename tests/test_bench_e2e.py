@@ -21,6 +21,26 @@ def _run_args(*argv: str):
     return e2e.parse_args(["--device", "cpu", "--model", "small", "--layers", "1", "--warmup", "1", "--steps", "1", *argv])
 
 
+def test_the_triton_compile_timer_names_slow_compiles_and_sums_all(monkeypatch):
+    """Compiles of 0.1 s and more are listed by kernel name; every compile counts in the sum."""
+    import time
+    import types
+
+    import triton.compiler
+
+    def fake_compile(src, target=None, options=None):
+        time.sleep(src.seconds)
+        return src.name
+
+    monkeypatch.setattr(triton.compiler, "compile", fake_compile)
+    counters = e2e._time_triton()
+    slow, quick = types.SimpleNamespace(name="slow_kernel", seconds=0.15), types.SimpleNamespace(name="quick", seconds=0.01)
+    assert triton.compiler.compile(slow) == "slow_kernel" and triton.compiler.compile(quick) == "quick"
+    assert [name for name, _ in counters["jit_kernels"]] == ["slow_kernel"]
+    assert 0.16 <= counters["triton_jit"] < 1.0
+    assert e2e._time_triton()["triton_jit"] == 0.0  # reset for the next run, the wrapper kept
+
+
 def test_cpu_harness_runs_two_configs_side_by_side(tmp_path):
     """Two workers train 2 steps from the same weights and data; checkpointing changes memory, not numbers."""
     cmd = [
@@ -36,7 +56,8 @@ def test_cpu_harness_runs_two_configs_side_by_side(tmp_path):
     for row in rows:
         assert "error" not in row, row
         assert len(row["losses"]) == 2 and row["tokens_per_s"] > 0 and row["first_step_s"] > 0
-        assert row["first_step_parts_s"]["triton_autotune"] >= 0  # eager: no Dynamo metric, the tuning timer only
+        assert row["first_step_parts_s"]["triton_autotune"] >= 0  # eager: no Dynamo metric, Triton's timers only
+        assert row["first_step_parts_s"]["triton_jit"] >= 0 and row["first_step_jit_kernels"] == []
         assert row["trainable_params"] == eager["trainable_params"] > 0
         assert row["losses"][1] < row["losses"][0], "one AdamW step on a repeated batch must lower the loss"
         assert torch.__version__.startswith(row["versions"]["torch"]) and row["date"] and row["seq"] == 32
