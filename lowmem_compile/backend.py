@@ -31,6 +31,7 @@ from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, held_note, recorded_stats
+from . import warmup
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,31 @@ def lowmem_backend(
         graph_report.add("custom_ops", custom_ops)
     gm.graph.lint()
     gm.recompile()
+    warm = None
+    if not plan_only and opts.warmup == "thread" and opts.inner == "inductor":
+        warm = warmup.start(gm, example_inputs)  # our kernels compile on a thread while Inductor compiles
+    try:
+        compiled = _compile_split_or_whole(gm, example_inputs, opts, graph_report, plan_only)
+    finally:
+        if warm is not None:
+            warm.join()  # before the step runs: the warm-up never shares the GPU with it
+    log.info("graph compiled in %.1f s", time.perf_counter() - start)
+    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        # what the compile and the first run cached in the allocator goes back to the driver once the
+        # first backward (itself compiled lazily) is done: reserved memory then follows the steps
+        compiled = release_after_first_backward(compiled)
+    if opts.report:
+        from .report import last_report
 
+        print(last_report(), flush=True)
+    return compiled
+
+
+def _compile_split_or_whole(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: Options, graph_report: GraphReport, plan_only: bool
+) -> Callable[..., Any] | None:
+    """Each distinct layer body once (`layers="auto"`, passes/layers.py), else the graph whole.
+    With `plan_only`, plan and raise `Planned`."""
     split = None
     if opts.layers == "auto":
         try:
@@ -93,15 +118,6 @@ def lowmem_backend(
         compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
     if plan_only:
         raise Planned  # the cost model still models `opts.inner`'s fusion: the prediction is a real compile's
-    log.info("graph compiled in %.1f s", time.perf_counter() - start)
-    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
-        # what the compile and the first run cached in the allocator goes back to the driver once the
-        # first backward (itself compiled lazily) is done: reserved memory then follows the steps
-        compiled = release_after_first_backward(compiled)
-    if opts.report:
-        from .report import last_report
-
-        print(last_report(), flush=True)
     return compiled
 
 

@@ -87,6 +87,12 @@ class Options:
     called for every layer like it (the step's time to first step no longer grows with depth);
     "off", the whole step as one graph (what the per-layer compile is measured against)."""
 
+    warmup: str = "thread"
+    """Compile our own Triton kernels while Inductor compiles the step: "thread" runs each distinct
+    site of our ops once, forward and backward, on random values of its shapes on a thread begun
+    after the passes, so their compiles no longer wait for Inductor's inside the first step
+    (warmup.py); "off" leaves them to compile on first use."""
+
     report: bool = False
     """Print the report after each compiled graph."""
 
@@ -200,6 +206,7 @@ _CHOICES = {
     "fused_loss": ("on", "off"),
     "logits": (BUDGET, "keep", "drop"),
     "layers": ("auto", "off"),
+    "warmup": ("thread", "off"),
 }
 
 
