@@ -1,7 +1,8 @@
-"""What Dynamo's trace of a peft-LoRA Llama costs by itself, with the frozen linears in bf16 and in NF4.
+"""What Dynamo's trace of a Llama costs by itself: with and without peft's LoRA adapters, with the
+frozen linears in bf16 and in NF4.
 
 A backend that returns the captured graph unchanged leaves only Dynamo's own work in the first call,
-so the weights' format is what differs between the two rows. Tiny dimensions: the trace's cost
+so the adapters and the weights' format are what differ between the rows. Tiny dimensions: the trace's cost
 follows the number of operations and graph inputs, not their sizes.
 
     python bench/trace_time.py --layers 32
@@ -17,7 +18,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def trace(layers: int, quantized: bool) -> dict:
+def trace(layers: int, quantized: bool, lora: bool) -> dict:
     import torch
     from torch._dynamo.utils import compilation_time_metrics
 
@@ -26,7 +27,7 @@ def trace(layers: int, quantized: bool) -> dict:
 
     torch._dynamo.reset()
     compilation_time_metrics.clear()
-    model = tiny_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+    model = tiny_model("llama", lora=lora, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, dtype=torch.bfloat16)
     if quantized:
         lowmem_compile.quantize_(model)
@@ -38,7 +39,7 @@ def trace(layers: int, quantized: bool) -> dict:
 
     start = time.perf_counter()
     torch.compile(model, backend=backend)(**batch(seq=64))
-    return {"weights": "nf4" if quantized else "bf16", "layers": layers, "first_call_s": round(time.perf_counter() - start, 1),
+    return {"lora": lora, "weights": "nf4" if quantized else "bf16", "layers": layers, "first_call_s": round(time.perf_counter() - start, 1),
             "bytecode_tracing_s": round(sum(compilation_time_metrics.get("bytecode_tracing", [])), 1), **seen}
 
 
@@ -49,8 +50,9 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-    for quantized in (False, True):
-        print(trace(args.layers, quantized), flush=True)
+    for lora in (False, True):
+        for quantized in (False, True):
+            print(trace(args.layers, quantized, lora), flush=True)
 
 
 if __name__ == "__main__":

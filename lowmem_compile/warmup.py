@@ -119,6 +119,14 @@ def run_site(op: Any, args: tuple, kwargs: dict, device: torch.device, generator
 
 def _warm(warmup: Warmup, found: list[tuple[Any, tuple, dict]], device: torch.device) -> None:
     start = time.perf_counter()
+    try:
+        _warm_sites(warmup, found, device)
+    except Exception as exc:  # noqa: BLE001  (the thread's failure leaves the rest to first use)
+        warmup.skipped.append(f"stopped: {type(exc).__name__}: {exc}"[:200])
+    warmup.seconds = time.perf_counter() - start
+
+
+def _warm_sites(warmup: Warmup, found: list[tuple[Any, tuple, dict]], device: torch.device) -> None:
     generator = torch.Generator(device).manual_seed(0)
     with torch.cuda.device(device):
         for op, args, kwargs in found:
@@ -133,8 +141,7 @@ def _warm(warmup: Warmup, found: list[tuple[Any, tuple, dict]], device: torch.de
                 warmup.warmed += 1
             except Exception as exc:  # noqa: BLE001  (a site not warmed compiles on first use, as without this)
                 warmup.skipped.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
-    torch.cuda.synchronize(device)
-    warmup.seconds = time.perf_counter() - start
+        torch.cuda.synchronize(device)
 
 
 def op_name(target: Any) -> str | None:
