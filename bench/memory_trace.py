@@ -9,6 +9,11 @@ allocator holds beyond what is allocated when its reserved memory peaks. Used by
 Recording starts mid-run, so blocks allocated before the step (weights, optimizer state, what the
 previous step left) appear only as `allocated_at_start`; the trace adds and removes what the step
 allocates and frees.
+
+A block counts as allocated until its free is requested, as in the allocator's own statistics
+(`max_memory_allocated`). A block used by another stream (a parked value's copy to the host) is
+not reusable until that stream's work is done ("free_completed"): those bytes, freed but pending,
+are reserved memory that holds no live tensor, and the summary gives them at the reserved peak.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ def summarize(trace: Iterable[dict[str, Any]], allocated_at_start: int, reserved
     with what was allocated at that moment."""
     allocated, reserved = allocated_at_start, reserved_at_start
     live: dict[int, dict[str, Any]] = {}  # address -> the alloc event of a block the step allocated
+    pending: dict[int, int] = {}  # address -> bytes of a block freed but waiting for another stream
     peak = {"allocated": allocated, "live": [], "at": -1}
-    peak_reserved = {"reserved": reserved, "allocated": allocated, "at": -1}
+    peak_reserved = {"reserved": reserved, "allocated": allocated, "pending": 0, "at": -1}
     events = 0
     for i, event in enumerate(trace):
         action, size = event.get("action"), int(event.get("size", 0))
@@ -60,13 +66,16 @@ def summarize(trace: Iterable[dict[str, Any]], allocated_at_start: int, reserved
             live[event["addr"]] = event
             if allocated > peak["allocated"]:
                 peak = {"allocated": allocated, "live": list(live.values()), "at": i}
-        elif action == "free_completed":  # ("free_requested" may still wait for another stream)
+        elif action == "free_requested":
             allocated -= size
             live.pop(event.get("addr"), None)
+            pending[event.get("addr")] = size
+        elif action == "free_completed":
+            pending.pop(event.get("addr"), None)
         elif action in _SEGMENT_UP:
             reserved += size
             if reserved > peak_reserved["reserved"]:
-                peak_reserved = {"reserved": reserved, "allocated": allocated, "at": i}
+                peak_reserved = {"reserved": reserved, "allocated": allocated, "pending": sum(pending.values()), "at": i}
         elif action in _SEGMENT_DOWN:
             reserved -= size
     blocks = sorted(peak["live"], key=lambda e: -int(e.get("size", 0)))
@@ -83,6 +92,7 @@ def summarize(trace: Iterable[dict[str, Any]], allocated_at_start: int, reserved
         "at_peak_largest": [{"bytes": int(e.get("size", 0)), "where": where(e.get("frames", []))} for e in blocks[:TOP]],
         "peak_reserved": peak_reserved["reserved"],
         "allocated_at_peak_reserved": peak_reserved["allocated"],
+        "pending_at_peak_reserved": peak_reserved["pending"],
         "peak_reserved_event": peak_reserved["at"],
     }
 
@@ -111,7 +121,8 @@ def table(summary: dict[str, Any], rows: int = 12) -> str:
         f"from before the step + {summary['at_peak_from_the_step'] / gib:.3f} the step allocated "
         f"({summary['at_peak_blocks']} blocks, event {summary['peak_event']} of {summary['events']})",
         f"reserved peak {summary['peak_reserved'] / gib:.3f} GiB with {summary['allocated_at_peak_reserved'] / gib:.3f} "
-        f"allocated then (event {summary['peak_reserved_event']})",
+        f"allocated then and {summary.get('pending_at_peak_reserved', 0) / gib:.3f} freed but waiting for another "
+        f"stream (event {summary['peak_reserved_event']})",
     ]
     for block in summary["at_peak_largest"][:rows]:
         lines.append(f"  {block['bytes'] / 2**20:9.1f} MiB  " + (" <- ".join(block["where"]) or "?"))

@@ -15,10 +15,12 @@ def test_summary_replays_the_trace(tmp_path):
         {"action": "segment_alloc", "addr": 0, "size": 4096},
         {"action": "alloc", "addr": 1, "size": 500, "frames": []},
         {"action": "alloc", "addr": 2, "size": 300, "frames": [torch_frame]},  # PyTorch's own frames only
-        {"action": "free_requested", "addr": 1, "size": 500},  # not yet free: only free_completed counts
-        {"action": "free_completed", "addr": 1, "size": 500},
+        {"action": "free_requested", "addr": 1, "size": 500},  # no longer allocated; reusable only once completed
+        {"action": "segment_alloc", "addr": 5000, "size": 2048},  # while block 1 waits for another stream
         {"action": "alloc", "addr": 3, "size": 800, "frames": [torch_frame, ours]},
-        {"action": "free_completed", "addr": 99, "size": 400},  # a block from before the step
+        {"action": "free_completed", "addr": 1, "size": 500},
+        {"action": "free_requested", "addr": 99, "size": 400},  # a block from before the step
+        {"action": "free_completed", "addr": 99, "size": 400},
         {"action": "alloc", "addr": 4, "size": 100, "frames": []},
         {"action": "segment_free", "addr": 0, "size": 4096},
     ]
@@ -29,6 +31,8 @@ def test_summary_replays_the_trace(tmp_path):
     assert [b["bytes"] for b in got["at_peak_largest"]] == [800, 300]
     assert got["at_peak_largest"][0]["where"] == [f"{tmp_path.name}/generated.py:2 call  | buf3 = empty_strided_cuda("
                                                   "(8192, 14336), (14336, 1), torch.bfloat16)  # mm_9"]
-    assert got["peak_reserved"] == 6096 and got["allocated_at_peak_reserved"] == 1000
+    # 2000 + 4096 + 2048, when 1000 + 500 + 300 - 500 was allocated and block 1's 500 pending
+    assert got["peak_reserved"] == 8144 and got["allocated_at_peak_reserved"] == 1300
+    assert got["pending_at_peak_reserved"] == 500 and got["peak_reserved_event"] == 4
     lines = memory_trace.table(got).splitlines()
     assert len(lines) == 4 and "buf3" in lines[2] and lines[3].endswith("?")  # two blocks; the second's frames all PyTorch's
