@@ -80,6 +80,17 @@ MODELS: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
     ),
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
     "small": dict(
         hidden_size=256,
         intermediate_size=688,

@@ -32,21 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.e2e import MODELS, llama_config  # noqa: E402
+
 GIB = 2**30
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024),
-}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the model has")
     p.add_argument("--source", default="meta", choices=["cpu", "meta"], help="bf16 weights on the CPU, or the meta device")
     p.add_argument("--cap-gib", type=float, default=None, help="cap the process's GPU memory before loading")
@@ -70,12 +62,8 @@ def main() -> int:
     total = torch.cuda.get_device_properties(device).total_memory
     if args.cap_gib:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
-    shape = dict(SHAPES[args.model])
-    if args.layers:
-        shape["num_hidden_layers"] = args.layers
-    config = transformers.LlamaConfig(**shape, rope_theta=500000.0, max_position_embeddings=max(8192, args.seq),
-                                      rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
-    result: dict = {"model": args.model, "layers": shape["num_hidden_layers"], "source": args.source,
+    config = llama_config(args.model, args.layers, args.seq)
+    result: dict = {"model": args.model, "layers": config.num_hidden_layers, "source": args.source,
                     "cap_gib": args.cap_gib, "expandable": args.expandable, "gpu": torch.cuda.get_device_name(device)}
 
     start = time.perf_counter()
