@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 #: The ops whose kernels are warmed: those with Triton kernels of their own and no host memory.
 WARMED_OPS = ("attention", "nf4_dequantize", "nf4_linear", "linear_cross_entropy")
+_WARMED = frozenset(f"{NAMESPACE}::{name}" for name in WARMED_OPS)
 #: The most of the device's free memory one site's random tensors may take (with their gradients).
 FREE_SHARE = 0.25
 
@@ -69,7 +70,7 @@ def sites(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple
     found: dict[Any, tuple[Any, tuple, dict]] = {}
     for node in gm.graph.nodes:
         target = node.target
-        if node.op != "call_function" or op_name(target) not in {f"{NAMESPACE}::{name}" for name in WARMED_OPS}:
+        if node.op != "call_function" or op_name(target) not in _WARMED:
             continue
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: real[n] if n in real else example_value(n))
         key = (target, tuple(_signature(v) for v in pytree.tree_leaves((args, kwargs))))
@@ -145,7 +146,8 @@ def _warm_sites(warmup: Warmup, found: list[tuple[Any, tuple, dict]], device: to
 
 
 def op_name(target: Any) -> str | None:
-    """"namespace::name" of an op, called as an overload or as its packet (as some passes insert it)."""
+    """The op's qualified name ("lowmem::attention"), whether the graph calls an overload or the
+    packet (as some passes insert it); None for anything else."""
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):
