@@ -19,6 +19,7 @@ import sympy
 import torch
 from torch._dynamo.utils import counters
 
+from . import warmup
 from .cost.layered import LayerContext, LayerExprs
 from .cost.sizes import sym_bytes, tensor_bytes
 from .memory import release_after_first_backward
@@ -31,7 +32,6 @@ from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, held_note, recorded_stats
-from . import warmup
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
 
 log = logging.getLogger(__name__)
