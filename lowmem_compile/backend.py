@@ -86,8 +86,8 @@ def lowmem_backend(
     try:
         compiled = _compile_split_or_whole(gm, example_inputs, opts, graph_report, plan_only)
     finally:
-        if warm is not None:
-            warm.join()  # before the step runs: the warm-up never shares the GPU with it
+        if warm is not None:  # joined before the step runs: the warm-up never shares the GPU with it
+            graph_report.add("warmup", warm.join())
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         # what the compile and the first run cached in the allocator goes back to the driver once the

@@ -109,6 +109,16 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
+class WarmupStats:
+    """Our kernels compiled on a thread while Inductor compiled (warmup.py)."""
+
+    sites: int = _rule(_SUM)  # distinct sites of our ops found
+    warmed: int = _rule(_SUM)  # of those, run once on the thread: their kernels compiled there
+    seconds: float = _rule(_SUM, 0.0)  # the thread's time, beside the compile
+    skipped: list[str] = _rule(_CONCAT)  # sites left to compile on first use, and why
+
+
+@dataclass(frozen=True)
 class CustomOpStats:
     """Calls of ops declared with `lowmem_compile.define_op` (passes/user.py)."""
 
@@ -149,6 +159,7 @@ SECTIONS: dict[str, type] = {
     "cudagraphs": CudaGraphStats,
     "layers": LayerStats,
     "custom_ops": CustomOpStats,
+    "warmup": WarmupStats,
 }
 
 
@@ -227,6 +238,9 @@ class Report:
             rows.append(("longest sequence in budget", str(remat["longest_fitting_seq"])))
         if graphs["requested"]:
             rows.append(("CUDA graphs requested", f"{graphs['requested']} graph(s)"))
+        warm = d["warmup"]
+        if warm["sites"]:
+            rows.append(("kernels warmed beside compile", f"{warm['warmed']} of {warm['sites']} sites ({warm['seconds']:.1f} s)"))
         ops = d["custom_ops"]
         if ops["costed"] or ops["conservative"]:
             rows.append(("custom op calls", f"{ops['costed']} costed, {ops['conservative']} never recomputed"))
@@ -250,7 +264,7 @@ class Report:
         fallbacks += [("loss", s) for s in loss["skipped"]] + [("mlp", s) for s in mlp["skipped"]]
         fallbacks += [("knob", s) for s in remat["knob_notes"]]
         fallbacks += [("remat", s) for s in remat["notes"]] + [("cudagraphs", s) for s in graphs["skipped"]]
-        fallbacks += [("custom_ops", s) for s in ops["notes"]]
+        fallbacks += [("custom_ops", s) for s in ops["notes"]] + [("warmup", s) for s in warm["skipped"]]
         for name, entry in d["passes"].items():
             skipped = entry.get("skipped", [])
             fallbacks += [(name, str(s)) for s in (skipped if isinstance(skipped, list) else [skipped])]

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from .ops.library import NAMESPACE
 from .passes import example_value
 from .passes.layers import placeholders_of
+from .report import WarmupStats
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,16 @@ class Warmup:
     skipped: list[str] = field(default_factory=list)
     thread: threading.Thread | None = None
 
-    def join(self) -> None:
-        """Wait for the thread, then return what it cached in the allocator to the device."""
+    def join(self) -> WarmupStats:
+        """Wait for the thread, return what it cached in the allocator to the device, and say what it did."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
             torch.cuda.empty_cache()
             log.info("warm-up: %d of %d kernel sites run in %.1f s beside the compile%s", self.warmed, self.sites,
                      self.seconds, f"; left to first use: {'; '.join(self.skipped)}" if self.skipped else "")
+        return WarmupStats(sites=self.sites, warmed=self.warmed, seconds=round(self.seconds, 2),
+                           skipped=[f"left to compile on first use: {reason}" for reason in self.skipped])
 
 
 def sites(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[Any, tuple, dict]]:

@@ -78,6 +78,19 @@ def test_a_symbolic_site_is_refused_not_guessed():
         warmup.run_site(torch.ops.aten.add.Tensor, (y, x), {}, torch.device("cpu"), torch.Generator())
 
 
+def test_the_report_says_what_was_warmed_and_what_was_left():
+    from lowmem_compile.report import GraphReport, Report
+
+    reason = "lowmem::attention: 3.00 GiB of example values, over 25% of the free memory"
+    stats = warmup.Warmup(sites=3, warmed=2, seconds=1.234, skipped=[reason]).join()
+    report = Report(graphs=[GraphReport(index=0, nodes=1)])
+    report.graphs[0].add("warmup", stats)
+    assert report.to_dict()["warmup"] == {"sites": 3, "warmed": 2, "seconds": 1.23,
+                                          "skipped": [f"left to compile on first use: {reason}"]}
+    text = str(report)
+    assert "2 of 3 sites (1.2 s)" in text and f"[warmup] left to compile on first use: {reason}" in text
+
+
 @pytest.mark.gpu
 def test_after_the_warmup_the_first_real_call_compiles_nothing(monkeypatch):
     """A fresh attention form (window 96: not used elsewhere in the tests) warmed through the
