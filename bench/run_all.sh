@@ -142,7 +142,8 @@ stage() {
       wait; rows "$out"/?/e2e.md; tail -4 "$out/70b.log" 2>/dev/null ;;
     first8192)  # time to first step with the GPU to itself: the headline lean row, then Unsloth (one after the other);
       # --cold: fresh compile caches per worker, so a machine that ran the stage before still measures a cold start;
-      # --memory-trace: one more step each with the allocator's history, what is live at the peak (bench/memory_trace.py)
+      # --memory-trace: one more step each with the allocator's history, what is live at the peak and what the
+      # reserved peak holds beyond it (bench/memory_trace.py); the lean row compiles our kernels on its warm-up thread
       e2e --cold --memory-trace --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log; grep -h -A8 "^allocated peak" "$out"/e2e.log ;;
     knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
@@ -163,6 +164,8 @@ stage() {
       e2e --cold --seqs 8192 --layers 8 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
     big70b)  # Llama-3-70B shape from the meta device (no 16-bit copy), lean options: 8192 then 32768 tokens
+      # (measured at 8192 on an H100: 43.39 GiB, 1126 tokens/s, bench/results/layers/2026-12-07T19/; the CPU
+      # planner predicts 49.53 GiB at 32768, bench/results/plan/2026-12-07-70b/)
       lean70='{"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto"}'
       for seq in 8192 32768; do
         timeout 270 python3 bench/prepare_memory.py --model llama3-70b --source meta --steps 3 --seq "$seq" \
