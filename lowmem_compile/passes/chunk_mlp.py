@@ -234,10 +234,16 @@ class ChunkMLPPass(GraphPass):
                 _hoist(operand, block[0], order)
         with graph.inserting_before(block[0]):
             dense = dequantize_once(graph, [node for node in block if is_nf4_linear(node)])
-            split = graph.call_function(torch.tensor_split, (x, n), {"dim": dim})
+            # `torch.split`, not `tensor_split`: the latter's pieces are slices, whose backward scatters
+            # each piece's gradient into a zero tensor the size of `x` (n of them, summed); split's
+            # joins the pieces' gradients with one `cat`. The sizes are tensor_split's: the first
+            # tokens % n pieces one longer (symbolic token counts included).
+            tokens = example_value(x).shape[dim]
+            sizes = [(tokens + n - 1 - i) // n for i in range(n)]
+            split = graph.call_function(torch.split, (x, sizes), {"dim": dim})
             # Fake values on the new nodes: AOTAutograd's cache takes a method call (`piece.to(...)`)
             # only on a node known to be a tensor, and bypasses the cache for the whole graph otherwise.
-            split.meta["example_value"] = torch.tensor_split(example_value(x), n, dim=dim)
+            split.meta["example_value"] = torch.split(example_value(x), sizes, dim=dim)
             outs = []
             for i in range(n):
                 env = {x: graph.call_function(operator.getitem, (split, i))}
