@@ -67,30 +67,15 @@ from bench._common import (  # noqa: E402
 RESULT_MARKER = "E2E_RESULT "
 GIB = 2**30
 
+#: What the Llama-3 shapes share (the grouped K/V heads, vocabulary, rotary base and norm epsilon).
+_LLAMA3 = dict(num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+               rms_norm_eps=1e-5)
 #: Llama shapes built from a config with random weights (no download).
 MODELS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-    ),
-    "llama3-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-    ),
+    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32),
+    "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64),
     "small": dict(
         hidden_size=256,
         intermediate_size=688,

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.e2e import MODELS, llama_config  # noqa: E402
+from bench.e2e import GIB, MODELS, llama_config  # noqa: E402
+from tests.models import LORA_TARGETS  # noqa: E402
 
-GIB = 2**30
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
