@@ -454,7 +454,16 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
 
 #: Seconds since the current `_train` began spent in Triton autotuners, and in Triton compiles run
 #: in this process, with each compiled kernel's name and seconds (`_time_triton`).
-_TRITON_SECONDS = {"triton_autotune": 0.0, "triton_jit": 0.0, "jit_kernels": []}
+_TRITON_SECONDS = {"triton_autotune": 0.0, "triton_jit": 0.0, "triton_main_thread": 0.0, "jit_kernels": []}
+
+
+class _Depth(threading.local):
+    active = False
+
+
+#: Whether this thread is inside a timed Triton call already (a compile inside a tuning run counts once
+#: on the main thread).
+_TRITON_DEPTH = _Depth()
 
 
 def _time_triton() -> dict:
@@ -462,9 +471,10 @@ def _time_triton() -> dict:
     step that no compile metric of Dynamo's counts: the attention kernels tune on first use (so do
     some peers'), and every hand-written Triton kernel compiles in this process on its first launch
     (Inductor's own kernels compile in its worker processes, which these do not see). A compile
-    inside a tuning run counts in both. The timers wrap `Autotuner._bench` and
+    inside a tuning run counts in both. `triton_main_thread` is the part of both spent on the training
+    thread (what the first step waits for; the rest ran beside the compile, on the warm-up thread). The timers wrap `Autotuner._bench` and
     `triton.compiler.compile` once per process (bench/families.py trains several configurations in one)."""
-    _TRITON_SECONDS.update(triton_autotune=0.0, triton_jit=0.0, jit_kernels=[])
+    _TRITON_SECONDS.update(triton_autotune=0.0, triton_jit=0.0, triton_main_thread=0.0, jit_kernels=[])
     try:
         import triton.compiler
         from triton.runtime.autotuner import Autotuner
@@ -473,12 +483,17 @@ def _time_triton() -> dict:
 
     def timer(fn, counter, name_of=None):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, outermost = time.perf_counter(), not _TRITON_DEPTH.active
+            _TRITON_DEPTH.active = True
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds = time.perf_counter() - start
                 _TRITON_SECONDS[counter] += seconds
+                if outermost:
+                    _TRITON_DEPTH.active = False
+                    if threading.current_thread() is threading.main_thread():
+                        _TRITON_SECONDS["triton_main_thread"] += seconds
                 if name_of is not None and seconds >= 0.1:  # cache hits (Inductor loading its workers' kernels) stay unnamed
                     _TRITON_SECONDS["jit_kernels"].append((name_of(*args), round(seconds, 2)))
 
@@ -502,6 +517,7 @@ def _first_step_parts(triton_seconds: dict) -> dict[str, float]:
     parts = {name: round(sum(values), 2) for name, values in compilation_time_metrics.items() if sum(values) >= 0.5}
     parts["triton_autotune"] = round(triton_seconds["triton_autotune"], 2)
     parts["triton_jit"] = round(triton_seconds["triton_jit"], 2)
+    parts["triton_main_thread"] = round(triton_seconds["triton_main_thread"], 2)
     return parts
 
 
@@ -728,9 +744,10 @@ def _predicted_over_measured(row: dict[str, Any]) -> str | None:
 
 #: The first step's parts the table shows: Dynamo's trace, the backend (passes, AOTAutograd, our
 #: partitioner, Inductor's forward code), the backwards compiled at the first backward, Triton tuning,
-#: Triton compiles in the training process (the hand-written kernels; a compile while tuning counts in both).
+#: Triton compiles in the training process (the hand-written kernels; a compile while tuning counts in both),
+#: and of those two the part on the training thread (the rest ran on the warm-up thread, beside the backend).
 FIRST_STEP_PARTS = ("bytecode_tracing", "OutputGraph.call_user_compiler", "compile_fx.<locals>.bw_compiler", "triton_autotune",
-                    "triton_jit")
+                    "triton_jit", "triton_main_thread")
 
 
 def _first_step_split(parts: dict[str, float] | None) -> str | None:
@@ -742,7 +759,7 @@ def _first_step_split(parts: dict[str, float] | None) -> str | None:
 def render_table(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = {r["seq"]: r for r in rows if r["config"] == "eager" and not r.get("error")}
     header = ["config", "seq", "peak steps GiB", "vs eager", "peak run GiB", "reserved GiB", "tokens/s", "vs eager"]
-    header += ["predicted / measured peak", "first step s", "of it: trace / backend / backwards / tuning / jit s", "last loss", "error"]
+    header += ["predicted / measured peak", "first step s", "of it: trace / backend / backwards / tuning / jit / tuning+jit on the step's thread s", "last loss", "error"]
     body = []
     for r in rows:
         b = base.get(r["seq"], {})
