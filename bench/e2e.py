@@ -405,6 +405,7 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
     )
     losses, times = [], []
     triton_seconds = _time_triton()
+    pinning_before = _host_pinning_seconds()
     with budget, contextlib.ExitStack() as held:
         for i in range(args.warmup + args.steps):
             if i == 1 and args.gpu_lock:
@@ -421,6 +422,8 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
             if i == 0:
                 row["first_step_s"] = round(times[0], 3)
                 row["first_step_parts_s"] = _first_step_parts(triton_seconds)
+                if pinning_before is not None:
+                    row["first_step_parts_s"]["host_pinning"] = round(_host_pinning_seconds() - pinning_before, 2)
                 row["first_step_jit_kernels"] = list(triton_seconds["jit_kernels"])
                 print(f"[{args.config} seq={input_ids.shape[-1]}] first step's parts (s): {row['first_step_parts_s']}; "
                       f"Triton compiles here (s): {row['first_step_jit_kernels']}", file=sys.stderr, flush=True)
@@ -506,6 +509,18 @@ def _time_triton() -> dict:
         # a kernel's launcher imports `compile` from triton.compiler when first bound: wrap it before any launch
         triton.compiler.compile = timer(triton.compiler.compile, "triton_jit", lambda src, *a: getattr(src, "name", "?"))
     return _TRITON_SECONDS
+
+
+def _host_pinning_seconds() -> float | None:
+    """Seconds PyTorch's pinned host allocator has spent creating blocks in this process (every
+    thread), or None where it does not say (no CUDA, or a torch without the counter)."""
+    import torch
+
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    total = stats.get("host_alloc_time.total")
+    return None if total is None else total / 1e6
 
 
 def _first_step_parts(triton_seconds: dict) -> dict[str, float]:

@@ -23,6 +23,7 @@ from . import warmup
 from .cost.layered import LayerContext, LayerExprs
 from .cost.sizes import sym_bytes, tensor_bytes
 from .memory import release_after_first_backward
+from .ops import offload as offload_ops
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
@@ -32,7 +33,7 @@ from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, held_note, recorded_stats
-from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats
+from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats, WarmupStats
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ def lowmem_backend(
     finally:
         if warm is not None:  # joined before the step runs: the warm-up never shares the GPU with it
             graph_report.add("warmup", warm.join())
+        pinned, pin_seconds = offload_ops.settle_pinned()  # the parked plan's host blocks, pinned meanwhile
+        if pinned:
+            graph_report.add("warmup", WarmupStats(pinned_bytes=pinned, pin_seconds=round(pin_seconds, 2)))
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         # what the compile and the first run cached in the allocator goes back to the driver once the
@@ -131,6 +135,7 @@ def _compile_graph(
 ) -> Callable[..., Any] | None:
     """AOTAutograd with our partitioner, then Inductor (or FX code with `inner="eager"`). With
     `plan_only`, trace and partition only (returns None)."""
+    partitioner.pin_ahead = not plan_only and opts.warmup == "thread"
     if plan_only or opts.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, partitioner)  # plan-only: traces and partitions now
         return None if plan_only else compiled

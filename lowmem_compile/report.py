@@ -110,12 +110,15 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class WarmupStats:
-    """Our kernels compiled on a thread while Inductor compiled (warmup.py)."""
+    """First-use work done on threads while Inductor compiled: our kernels (warmup.py), and the host
+    blocks a parked plan pins (ops/offload.py, `pin_ahead`)."""
 
     sites: int = _rule(_SUM)  # distinct sites of our ops found
     warmed: int = _rule(_SUM)  # of those, run once on the thread: their kernels compiled there
     seconds: float = _rule(_SUM, 0.0)  # the thread's time, beside the compile
     skipped: list[str] = _rule(_CONCAT)  # sites left to compile on first use, and why
+    pinned_bytes: int = _rule(_SUM)  # pinned host memory allocated ahead for parked values
+    pin_seconds: float = _rule(_SUM, 0.0)  # the pinning thread's time, beside the compile
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,8 @@ class Report:
         warm = d["warmup"]
         if warm["sites"]:
             rows.append(("kernels warmed beside compile", f"{warm['warmed']} of {warm['sites']} sites ({warm['seconds']:.1f} s)"))
+        if warm["pinned_bytes"]:
+            rows.append(("host memory pinned ahead", f"{gib(warm['pinned_bytes'])} ({warm['pin_seconds']:.1f} s beside the compile)"))
         ops = d["custom_ops"]
         if ops["costed"] or ops["conservative"]:
             rows.append(("custom op calls", f"{ops['costed']} costed, {ops['conservative']} never recomputed"))

@@ -86,7 +86,7 @@ def test_gradients_equal_eager_and_offloaded_bytes_leave_the_device(monkeypatch,
     reloads = [n for n in plan.bw.graph.nodes if n.target is offload_ops.reload.default]
     assert hosts and len(reloads) == len(hosts)
     moved = sum(h.meta["val"].numel() * h.meta["val"].element_size() for h in hosts)
-    assert stats.offloaded_bytes == plan.offloaded_bytes == moved
+    assert stats.offloaded_bytes == plan.offloaded_bytes == moved == sum(plan.parked_sizes)
     assert plan.memory.saved == base.memory.saved - moved
     assert plan.peak < base.peak
     # nothing of the last layer moves: its values are the first the backward reads
@@ -281,3 +281,50 @@ def test_parking_fits_the_host_largest_values_first():
     assert kept == values and left == 0
     kept, left = offload.within_host(values, calls=1, limit=7)  # nothing fits
     assert kept == [] and left == 80
+
+
+
+def _layered_report(options):
+    lowmem_compile.reset()
+    model = tiny_model("llama", num_hidden_layers=3)
+    compiled = torch.compile(model, backend="lowmem", options=options)
+    compiled(**batch()).loss.backward()
+    return lowmem_compile.last_report().to_dict()
+
+
+def test_a_compile_that_will_run_pins_its_parked_blocks_ahead(monkeypatch):
+    """The chosen plan's host blocks (one per parked value, for every call of the layer body) are
+    requested while the step compiles; a plan-only compile, or one with `warmup="off"`, requests none."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    asked = []
+    monkeypatch.setattr(offload_ops, "pin_ahead", lambda sizes, device: asked.append(list(sizes)))
+    options = {"remat": "full", "offload": "layers", "inner": "eager", **PASSES_OFF}
+    lowmem_compile.plan(tiny_model("llama", num_hidden_layers=3), **batch(), options=options)
+    _layered_report({**options, "warmup": "off"})
+    assert asked == []
+    report = _layered_report(options)
+    assert report["layers"]["calls"] == 3 and len(asked) == report["layers"]["bodies"]
+    assert sum(map(sum, asked)) == report["remat"]["offloaded_bytes"] > 0
+
+
+@pytest.mark.gpu
+def test_the_first_step_takes_its_pinned_blocks_from_the_ones_pinned_ahead(monkeypatch):
+    """On CUDA the blocks pinned during the compile go to the host allocator's cache before the step
+    runs, and the step's offloads take them: the pinned blocks created in the first call are those
+    pinned ahead, not twice as many."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    asked, pin_ahead = [], offload_ops.pin_ahead
+    monkeypatch.setattr(offload_ops, "pin_ahead", lambda sizes, device: (asked.append(list(sizes)), pin_ahead(sizes, device)))
+    model = tiny_model("llama", num_hidden_layers=3).cuda()
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    compiled = torch.compile(model, backend="lowmem", options={"remat": "full", "offload": "layers", **PASSES_OFF})
+    lowmem_compile.reset()
+    torch.cuda.synchronize()
+    torch._C._host_emptyCache()
+    before = torch.cuda.host_memory_stats()["num_host_alloc"]
+    compiled(**inputs).loss.backward()
+    torch.cuda.synchronize()
+    created = torch.cuda.host_memory_stats()["num_host_alloc"] - before
+    report = lowmem_compile.last_report().to_dict()
+    assert report["warmup"]["pinned_bytes"] == report["remat"]["offloaded_bytes"] == sum(map(sum, asked)) > 0
+    assert created == sum(map(len, asked))

@@ -23,15 +23,27 @@ waits for a copy it does not need yet:
 parks `ahead` values a call): the previous layer's values travel while this layer's backward runs,
 as they would with the whole step in one graph. Offloads are remembered in order (weakly) for this.
 On other devices all of these are plain copies (the reference behaviour every path must match).
+
+Page-locking host memory is slow (the driver pins a few GB a second), and a parked step asks for all
+its pinned blocks in its first run: Llama-3-8B at 8192 tokens parks about 19 GiB, seconds of that
+step. `pin_ahead` allocates blocks of the sizes a plan will park on a thread while the rest of the
+step compiles, and `settle_pinned` hands them to PyTorch's host allocator before the step runs; its
+cache serves the step's requests of the same sizes (it rounds every size up to a power of two).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import weakref
+from typing import Sequence
 
 import torch
 
 from .library import define_op
+
+log = logging.getLogger(__name__)
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _PARKED: list[weakref.ref] = []
@@ -48,6 +60,56 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(device=index)
     return _STREAMS[index]
+
+
+class _PinAhead(threading.Thread):
+    """Pinned host blocks allocated on a thread of their own, kept until `settle_pinned`."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
+        super().__init__(name="lowmem-pin-ahead", daemon=True)
+        self.sizes, self.device = list(sizes), device
+        self.blocks: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.cuda.device(self.device):
+                for size in self.sizes:
+                    self.blocks.append(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+        except RuntimeError as exc:  # out of pinnable memory: the step pins the rest itself, as without this
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
+        self.seconds = time.perf_counter() - start
+
+
+_PIN_AHEAD: list[_PinAhead] = []
+
+
+def pin_ahead(sizes: Sequence[int], device: torch.device) -> None:
+    """Start pinning host blocks of `sizes` bytes for a plan that parks values of those sizes on
+    `device` (module docstring). Nothing to do off CUDA."""
+    if device.type != "cuda" or not sizes:
+        return
+    thread = _PinAhead(sizes, device)
+    _PIN_AHEAD.append(thread)
+    thread.start()
+
+
+def settle_pinned() -> tuple[int, float]:
+    """Wait for every `pin_ahead` thread and free its blocks into the host allocator's cache, where
+    the step's first offloads find them; returns the bytes pinned and the threads' seconds."""
+    pinned, seconds = 0, 0.0
+    while _PIN_AHEAD:
+        thread = _PIN_AHEAD.pop()
+        thread.join()
+        pinned += sum(block.numel() for block in thread.blocks)
+        seconds += thread.seconds
+        if thread.error is not None:
+            log.warning("offload: pinning host memory ahead stopped after %.2f GiB (%s); the first step pins the rest",
+                        pinned / 2**30, thread.error)
+        thread.blocks.clear()
+    return pinned, seconds
 
 
 def _offload(x: torch.Tensor) -> torch.Tensor:

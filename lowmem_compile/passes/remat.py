@@ -100,6 +100,8 @@ class Plan:
     """For a layer body compiled once for many layers: the whole step's peak (`cost/layered.py`)."""
     host_note: str | None = None
     """Set when not all the values this plan would park fit the host's share (`offload.within_host`)."""
+    parked_sizes: tuple[int, ...] = ()
+    """The bytes of each value one call parks in host memory, where all sizes are static."""
 
     @property
     def peak(self) -> int:
@@ -211,7 +213,7 @@ class _Planner:
         fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
-        moved, link_seconds, carried_moved, host_note = 0, 0.0, False, None
+        moved, link_seconds, carried_moved, host_note, parked_sizes = 0, 0.0, False, None, ()
         peak = memory.peak if self.context is None else self.context.step_peak(memory)
         if self.offload_to is not None and self.layers and (self.offload_above is None or peak > self.offload_above):
             if self.context is not None:
@@ -228,6 +230,9 @@ class _Planner:
                     f"{allowed / 2**30:.1f} GiB allowed ({offload.HOST_SHARE:.0%} of the host's); "
                     f"{left * calls / 2**30:.1f} GiB stay on the device")
             carried_moved = any(v.op == "placeholder" for v in values)
+            sizes_of = [tensor_val(v).shape for v in values]
+            if all(isinstance(d, int) for shape in sizes_of for d in shape):
+                parked_sizes = tuple(tensor_bytes(tensor_val(v)) for v in values)
             moved = offload.apply(fw, bw, values, self.offload_to, self.rates, ahead=self.context is not None) if values else 0
             if moved:
                 memory = simulate_step(fw, bw, num_out, fused=self.fused)
@@ -252,6 +257,7 @@ class _Planner:
             carried_offloaded=carried_moved,
             step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved, moved),
             host_note=host_note,
+            parked_sizes=parked_sizes if moved else (),
         )
 
     def layer_of(self, node: torch.fx.Node) -> str | None:
@@ -494,6 +500,9 @@ class RematPartitioner(CustomPartitionerFn):
         self.symbolic_memory: StepMemory | None = None
         """The chosen plan simulated with symbolic sizes, when a budget asked for the longest sequence:
         a layered compile builds the bodies' step expressions from the tail's (`cost/layered.py`)."""
+        self.pin_ahead = False
+        """Set by the backend for a compile that will run: the chosen plan's host blocks are pinned on
+        a thread while the rest of the step compiles (`ops/offload.py`, `pin_ahead`)."""
 
     def budget(self, device: torch.device) -> tuple[int | None, str]:
         """The peak to fit, in bytes, and where it comes from."""
@@ -562,6 +571,8 @@ class RematPartitioner(CustomPartitionerFn):
         longest = self._longest_sequence(plan, budget, notes)
         self.plans.append(plan)
         calls = 1 if self.context is None else self.context.calls  # a body's figures, for every call
+        if self.pin_ahead and plan.parked_sizes:
+            lowmem_ops.offload.pin_ahead(plan.parked_sizes * calls, device)
         stats = RematStats(
             policy=policy,
             saved_bytes=plan.memory.saved * calls,
