@@ -263,3 +263,32 @@ def test_an_option_that_fails_to_plan_is_left_out(monkeypatch):
     report, table, _ = _plan(model, inputs, {"memory_budget": 1})
     assert report["remat"]["knob"]["mlp_chunks"] == "off" and report["mlp"]["chunked"] == 0
     assert "[knob] mlp_chunks=auto: left out, planning with it failed: RuntimeError: pieces broke" in table
+
+
+def test_the_knobs_trials_reuse_the_same_splits_and_plan_as_without(monkeypatch):
+    """The knob plans one joint graph under several option sets, and the planner tries the same
+    tags under each: a split already made is reused (passes/remat.py, `_min_cut`). Reusing changes
+    nothing: the same options chosen, the same predicted peak and the same notes as with every split
+    made afresh, and fewer splits made."""
+    from lowmem_compile.passes import remat
+
+    model, inputs = _prepared(), batch(size=1, seq=SEQ)
+    lean = _peak(model, inputs, {**LEAN, "memory_budget": 1})
+    options = {"memory_budget": _asked(model, int(lean * 1.03))}
+    cut, made = remat.min_cut_rematerialization_partition, []
+    monkeypatch.setattr(remat, "min_cut_rematerialization_partition", lambda *a, **k: (made.append(1), cut(*a, **k))[1])
+    partition, asked = remat._Planner.partition, []
+    monkeypatch.setattr(remat._Planner, "partition", lambda self, *a: (asked.append(1), partition(self, *a))[1])
+    runs = {}
+    for kept in (0, remat.PARTITIONS_KEPT):
+        monkeypatch.setattr(remat, "PARTITIONS_KEPT", kept)
+        remat._PARTITIONS.clear()
+        made.clear()
+        asked.clear()
+        report = _plan(model, inputs, options)[0]["remat"]
+        runs[kept] = (report, len(made), len(asked))
+    (fresh, fresh_made, fresh_asked), (reused, reused_made, reused_asked) = runs[0], runs[remat.PARTITIONS_KEPT]
+    assert fresh_made == fresh_asked == reused_asked
+    assert reused_made < fresh_made
+    for field in ("knob", "knob_notes", "predicted_peak_bytes", "offloaded_bytes", "recomputed", "notes"):
+        assert reused[field] == fresh[field], field

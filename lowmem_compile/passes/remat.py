@@ -32,6 +32,7 @@ partition is torch's, so gradients are exact; only memory and time change.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ import sys
 import time
 import types
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,6 +80,10 @@ AUTO_STEPS = (0.25, 0.5)
 #: Share of the host link's bytes over a layer's modelled forward time that the `full+parked` plan
 #: fills with saved outputs (the layer's input travels too).
 PARK_LINK_SHARE = 0.8
+#: How many min-cut partitions this process keeps for reuse (`_min_cut`).
+PARTITIONS_KEPT = 32
+_PARTITIONS: OrderedDict[str, tuple[Any, torch.fx.GraphModule, torch.fx.GraphModule]] = OrderedDict()
+"""key -> (a weak reference to the fake mode the split's values belong to, forward, backward)."""
 _LAYER_RE = re.compile(r"[.\[]\d+\]?(?=$|[.\[])")
 
 
@@ -206,11 +213,7 @@ class _Planner:
 
     def partition(self, name: str, tags: dict[str, CheckpointPolicy]) -> Plan:
         start = time.perf_counter()
-        joint = copy_graph_module(self.gm)
-        for node in joint.graph.nodes:
-            if node.name in tags:
-                node.meta["recompute"] = tags[node.name]
-        fw, bw = min_cut_rematerialization_partition(joint, self.joint_inputs, **self.kwargs)
+        fw, bw = _min_cut(self.gm, self.joint_inputs, tags, self.kwargs)
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
         moved, link_seconds, carried_moved, host_note, parked_sizes = 0, 0.0, False, None, ()
@@ -401,6 +404,56 @@ class _Planner:
                 done.add(i)
                 plans.append(self.partition(f"auto[{i}/{len(cands)}]", dict(tags)))
         return plans
+
+
+def _min_cut(
+    gm: torch.fx.GraphModule, joint_inputs: Sequence[object], tags: dict[str, CheckpointPolicy], kwargs: dict[str, Any]
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The min-cut split of the joint graph `gm` with `tags` forced, as copies the caller may
+    rewrite. Why kept: the memory knob plans one joint graph under several option sets (parking is
+    applied after the split, so it leaves the split alone) and then compiles the one it chose, and
+    the planner tries the same tags under each: the same split, about a second each for a layer of
+    Llama-3-8B. Kept by everything the split reads (`_partition_key`), at most `PARTITIONS_KEPT`, and
+    served only to a compile of the same fake mode (its values, and their symbols, are that mode's)."""
+    mode = torch._guards.detect_fake_mode(joint_inputs)
+    key = _partition_key(gm, tags, kwargs)
+    entry = _PARTITIONS.get(key)
+    if entry is None or mode is None or entry[0]() is not mode:
+        joint = copy_graph_module(gm)
+        for node in joint.graph.nodes:
+            if node.name in tags:
+                node.meta["recompute"] = tags[node.name]
+        fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        if mode is None:
+            return fw, bw
+        entry = _PARTITIONS[key] = (weakref.ref(mode), copy_graph_module(fw), copy_graph_module(bw))
+        while len(_PARTITIONS) > PARTITIONS_KEPT:
+            _PARTITIONS.popitem(last=False)
+        return fw, bw
+    _PARTITIONS.move_to_end(key)
+    return copy_graph_module(entry[1]), copy_graph_module(entry[2])
+
+
+def _partition_key(gm: torch.fx.GraphModule, tags: dict[str, CheckpointPolicy], kwargs: dict[str, Any]) -> str:
+    """What a min-cut split depends on: the joint graph's code, every node's value metadata (dtype,
+    shape, strides, whether it requires grad) and other metadata the partitioner reads, the tags,
+    the partitioner's arguments and AOTAutograd's configuration."""
+    digest = hashlib.sha256(gm.code.encode())
+    for node in gm.graph.nodes:
+        meta = {k: node.meta.get(k) for k in ("recompute", "partitioner_tag", "ac_graph_id") if k in node.meta}
+        digest.update(f"{node.name}|{_value_key(node.meta.get('val'))}|{meta}\n".encode())
+    digest.update(repr(sorted((name, str(policy)) for name, policy in tags.items())).encode())
+    digest.update(repr(sorted((name, repr(value)) for name, value in kwargs.items())).encode())
+    digest.update(torch._functorch.config.save_config())
+    return digest.hexdigest()
+
+
+def _value_key(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"T({value.dtype},{tuple(value.shape)},{value.stride()},{value.requires_grad},{value.device})"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_value_key(v) for v in value) + ")"
+    return f"{type(value).__name__}:{value}" if isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat)) else type(value).__name__
 
 
 def choose(plans: list[Plan], budget: int | None) -> tuple[Plan, str | None]:
