@@ -91,7 +91,8 @@ class Options:
     """Compile our own Triton kernels while Inductor compiles the step: "thread" runs each distinct
     site of our ops once, forward and backward, on random values of its shapes on a thread begun
     after the passes, so their compiles no longer wait for Inductor's inside the first step
-    (warmup.py); "off" leaves them to compile on first use."""
+    (warmup.py), and pins the host blocks a parked plan will use on another thread once the plan is
+    chosen (ops/offload.py); "off" leaves both to the first step."""
 
     report: bool = False
     """Print the report after each compiled graph."""
