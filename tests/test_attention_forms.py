@@ -223,3 +223,56 @@ def test_gpu_window_and_documents_skip_tiles():
     causal = triton.testing.do_bench(step, warmup=5, rep=20)
     for form in ({"window": 1024}, {"segments": segments}):
         assert triton.testing.do_bench(lambda: step(**form), warmup=5, rep=20) < 0.35 * causal, form
+
+
+# ---- head dim 256: cuDNN's kernels on our K/V storage (codegen/attention_cudnn.py) ---------------
+
+
+def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monkeypatch):
+    """cuDNN's fused kernel takes causal or unmasked calls at head dim 256 in 16 bits; a mask, a
+    window, a softcap, documents, another head dim, fp32, the CPU or the switch set to 0 stay on the
+    Triton kernels (decided from metadata only, so the fake tensors of a plan decide alike)."""
+    import types
+
+    from lowmem_compile.codegen import attention_cudnn
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+
+    def q(d=256, dtype=torch.bfloat16, device="cuda"):
+        return types.SimpleNamespace(device=torch.device(device), shape=(1, 8, 64, d), dtype=dtype)
+
+    plain = dict(mask=None, causal=True, window=0, softcap=0.0, segments=None)
+    assert attention_cudnn.serves(q(), **plain)
+    assert attention_cudnn.serves(q(dtype=torch.float16), **{**plain, "causal": False})
+    for other in ({"mask": torch.ones(1, 1, 1, 64, dtype=torch.bool)}, {"window": 16}, {"softcap": 30.0},
+                  {"segments": torch.zeros(1, 64, dtype=torch.int64)}):
+        assert not attention_cudnn.serves(q(), **{**plain, **other}), other
+    assert not attention_cudnn.serves(q(d=128), **plain)
+    assert not attention_cudnn.serves(q(dtype=torch.float32), **plain)
+    assert not attention_cudnn.serves(q(device="cpu"), **plain)
+    monkeypatch.setenv("LOWMEM_CUDNN_ATTENTION", "0")
+    assert not attention_cudnn.serves(q(), **plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, kv_heads", [(16, 2), (4, 2), (8, 8)])
+def test_gpu_head_dim_256_on_cudnn_and_on_triton_against_float64(bits, kv_heads, monkeypatch):
+    """The op at head dim 256 (GQA 4:1 and none) runs cuDNN's forward and backward, both within the
+    bf16 tolerances of float64; with the switch off the Triton kernels run and are too."""
+    from lowmem_compile.codegen import attention_cudnn
+
+    ran = []
+    for name in ("forward", "backward"):
+        real = getattr(attention_cudnn, name)
+        monkeypatch.setattr(attention_cudnn, name, lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
+    b, s = 1, 1000
+    q, k, v = (t.cuda() for t in _inputs(b, 8, kv_heads, s, 256, torch.bfloat16))
+    grad_out = torch.randn(q.shape, device="cuda").bfloat16()
+    want = _float64(q, k, v, None, 0.0625, 0.0, grad_out)
+    got = _form_op(q, k, v, None, None, bits, grad_out, scale=0.0625)
+    assert ran == ["forward", "backward"]
+    _assert_accurate(got, want, bits, exact_tol=1e-2)
+    monkeypatch.setenv("LOWMEM_CUDNN_ATTENTION", "0")
+    ran.clear()
+    _assert_accurate(_form_op(q, k, v, None, None, bits, grad_out, scale=0.0625), want, bits, exact_tol=1e-2)
+    assert ran == []

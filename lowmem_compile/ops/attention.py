@@ -23,7 +23,9 @@ and P are consistent and the gradients are the exact gradients of the function t
 (docs/attention.md measures the alternative, exact forward + quantized backward, which is worse for
 dK). lse is then that of the smoothed keys' scores; it is an internal of the pair of ops. On CUDA
 each op expands the codes once into a transient 16-bit K and V (as large as k and v, freed when it
-returns) that its kernels read; what is kept between the two stays 4/8-bit.
+returns) that its kernels read; what is kept between the two stays 4/8-bit. At head dim 256, causal
+or unmasked, the kernels are cuDNN's (codegen/attention_cudnn.py: our Triton tiles are too small
+there), with K and V repeated to the query heads for the call under GQA; the storage is the same.
 
 The reference below is the specification: fp32 math, chunked over query rows so it never holds more
 than a [chunk, Sk] block of scores per head.
@@ -220,19 +222,33 @@ def _fake(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0
     )
 
 
+def _repeated_kv(q, k, mask, segments, causal, window, softcap) -> list[torch.Tensor]:
+    """K and V repeated to the query heads, when the call takes the cuDNN route with GQA
+    (codegen/attention_cudnn.py): transients of the op on top of the 16-bit K and V."""
+    from ..codegen import attention_cudnn
+
+    if not attention_cudnn.serves(q, mask, causal, window, softcap, segments) or attention_cudnn.repeated_heads(q, k) == 1:
+        return []
+    return [q.new_empty((*q.shape[:3], k.shape[-1])) for _ in range(2)]
+
+
 def _workspace(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
     """At 4/8 bits the kernel reads a transient 16-bit K and V dequantized from the codes (the int32
-    band bounds of a window or documents, 8 bytes a token, are not counted)."""
-    return [] if kv_bits == 16 else [k.new_empty(k.shape, dtype=q.dtype), v.new_empty(v.shape, dtype=q.dtype)]
+    band bounds of a window or documents, 8 bytes a token, are not counted), and on the cuDNN route
+    with GQA K and V repeated to the query heads."""
+    kv = [] if kv_bits == 16 else [k.new_empty(k.shape, dtype=q.dtype), v.new_empty(v.shape, dtype=q.dtype)]
+    return kv + _repeated_kv(q, k, mask, segments, causal, window, softcap)
 
 
 def _cuda(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
-    from ..codegen import attention_kv4
+    from ..codegen import attention_cudnn, attention_kv4
 
     form = dict(causal=causal, scale=scale, kv_bits=kv_bits, window=window, softcap=softcap)
     if not attention_kv4.supports(q.shape[-1], q.dtype):
         return _reference(q, k, v, mask, segments, **form)
     _check(q, k, v, mask, causal, kv_bits, segments, window, softcap)
+    if attention_cudnn.serves(q, mask, causal, window, softcap, segments):
+        return attention_cudnn.forward(q, k, v, causal, scale, kv_bits)
     return attention_kv4.forward(q, k, v, mask, causal, scale, kv_bits, window=window, softcap=softcap, segments=segments)
 
 
@@ -256,17 +272,22 @@ def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None,
     counted: the fp32 dK/dV partials of a split grid (chosen from the device's SM count, and only
     for sequences short enough that they are small against the step)."""
     b, _, _, d = q.shape
-    kv = [] if kv_bits == 16 else [q.new_empty((b, k_q.shape[1], k_q.shape[2], d)) for _ in range(2)]
-    return [lse.new_empty(lse.shape), *kv]
+    k_shape = (b, k_q.shape[1], k_q.shape[2], d)
+    kv = [] if kv_bits == 16 else [q.new_empty(k_shape) for _ in range(2)]
+    # on the cuDNN route with GQA: K, V and their gradients at the query heads
+    repeated = _repeated_kv(q, q.new_empty(k_shape), mask, segments, causal, window, softcap)
+    return [lse.new_empty(lse.shape), *kv, *repeated, *repeated]
 
 
 def _bwd_cuda(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None, segments=None, *, causal, scale, kv_bits,
               window=0, softcap=0.0):
-    from ..codegen import attention_kv4
+    from ..codegen import attention_cudnn, attention_kv4
 
     saved = (grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask)
     if not attention_kv4.supports(q.shape[-1], q.dtype):
         return _bwd_reference(*saved, segments, causal=causal, scale=scale, kv_bits=kv_bits, window=window, softcap=softcap)
+    if attention_cudnn.serves(q, mask, causal, window, softcap, segments):
+        return attention_cudnn.backward(*saved[:-1], causal, scale, kv_bits)
     return attention_kv4.backward(*saved, causal, scale, kv_bits, window=window, softcap=softcap, segments=segments)
 
 
