@@ -8,7 +8,7 @@ against our causal kernel, with the issue's targets beside each row.
 Rows (GPU time: each fwd+bwd captured once in a CUDA graph and the replays timed, as bench/attention.py):
 - `d256`: head dim 256, 16 query and 16 KV heads (Gemma-7B), causal, 2k / 8k / 32k: SDPA flash and
   cuDNN (where they take head dim 256 with a backward), ours at kv16 and kv4 (cuDNN's kernels on our
-  K/V storage since 2026-12-07), and our Triton kernels at kv16 (`LOWMEM_CUDNN_ATTENTION=0`).
+  K/V storage since 2026-12-07), and our Triton kernels at kv16 (the route switched off for the row).
   Targets: ours kv16 >= 1.0x the faster SDPA, kv4 within 15% of kv16.
 - `window`: head dim 128, 32 q / 8 KV heads (Mistral-7B), window 4096 at 8k / 32k / 128k, against ours
   causal at 4096 tokens times S / 4096 (the time a band of 4096 keys should cost). Target: <= 1.1x.
@@ -40,17 +40,16 @@ def _ours(bits, scale, **form):
     return f
 
 
-def _triton_only(f):
-    """`f` with the cuDNN route at head dim 256 switched off (codegen/attention_cudnn.py)."""
+def _triton_ms(f, cfg, s, device, dtype, cuda):
+    """`_ms` with the cuDNN route at head dim 256 off for the whole measurement, forward and backward
+    (codegen/attention_cudnn.py)."""
+    from lowmem_compile.codegen import attention_cudnn
 
-    def g(*args):
-        os.environ["LOWMEM_CUDNN_ATTENTION"] = "0"
-        try:
-            return f(*args)
-        finally:
-            os.environ.pop("LOWMEM_CUDNN_ATTENTION")
-
-    return g
+    attention_cudnn.ENABLED = False
+    try:
+        return _ms(f, cfg, s, device, dtype, cuda)
+    finally:
+        attention_cudnn.ENABLED = True
 
 
 def _ms(f, cfg, s, device, dtype, cuda):
@@ -93,7 +92,7 @@ def main():
     for s in ([2048, 8192, 32768] if big else [40]) if "d256" in sections else []:
         row = {name: _ms(_sdpa(b, scale), wide, s, device, dtype, cuda) for name, b in sdpa.items()}
         row.update({f"ours_kv{bits}": _ms(_ours(bits, scale), wide, s, device, dtype, cuda) for bits in (16, 4)})
-        row["ours_triton_kv16"] = _ms(_triton_only(_ours(16, scale)), wide, s, device, dtype, cuda)
+        row["ours_triton_kv16"] = _triton_ms(_ours(16, scale), wide, s, device, dtype, cuda)
         best = min((v for k, v in row.items() if k.startswith("sdpa") and v), default=None)
         row["ours_kv16_vs_best_sdpa"] = best / row["ours_kv16"] if best else None
         row["kv4_over_kv16"] = row["ours_kv4"] / row["ours_kv16"]

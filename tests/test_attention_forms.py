@@ -230,7 +230,7 @@ def test_gpu_window_and_documents_skip_tiles():
 
 def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monkeypatch):
     """cuDNN's fused kernel takes causal or unmasked calls at head dim 256 in 16 bits; a mask, a
-    window, a softcap, documents, another head dim, fp32, the CPU or the switch set to 0 stay on the
+    window, a softcap, documents, another head dim, fp32, the CPU or the route switched off stay on the
     Triton kernels (decided from metadata only, so the fake tensors of a plan decide alike)."""
     import types
 
@@ -250,7 +250,7 @@ def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monke
     assert not attention_cudnn.serves(q(d=128), **plain)
     assert not attention_cudnn.serves(q(dtype=torch.float32), **plain)
     assert not attention_cudnn.serves(q(device="cpu"), **plain)
-    monkeypatch.setenv("LOWMEM_CUDNN_ATTENTION", "0")
+    monkeypatch.setattr(attention_cudnn, "ENABLED", False)
     assert not attention_cudnn.serves(q(), **plain)
 
 
@@ -258,7 +258,7 @@ def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monke
 @pytest.mark.parametrize("bits, kv_heads", [(16, 2), (4, 2), (8, 8)])
 def test_gpu_head_dim_256_on_cudnn_and_on_triton_against_float64(bits, kv_heads, monkeypatch):
     """The op at head dim 256 (GQA 4:1 and none) runs cuDNN's forward and backward, both within the
-    bf16 tolerances of float64; with the switch off the Triton kernels run and are too."""
+    bf16 tolerances of float64; with the route off the Triton kernels run and are too."""
     from lowmem_compile.codegen import attention_cudnn
 
     ran = []
@@ -272,7 +272,7 @@ def test_gpu_head_dim_256_on_cudnn_and_on_triton_against_float64(bits, kv_heads,
     got = _form_op(q, k, v, None, None, bits, grad_out, scale=0.0625)
     assert ran == ["forward", "backward"]
     _assert_accurate(got, want, bits, exact_tol=1e-2)
-    monkeypatch.setenv("LOWMEM_CUDNN_ATTENTION", "0")
+    monkeypatch.setattr(attention_cudnn, "ENABLED", False)
     ran.clear()
     _assert_accurate(_form_op(q, k, v, None, None, bits, grad_out, scale=0.0625), want, bits, exact_tol=1e-2)
     assert ran == []

@@ -12,8 +12,10 @@ Served: CUDA, fp16/bf16, head dim 256, no mask or a causal one (Sq == Sk), no wi
 packed documents (cuDNN's fused kernel, as PyTorch exposes it, takes none of those without a
 materialized bias). Query heads a multiple of the KV heads: cuDNN reads one KV head per query
 head, so K and V are repeated for it (a transient of Hq heads) and dK, dV summed back over each
-group. Everything else, and every case with `LOWMEM_CUDNN_ATTENTION=0` set (the Triton kernels
-measured against it), goes to codegen/attention_kv4.py.
+group. Everything else goes to codegen/attention_kv4.py, and so does every call in a process started
+with `LOWMEM_CUDNN_ATTENTION=0` (the Triton kernels measured against it). The switch is read once, at
+import: a forward and its backward must take the same route (the lse between them is the route's
+own), so it cannot change between them.
 
 The lse handed between the passes is cuDNN's softmax statistics ([B, Hq, S, 1] in fp32, kept as
 [B, Hq, S]); it goes back to cuDNN only, never to the Triton backward (the same case takes the
@@ -31,6 +33,8 @@ from .kv_codes import dequantize, quantize
 
 #: The head dims sent to cuDNN (the Triton kernels' tiles are too small there: module docstring).
 HEAD_DIMS = (256,)
+#: Whether the route is on in this process (`LOWMEM_CUDNN_ATTENTION=0` at start turns it off).
+ENABLED = os.environ.get("LOWMEM_CUDNN_ATTENTION", "1") != "0"
 
 
 def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int, softcap: float,
@@ -45,7 +49,7 @@ def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int
         and not window
         and not softcap
         and segments is None
-        and os.environ.get("LOWMEM_CUDNN_ATTENTION", "1") != "0"
+        and ENABLED
         and torch.backends.cudnn.is_available()
     )
 
