@@ -248,6 +248,9 @@ def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monke
                   {"segments": torch.zeros(1, 64, dtype=torch.int64)}):
         assert not attention_cudnn.serves(q(), **{**plain, **other}), other
     assert not attention_cudnn.serves(q(d=128), **plain)
+    monkeypatch.setattr(attention_cudnn, "SERVED_HEAD_DIMS", attention_cudnn.HEAD_DIMS["all"])
+    assert attention_cudnn.serves(q(d=128), **plain) and not attention_cudnn.serves(q(d=32), **plain)
+    monkeypatch.setattr(attention_cudnn, "SERVED_HEAD_DIMS", attention_cudnn.HEAD_DIMS["1"])
     assert not attention_cudnn.serves(q(dtype=torch.float32), **plain)
     assert not attention_cudnn.serves(q(device="cpu"), **plain)
     monkeypatch.setattr(attention_cudnn, "ENABLED", False)

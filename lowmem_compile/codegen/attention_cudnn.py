@@ -13,9 +13,10 @@ packed documents (cuDNN's fused kernel, as PyTorch exposes it, takes none of tho
 materialized bias). Query heads a multiple of the KV heads: cuDNN reads one KV head per query
 head, so K and V are repeated for it (a transient of Hq heads) and dK, dV summed back over each
 group. Everything else goes to codegen/attention_kv4.py, and so does every call in a process started
-with `LOWMEM_CUDNN_ATTENTION=0` (the Triton kernels measured against it). The switch is read once, at
-import: a forward and its backward must take the same route (the lse between them is the route's
-own), so it cannot change between them.
+with `LOWMEM_CUDNN_ATTENTION=0` (the Triton kernels measured against it); `LOWMEM_CUDNN_ATTENTION=all`
+sends head dims 64-128 too (`HEAD_DIMS`). The switch is read once, at import: a forward and its
+backward must take the same route (the lse between them is the route's own), so it cannot change
+between them.
 
 The lse handed between the passes is cuDNN's softmax statistics ([B, Hq, S, 1] in fp32, kept as
 [B, Hq, S]); it goes back to cuDNN only, never to the Triton backward (the same case takes the
@@ -31,10 +32,17 @@ import torch
 from ..formats import kv4
 from .kv_codes import dequantize, quantize
 
-#: The head dims sent to cuDNN (the Triton kernels' tiles are too small there: module docstring).
-HEAD_DIMS = (256,)
-#: Whether the route is on in this process (`LOWMEM_CUDNN_ATTENTION=0` at start turns it off).
-ENABLED = os.environ.get("LOWMEM_CUDNN_ATTENTION", "1") != "0"
+#: The head dims sent to cuDNN by default (the Triton kernels' tiles are too small there: module
+#: docstring), and those `LOWMEM_CUDNN_ATTENTION=all` sends: at head dim 128, causal, cuDNN ran at
+#: 1.43-1.56x our kernels' speed alone (H200, bench/results/attention/2026-11-29T23/), but under GQA
+#: the route repeats K and V for the call (Llama-3-8B at 8192 tokens: 128 MiB in the forward, 256 in
+#: the backward), so it waits for an end-to-end measurement before it is the default there.
+HEAD_DIMS = {"1": (256,), "all": (64, 80, 96, 128, 256), "0": ()}
+#: The head dims this process sends to cuDNN, from `LOWMEM_CUDNN_ATTENTION` at import ("1", the
+#: default; "all"; "0": none).
+SERVED_HEAD_DIMS = HEAD_DIMS.get(os.environ.get("LOWMEM_CUDNN_ATTENTION", "1"), HEAD_DIMS["1"])
+#: Whether the route is on (off: every call takes the Triton kernels).
+ENABLED = bool(SERVED_HEAD_DIMS)
 
 
 def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int, softcap: float,
@@ -43,7 +51,7 @@ def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int
     fake tensor's answer is its real tensor's."""
     return (
         q.device.type == "cuda"
-        and q.shape[-1] in HEAD_DIMS
+        and q.shape[-1] in SERVED_HEAD_DIMS
         and q.dtype in (torch.float16, torch.bfloat16)
         and mask is None
         and not window
