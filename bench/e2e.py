@@ -95,7 +95,8 @@ class Recipe:
     """How a configuration loads, wraps and compiles the model."""
 
     loader: str = "hf"  # "hf" (built in memory), "bnb" (4-bit from the saved folder), "unsloth",
-    # "prepare" (built on the CPU, then `lowmem_compile.prepare_` onto the device layer by layer)
+    # "prepare" (16-bit from the saved folder onto the CPU, then `lowmem_compile.prepare_` onto the
+    # device layer by layer: the user's journey, and the same weights as the peers' rows)
     checkpointing: bool = False  # Hugging Face gradient checkpointing, non-reentrant
     compiler: str | None = None  # None, "inductor" or "lowmem"
     budget: bool = False  # stock activation_memory_budget around the compile
@@ -103,7 +104,7 @@ class Recipe:
 
     @property
     def needs_folder(self) -> bool:
-        return self.loader in ("bnb", "unsloth")
+        return self.loader in ("bnb", "unsloth", "prepare")
 
     @property
     def needs_cuda(self) -> bool:
@@ -124,9 +125,10 @@ LOWMEM_RECIPE = Recipe(compiler="lowmem")
 #: lowmem on the bitsandbytes-loaded model (the backend lowers its 4-bit layers unless `nf4="off"`):
 #: variants named `lowmem_bnb*`.
 LOWMEM_BNB_RECIPE = Recipe(loader="bnb", compiler="lowmem")
-#: lowmem on a model built on the CPU and moved by `prepare_` (NF4 on the way, so no 16-bit copy on
-#: the device; host embeddings; no K/V cache): variants named `lowmem_prep*`, the user's journey.
-#: Built on the CPU, their random weights differ from the device-built rows'.
+#: lowmem on a model loaded from the saved folder onto the CPU and moved by `prepare_` (NF4 on the
+#: way, so no 16-bit copy on the device; host embeddings; no K/V cache): variants named
+#: `lowmem_prep*`, the user's journey. (Built from the config on the CPU instead, Llama-3-8B's random
+#: initialization alone outlasted a 224 s window on the GPU machine, 2026-12-07T22.)
 LOWMEM_PREPARE_RECIPE = Recipe(loader="prepare", compiler="lowmem")
 #: Built-in lowmem variants: the defaults (frozen linears quantized to NF4 by `quantize_` first);
 #: every pass off with the bf16 weights (what the pipeline costs by itself; compare with `inductor`);
@@ -209,9 +211,15 @@ def save_model_folder(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def add_lora(model, gradient_checkpointing: bool):
+    """peft's LoRA r=16 on every projection, its random matrices drawn from the run's seed whatever
+    drew before (building a model draws its weights, loading one from a folder draws nothing), so
+    rows that loaded the same weights differently start from the same adapters."""
     import peft
+    import torch
 
     from tests.models import LORA_TARGETS
+
+    torch.manual_seed(torch.initial_seed())
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -243,6 +251,26 @@ def load_bnb(args: argparse.Namespace, recipe: Recipe):
     return add_lora(model, recipe.checkpointing)
 
 
+def load_prepared(args: argparse.Namespace, recipe: Recipe):
+    """The saved 16-bit folder loaded onto the CPU, adapters added, then `prepare_` onto the device
+    (a layer at a time, NF4 on the way); each stage's time on stderr (the parent keeps it in e2e.log)."""
+    import torch
+    import transformers
+
+    import lowmem_compile
+
+    torch.manual_seed(args.seed)  # the seed the adapters are drawn from (add_lora)
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map="cpu",
+                                                              attn_implementation="sdpa")
+    print(f"[{args.config}] loaded onto the CPU in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    model = add_lora(model, recipe.checkpointing)
+    start = time.perf_counter()
+    lowmem_compile.prepare_(model, device=args.device)
+    print(f"[{args.config}] prepared onto {args.device} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return model
+
+
 def load_unsloth(args: argparse.Namespace, seq: int):
     from unsloth import FastLanguageModel  # before transformers: Unsloth patches it on import
     import torch
@@ -272,13 +300,10 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         model = load_unsloth(args, seq)
     elif recipe.loader == "bnb":
         model = load_bnb(args, recipe)
-    else:  # built from the config: on the device, or on the CPU and moved there by prepare_
-        on = "cpu" if recipe.loader == "prepare" else args.device
-        model = add_lora(build_model(llama_config(args.model, args.layers, seq), on, args.seed), recipe.checkpointing)
-        if recipe.loader == "prepare":
-            import lowmem_compile
-
-            lowmem_compile.prepare_(model, device=args.device)
+    elif recipe.loader == "prepare":
+        model = load_prepared(args, recipe)
+    else:  # built from the config on the device
+        model = add_lora(build_model(llama_config(args.model, args.layers, seq), args.device, args.seed), recipe.checkpointing)
     model.train()
     import torch
 
@@ -665,9 +690,10 @@ class Runner:
         self.folder_ready = threading.Event()
         self.folder_error: str | None = None
         self.model_dir = str(Path(args.model_dir).resolve()) if args.model_dir else str(scratch / "model")
-        # On the CPU the folder's users fail before loading it (they need CUDA), so it is not written.
-        self.needs_save = (
-            args.device == "cuda" and args.model_dir is None and any(recipe_for(j.config).needs_folder for j in jobs)
+        # On the CPU only the prepared rows read the folder (the peers' need CUDA and fail before loading it).
+        self.needs_save = args.model_dir is None and any(
+            recipe_for(j.config).needs_folder and (args.device == "cuda" or recipe_for(j.config).loader == "prepare")
+            for j in jobs
         )
         if not self.needs_save:
             self.folder_ready.set()

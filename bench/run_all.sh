@@ -156,8 +156,10 @@ stage() {
       [ "${KNOB_2048-1}" = 0 ] || e2e --seqs 2048 --gpus 1 --lowmem 'lowmem_lean_knob6={"memory_budget":"6GiB"}' \
         --configs lowmem_lean_knob6 --out "$out/b" > "$out/b.log" 2>&1
       rows "$out"/?/e2e.md ;;
-    capped)  # issue 21's journey under a 10 GiB cap set before loading: the model built on the CPU, prepare_
-      # onto the GPU, the knob alone at "10GiB", 8192 tokens; then Unsloth under the same cap (one after the other)
+    capped)  # issue 21's journey under a 10 GiB cap set before loading: the saved 16-bit model loaded onto the CPU,
+      # prepare_ onto the GPU, the knob alone at "10GiB", 8192 tokens; then Unsloth under the same cap (one after
+      # the other). Alone in a call: the folder is written first (~30 s), and the 2026-12-07T22 try, which built
+      # the model from its config on the CPU instead, had not finished initializing it after 224 s
       e2e --cold --cap-gib 10 --seqs 8192 --gpus 1 --lowmem 'lowmem_prep_knob10={"memory_budget":"10GiB"}' \
         --configs lowmem_prep_knob10,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;

@@ -212,9 +212,9 @@ def test_cold_workers_compile_into_fresh_cache_folders(tmp_path):
 
 
 def test_prepared_rows_train_the_model_prepare_moved(tmp_path):
-    """`lowmem_prep*` rows build the model on the CPU and hand it to `prepare_` (the user's journey,
-    with `--cap-gib` on a GPU): on the CPU the weights are the built-in row's, so the losses agree,
-    and the frozen linears arrive in NF4."""
+    """`lowmem_prep*` rows load the saved folder onto the CPU and hand the model to `prepare_` (the
+    user's journey, with `--cap-gib` on a GPU): the folder holds the built-in row's weights, so the
+    losses agree, and the frozen linears arrive in NF4."""
     cmd = [
         sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--model", "small", "--layers", "1",
         "--configs", "lowmem_prep_eager,lowmem", "--lowmem", 'lowmem_prep_eager={"inner": "eager"}',
