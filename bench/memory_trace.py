@@ -31,10 +31,13 @@ _SEGMENT_UP, _SEGMENT_DOWN = ("segment_alloc", "segment_map"), ("segment_free", 
 
 
 def record_step(run_step) -> dict[str, Any]:
-    """Run `run_step()` on CUDA with the allocator's history on, and summarize it."""
+    """Run `run_step()` on CUDA with the allocator's history on, and summarize it. The allocator's
+    cache is emptied first, so the step grows its reserved memory inside the trace (otherwise the
+    reserved peak was reached in an earlier step and the trace cannot say what it held: 2026-12-07T22)."""
     import torch
 
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=1_000_000)
     try:
