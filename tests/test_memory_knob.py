@@ -292,3 +292,25 @@ def test_the_knobs_trials_reuse_the_same_splits_and_plan_as_without(monkeypatch)
     assert reused_made < fresh_made
     for field in ("knob", "knob_notes", "predicted_peak_bytes", "offloaded_bytes", "recomputed", "notes"):
         assert reused[field] == fresh[field], field
+
+
+def test_an_option_that_took_off_far_more_than_the_room_is_kept_without_planning_the_step_without_it(monkeypatch):
+    """Taking back an option set before the last costs one more plan of the step (seconds of the first
+    step); when the option took off more than PRUNE_MARGIN times the fitting plan's room, that plan
+    is not made: the same options and predicted peak as when every such plan is made, fewer plans,
+    and a note for each one not made."""
+    model, inputs = _prepared(), batch(size=1, seq=SEQ)
+    lean = _peak(model, inputs, {**LEAN, "memory_budget": 1})
+    options = {"memory_budget": _asked(model, int(lean * 1.005))}  # parking takes off ~3% here: over twice the room
+    plan, planned = knob._plan, []
+    monkeypatch.setattr(knob, "_plan", lambda *a: (planned.append(1), plan(*a))[1])
+    runs = {}
+    for margin in (math.inf, knob.PRUNE_MARGIN):
+        monkeypatch.setattr(knob, "PRUNE_MARGIN", margin)
+        planned.clear()
+        runs[margin] = (_plan(model, inputs, options)[0]["remat"], len(planned))
+    (every, every_n), (fewer, fewer_n) = runs[math.inf], runs[knob.PRUNE_MARGIN]
+    assert fewer["knob"] == every["knob"] and fewer["predicted_peak_bytes"] == every["predicted_peak_bytes"]
+    kept = [n for n in fewer["knob_notes"] if "kept without planning the step without it" in n]
+    assert not any("kept without planning" in n for n in every["knob_notes"])
+    assert len(kept) == every_n - fewer_n > 0
