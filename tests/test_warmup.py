@@ -79,16 +79,22 @@ def test_a_symbolic_site_is_refused_not_guessed():
 
 
 def test_the_report_says_what_was_warmed_and_what_was_left():
-    from lowmem_compile.report import GraphReport, Report
+    from lowmem_compile.report import GraphReport, Report, WarmupStats
 
     reason = "lowmem::attention: 3.00 GiB of example values, over 25% of the free memory"
     stats = warmup.Warmup(sites=3, warmed=2, seconds=1.234, skipped=[reason]).join()
     report = Report(graphs=[GraphReport(index=0, nodes=1)])
     report.graphs[0].add("warmup", stats)
     assert report.to_dict()["warmup"] == {"sites": 3, "warmed": 2, "seconds": 1.23,
-                                          "skipped": [f"left to compile on first use: {reason}"]}
+                                          "skipped": [f"left to compile on first use: {reason}"],
+                                          "pinned_bytes": 0, "pin_seconds": 0.0}
     text = str(report)
     assert "2 of 3 sites (1.2 s)" in text and f"[warmup] left to compile on first use: {reason}" in text
+    assert "pinned ahead" not in text
+    # the parked plan's host blocks, pinned beside the compile, merge into the same section
+    report.graphs[0].add("warmup", WarmupStats(pinned_bytes=3 * 2**30, pin_seconds=1.5))
+    assert report.to_dict()["warmup"]["pinned_bytes"] == 3 * 2**30 and report.to_dict()["warmup"]["sites"] == 3
+    assert "host memory pinned ahead" in str(report) and "(1.5 s beside the compile)" in str(report)
 
 
 @pytest.mark.gpu
