@@ -28,7 +28,9 @@ it replaces modules and parameters, so references taken before (an optimizer's) 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -40,6 +42,11 @@ from .formats import nf4 as _nf4
 from .formats.nf4 import DEFAULT_BLOCKSIZE, NF4Weight
 from .host_embedding import HostEmbedding, _scale_of, _why_not
 from .quantize import _DEFAULT_EXCLUDE, NF4Linear, _matches
+
+log = logging.getLogger(__name__)
+
+#: Seconds between progress lines while `prepare_` quantizes (a 70B model takes minutes).
+PROGRESS_SECONDS = 10.0
 
 __all__ = ["prepare_", "PrepareSummary"]
 
@@ -430,8 +437,13 @@ def prepare_(
         summary.left["(model)"] = ("no frozen nn.Linear to quantize: wrap the model with peft (LoRA) first, "
                                    "or freeze the base weights")
 
+    start = last_said = time.perf_counter()
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
+        if time.perf_counter() - last_said >= PROGRESS_SECONDS:
+            last_said = time.perf_counter()
+            log.info("prepare_: %d of %d linears in NF4 after %.0f s (at %s)", len(summary.quantized), len(to_quantize),
+                     last_said - start, name)
         if id(module) in to_quantize:
             target = where(module)
             walk.place(module, prefix, target)
@@ -477,4 +489,6 @@ def prepare_(
     summary.bytes_after = _tensor_bytes(other)
     if cuda:
         summary.device_peak_bytes = torch.cuda.max_memory_allocated(device)
+    log.info("prepare_: %d linears in NF4, %d embedding tables in host memory, in %.1f s", len(summary.quantized),
+             len(summary.offloaded), time.perf_counter() - start)
     return summary

@@ -334,3 +334,22 @@ def test_backend_gives_back_the_compiles_cache_after_the_first_backward():
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     released = lowmem_compile.release_compile_memory()["released"]
     assert released == 0, f"{released} bytes were left cached after the first backward ({cached} reserved over allocated)"
+
+
+def test_a_long_prepare_says_how_far_it_got(monkeypatch, caplog):
+    """Preparing a large model takes minutes: progress lines every PROGRESS_SECONDS, and a last one
+    with what was done (here every module visit counts as past the interval)."""
+    import logging
+
+    from tests.models import tiny_model
+
+    monkeypatch.setattr(prepare_mod, "PROGRESS_SECONDS", 0.0)
+    model = tiny_model("llama", lora=True, num_hidden_layers=2)
+    with caplog.at_level(logging.INFO, logger="lowmem_compile.prepare"):
+        summary = lowmem_compile.prepare_(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lowmem_compile.prepare"]
+    progress = [line for line in lines if " linears in NF4 after " in line]
+    assert len(progress) > len(summary.quantized) > 0
+    counts = [int(line.split()[1]) for line in progress]
+    assert counts == sorted(counts) and counts[-1] <= len(summary.quantized)
+    assert lines[-1].startswith(f"prepare_: {len(summary.quantized)} linears in NF4, ")
