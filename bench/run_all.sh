@@ -25,6 +25,7 @@
 #   bash bench/run_all.sh capped                    # 10 GiB cap before loading: prepare_ from the CPU + the knob at "10GiB",
 #                                                   # then Unsloth under the same cap, 8192 tokens
 #   bash bench/run_all.sh depth8                    # the same lean row at 8 layers (first step against depth)
+#   bash bench/run_all.sh link                      # pinned device<->host copy rates (the parked plan's link model)
 #   bash bench/run_all.sh cudnn_all                 # cuDNN's attention at head dim 128 too, beside our kernels: 8192, then 131072
 #   bash bench/run_all.sh long128k                  # 131072 under a 28 GiB budget (parked), then the same with cuDNN attention
 #   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
@@ -56,7 +57,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob capped depth8 cudnn_all long128k big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob capped depth8 link cudnn_all long128k big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -165,6 +166,8 @@ stage() {
       e2e --cold --cap-gib 10 --seqs 8192 --gpus 1 --lowmem 'lowmem_prep_knob10={"memory_budget":"10GiB"}' \
         --configs lowmem_prep_knob10,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md ;;
+    link)  # the host link's measured rates against the cost model's 50 GB/s (bench/host_link.py; seconds)
+      OUT=$out flock "$lock" timeout 60 python3 bench/host_link.py > "$out/host_link.txt" 2>&1; cat "$out/host_link.txt" ;;
     cudnn_all)  # cuDNN's attention kernels at head dim 128 too (LOWMEM_CUDNN_ATTENTION=all; codegen/attention_cudnn.py),
       # beside the default (our Triton kernels there): the headline lean row at 8192, one after the other, then
       # the lean row at 131072 with cuDNN (lean128k is the Triton row: 2042.8 tokens/s, H100, 2026-12-07T22)
