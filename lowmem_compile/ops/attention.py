@@ -6,8 +6,8 @@
                        scale, kv_bits, window=0, softcap=0.0) -> (dq, dk, dv)
 
 q is [B, Hq, Sq, D]; k and v are [B, Hkv, Sk, D] with Hq a multiple of Hkv (GQA): they are read and
-kept at Hkv heads (the cuDNN route at head dim 256 repeats them for the call only). `mask` is None, boolean (True = attend) or additive float,
-broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq == Sk. A row with no key to attend gives 0
+kept at Hkv heads (the cuDNN route at head dim 256 repeats them for the call only). `mask` is None,
+boolean (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq == Sk. A row with no key to attend gives 0
 (as SDPA does), with lse = +inf. `softcap` c > 0 caps the scaled scores to c · tanh(x / c) before the
 mask is added (Gemma 2). With `causal`, `window` W > 0 lets query q see keys q − W < kv ≤ q (HF's
 `sliding_window`: W keys with itself), and `segments` (integer document ids [B or 1, S],
