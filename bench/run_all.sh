@@ -148,6 +148,8 @@ stage() {
       # --cold: fresh compile caches per worker, so a machine that ran the stage before still measures a cold start;
       # --memory-trace: one more step each with the allocator's history, what is live at the peak and what the
       # reserved peak holds beyond it (bench/memory_trace.py); the lean row compiles our kernels on its warm-up thread
+      # first the host link's copy rates (seconds): with the trace, what the reserved gap is made of (docs/training.md)
+      OUT=$out timeout 60 python3 bench/host_link.py > "$out/host_link.txt" 2>&1; cat "$out/host_link.txt"
       e2e --cold --memory-trace --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log; grep -h -A8 "^allocated peak" "$out"/e2e.log ;;
     knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
