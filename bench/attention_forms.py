@@ -45,11 +45,11 @@ def _triton_ms(f, cfg, s, device, dtype, cuda):
     (codegen/attention_cudnn.py)."""
     from lowmem_compile.codegen import attention_cudnn
 
-    attention_cudnn.ENABLED = False
+    served, attention_cudnn.SERVED_HEAD_DIMS = attention_cudnn.SERVED_HEAD_DIMS, ()
     try:
         return _ms(f, cfg, s, device, dtype, cuda)
     finally:
-        attention_cudnn.ENABLED = True
+        attention_cudnn.SERVED_HEAD_DIMS = served
 
 
 def _ms(f, cfg, s, device, dtype, cuda):

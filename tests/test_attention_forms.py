@@ -253,7 +253,7 @@ def test_the_cudnn_route_is_taken_only_where_it_computes_the_same_function(monke
     monkeypatch.setattr(attention_cudnn, "SERVED_HEAD_DIMS", attention_cudnn.HEAD_DIMS["1"])
     assert not attention_cudnn.serves(q(dtype=torch.float32), **plain)
     assert not attention_cudnn.serves(q(device="cpu"), **plain)
-    monkeypatch.setattr(attention_cudnn, "ENABLED", False)
+    monkeypatch.setattr(attention_cudnn, "SERVED_HEAD_DIMS", attention_cudnn.HEAD_DIMS["0"])
     assert not attention_cudnn.serves(q(), **plain)
 
 
@@ -275,7 +275,26 @@ def test_gpu_head_dim_256_on_cudnn_and_on_triton_against_float64(bits, kv_heads,
     got = _form_op(q, k, v, None, None, bits, grad_out, scale=0.0625)
     assert ran == ["forward", "backward"]
     _assert_accurate(got, want, bits, exact_tol=1e-2)
-    monkeypatch.setattr(attention_cudnn, "ENABLED", False)
+    monkeypatch.setattr(attention_cudnn, "SERVED_HEAD_DIMS", attention_cudnn.HEAD_DIMS["0"])
     ran.clear()
     _assert_accurate(_form_op(q, k, v, None, None, bits, grad_out, scale=0.0625), want, bits, exact_tol=1e-2)
     assert ran == []
+
+
+def test_the_cudnn_route_counts_its_repeated_heads_as_workspace(monkeypatch):
+    """Under GQA the cuDNN route repeats K and V to the query heads, [B, Hq, Sk, D] (Sk, not Sq,
+    when the query is shorter than the keys), and in the backward their gradients too; the op's
+    declared workspace says so, so the cost model sees them. Without GQA nothing is repeated."""
+    from lowmem_compile.codegen import attention_cudnn
+
+    monkeypatch.setattr(attention_cudnn, "serves", lambda *a: True)
+    b, hq, hkv, sq, sk, d = 1, 8, 2, 16, 48, 256
+    q = torch.empty(b, hq, sq, d, device="meta", dtype=torch.bfloat16)
+    k = v = torch.empty(b, hkv, sk, d, device="meta", dtype=torch.bfloat16)
+    form = dict(causal=False, scale=0.0625, kv_bits=16)
+    assert [tuple(t.shape) for t in ops._workspace(q, k, v, **form)] == [(b, hq, sk, d)] * 2
+    lse = torch.empty(b, hq, sq, device="meta")
+    bwd = ops._bwd_workspace(q, q, k, k, v, v, q, lse, **form)
+    assert [tuple(t.shape) for t in bwd[1:]] == [(b, hq, sk, d)] * 4
+    same = torch.empty(b, hq, sk, d, device="meta", dtype=torch.bfloat16)
+    assert ops._workspace(q, same, same, **form) == []

@@ -39,10 +39,8 @@ from .kv_codes import dequantize, quantize
 #: the backward), so it waits for an end-to-end measurement before it is the default there.
 HEAD_DIMS = {"1": (256,), "all": (64, 80, 96, 128, 256), "0": ()}
 #: The head dims this process sends to cuDNN, from `LOWMEM_CUDNN_ATTENTION` at import ("1", the
-#: default; "all"; "0": none).
+#: default; "all"; "0": none, every call takes the Triton kernels).
 SERVED_HEAD_DIMS = HEAD_DIMS.get(os.environ.get("LOWMEM_CUDNN_ATTENTION", "1"), HEAD_DIMS["1"])
-#: Whether the route is on (off: every call takes the Triton kernels).
-ENABLED = bool(SERVED_HEAD_DIMS)
 
 
 def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int, softcap: float,
@@ -57,7 +55,6 @@ def serves(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, window: int
         and not window
         and not softcap
         and segments is None
-        and ENABLED
         and torch.backends.cudnn.is_available()
     )
 

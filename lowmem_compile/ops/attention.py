@@ -7,12 +7,13 @@
 
 q is [B, Hq, Sq, D]; k and v are [B, Hkv, Sk, D] with Hq a multiple of Hkv (GQA): they are read and
 kept at Hkv heads (the cuDNN route at head dim 256 repeats them for the call only). `mask` is None,
-boolean (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq == Sk. A row with no key to attend gives 0
-(as SDPA does), with lse = +inf. `softcap` c > 0 caps the scaled scores to c · tanh(x / c) before the
-mask is added (Gemma 2). With `causal`, `window` W > 0 lets query q see keys q − W < kv ≤ q (HF's
-`sliding_window`: W keys with itself), and `segments` (integer document ids [B or 1, S],
-nondecreasing along each row: documents packed contiguously) lets it see only keys of its own
-document; both only bound which keys are seen, so the kernels skip the tiles outside.
+boolean (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]; `causal` requires Sq ==
+Sk. A row with no key to attend gives 0 (as SDPA does), with lse = +inf. `softcap` c > 0 caps the
+scaled scores to c · tanh(x / c) before the mask is added (Gemma 2). With `causal`, `window` W > 0
+lets query q see keys q − W < kv ≤ q (HF's `sliding_window`: W keys with itself), and `segments`
+(integer document ids [B or 1, S], nondecreasing along each row: documents packed contiguously) lets
+it see only keys of its own document; both only bound which keys are seen, so the kernels skip the
+tiles outside.
 
 Why the quantized K/V are *outputs*: the autograd formula saves exactly what the backward reads, and
 AOTAutograd's partitioner sees them as the only K/V-sized values the backward needs, so k and v
@@ -222,14 +223,15 @@ def _fake(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0
     )
 
 
-def _repeated_kv(q, k, mask, segments, causal, window, softcap) -> list[torch.Tensor]:
-    """K and V repeated to the query heads, when the call takes the cuDNN route with GQA
-    (codegen/attention_cudnn.py): transients of the op on top of the 16-bit K and V."""
+def _repeated_kv(q, kv_heads, kv_len, mask, segments, causal, window, softcap) -> list[torch.Tensor]:
+    """K and V repeated to the query heads ([B, Hq, Sk, D]), when the call takes the cuDNN route with
+    GQA (codegen/attention_cudnn.py): transients of the op on top of the 16-bit K and V."""
     from ..codegen import attention_cudnn
 
-    if not attention_cudnn.serves(q, mask, causal, window, softcap, segments) or attention_cudnn.repeated_heads(q, k) == 1:
+    if not attention_cudnn.serves(q, mask, causal, window, softcap, segments) or q.shape[1] == kv_heads:
         return []
-    return [q.new_empty((*q.shape[:3], k.shape[-1])) for _ in range(2)]
+    b, hq, _, d = q.shape
+    return [q.new_empty((b, hq, kv_len, d)) for _ in range(2)]
 
 
 def _workspace(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
@@ -237,7 +239,7 @@ def _workspace(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, win
     band bounds of a window or documents, 8 bytes a token, are not counted), and on the cuDNN route
     with GQA K and V repeated to the query heads."""
     kv = [] if kv_bits == 16 else [k.new_empty(k.shape, dtype=q.dtype), v.new_empty(v.shape, dtype=q.dtype)]
-    return kv + _repeated_kv(q, k, mask, segments, causal, window, softcap)
+    return kv + _repeated_kv(q, k.shape[1], k.shape[2], mask, segments, causal, window, softcap)
 
 
 def _cuda(q, k, v, mask=None, segments=None, *, causal, scale, kv_bits, window=0, softcap=0.0):
@@ -272,10 +274,9 @@ def _bwd_workspace(grad_out, q, k_q, k_scale, v_q, v_scale, out, lse, mask=None,
     counted: the fp32 dK/dV partials of a split grid (chosen from the device's SM count, and only
     for sequences short enough that they are small against the step)."""
     b, _, _, d = q.shape
-    k_shape = (b, k_q.shape[1], k_q.shape[2], d)
-    kv = [] if kv_bits == 16 else [q.new_empty(k_shape) for _ in range(2)]
+    kv = [] if kv_bits == 16 else [q.new_empty((b, k_q.shape[1], k_q.shape[2], d)) for _ in range(2)]
     # on the cuDNN route with GQA: K, V and their gradients at the query heads
-    repeated = _repeated_kv(q, q.new_empty(k_shape), mask, segments, causal, window, softcap)
+    repeated = _repeated_kv(q, k_q.shape[1], k_q.shape[2], mask, segments, causal, window, softcap)
     return [lse.new_empty(lse.shape), *kv, *repeated, *repeated]
 
 

@@ -26,9 +26,10 @@ On other devices all of these are plain copies (the reference behaviour every pa
 
 Page-locking host memory is slow (2.0 GiB/s on an H100 host), and a parked step asks for all its
 pinned blocks in its first run: Llama-3-8B's lean step parks 10.1 GiB at 8192 tokens and 32 GiB at
-131072, seconds of that step (bench/results/layers/2026-12-07T22/). `pin_ahead` allocates blocks of the sizes a plan will park on a thread while the rest of the
-step compiles, and `settle_pinned` hands them to PyTorch's host allocator before the step runs; its
-cache serves the step's requests of the same sizes (it rounds every size up to a power of two).
+131072, seconds of that step (bench/results/layers/2026-12-07T22/). `pin_ahead` allocates blocks of
+the sizes a plan will park on a thread while the rest of the step compiles, and `settle_pinned`
+hands them to PyTorch's host allocator before the step runs; its cache serves the step's requests of
+the same sizes (it rounds every size up to a power of two).
 """
 
 from __future__ import annotations

@@ -233,9 +233,9 @@ class _Planner:
                     f"{allowed / 2**30:.1f} GiB allowed ({offload.HOST_SHARE:.0%} of the host's); "
                     f"{left * calls / 2**30:.1f} GiB stay on the device")
             carried_moved = any(v.op == "placeholder" for v in values)
-            sizes_of = [tensor_val(v).shape for v in values]
-            if all(isinstance(d, int) for shape in sizes_of for d in shape):
-                parked_sizes = tuple(tensor_bytes(tensor_val(v)) for v in values)
+            vals = [tensor_val(v) for v in values]
+            if all(isinstance(d, int) for val in vals for d in val.shape):
+                parked_sizes = tuple(tensor_bytes(val) for val in vals)
             moved = offload.apply(fw, bw, values, self.offload_to, self.rates, ahead=self.context is not None) if values else 0
             if moved:
                 memory = simulate_step(fw, bw, num_out, fused=self.fused)
