@@ -1,0 +1,72 @@
+"""How many buffers of one shape Inductor's generated code holds at once, against the cost model.
+
+    TORCH_LOGS=output_code python bench/inductor_live_buffers.py 2> output_code.txt
+    python bench/inductor_live_buffers.py --count output_code.txt
+
+The first command compiles the lean step of a tiny LoRA Llama on the CPU (hidden 64, intermediate
+320, 3 layers, 8192 tokens: the MLP in 4 pieces of 2048) and logs Inductor's generated code; the
+second reads each generated `call` and reports, per graph, the most [2048, 320] buffers (one MLP
+piece's intermediate) allocated and not yet deleted at one time. Why: the liveness walk
+(`cost/liveness.py`) frees and allocates node by node, while a fused kernel holds all its inputs and
+outputs together; docs/remat.md ("A known miss") compares the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+PIECE = re.compile(r"(buf\d+) = empty_strided_cpu\(\((?:1, )?2048, 320\)")
+DELETE = re.compile(r"del ([\w, ]+)")
+
+
+def compile_and_log() -> None:
+    import torch
+
+    import lowmem_compile
+    from tests.models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", lora=True, hidden_size=64, intermediate_size=320, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype=torch.float32)
+    lowmem_compile.quantize_(model)
+    model.config.use_cache = False
+    ids = torch.randint(0, model.config.vocab_size, (1, 8192))
+    options = {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto", "attention": "kv16"}
+    torch.compile(model, backend="lowmem", options=options)(input_ids=ids, labels=ids).loss.backward()
+    print(lowmem_compile.last_report())
+
+
+def count(path: str) -> list[tuple[int, int]]:
+    """(piece buffers allocated, most live at once) for each generated `call`, in log order."""
+    rows = []
+    for body in open(path).read().split("def call(")[1:]:
+        live, most, allocated = set(), 0, 0
+        for line in body.split("def benchmark_compiled_module")[0].splitlines():
+            if match := PIECE.search(line):
+                live.add(match.group(1))
+                allocated += 1
+            for names in DELETE.findall(line):
+                live -= {name.strip() for name in names.split(",")}
+            most = max(most, len(live))
+        rows.append((allocated, most))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", metavar="LOG", help="count the piece buffers in a logged output_code file")
+    args = p.parse_args()
+    if args.count is None:
+        compile_and_log()
+        return
+    for i, (allocated, most) in enumerate(count(args.count), 1):
+        print(f"generated call {i}: {allocated} [2048, 320] buffers allocated, at most {most} live at once")
+
+
+if __name__ == "__main__":
+    main()
