@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from .host_embedding import HostEmbedding, offload_embeddings_
+from .layer_frames import layer_frames_
 from .memory import release_compile_memory
 from .ops.library import define_user_op as define_op
 from .options import Options
@@ -33,7 +34,7 @@ from .report import Report, last_report
 __all__ = [
     "Options", "Report", "last_report", "reset", "BACKEND_NAME", "quantize_", "NF4Linear",
     "offload_embeddings_", "HostEmbedding", "plan", "prepare_", "PrepareSummary",
-    "release_compile_memory", "GraphPass", "CompileContext", "PassError", "define_op",
+    "release_compile_memory", "GraphPass", "CompileContext", "PassError", "define_op", "layer_frames_",
 ]
 __version__ = "0.1.0"
 

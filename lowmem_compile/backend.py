@@ -19,15 +19,17 @@ import sympy
 import torch
 from torch._dynamo.utils import counters
 
-from . import warmup
+from . import layer_frames, warmup
 from .cost.layered import LayerContext, LayerExprs
 from .cost.sizes import sym_bytes, tensor_bytes
+from .layer_frames import GradSink, LayerFrame
 from .memory import release_after_first_backward
 from .ops import offload as offload_ops
 from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
 from .passes.attention import AttentionPass
+from .passes.attention_masks import causal_outputs
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
@@ -109,17 +111,27 @@ def _compile_split_or_whole(
 ) -> Callable[..., Any] | None:
     """Each distinct layer body once (`layers="auto"`, passes/layers.py), else the graph whole.
     With `plan_only`, plan and raise `Planned`."""
-    split = None
-    if opts.layers == "auto":
-        try:
-            split = split_layers(gm)
-        except NotOutlined as reason:
-            graph_report.add("layers", LayerStats(skipped=[f"compiled as one graph: {reason}"]))
-            log.info("layers: %s; compiling the graph whole", reason)
-    if split is None:
-        compiled = _compile_graph(gm, example_inputs, opts, graph_report, RematPartitioner(opts, graph_report), plan_only)
+    frame = layer_frames.current() if opts.layers == "auto" else None
+    if frame is not None:  # a decoder layer's own frame (layer_frames.py)
+        compiled = _compile_frame(gm, example_inputs, opts, graph_report, frame, plan_only)
     else:
-        compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
+        split = None
+        if opts.layers == "auto" and not layer_frames.framed():  # framed models' other graphs hold no layers
+            try:
+                split = split_layers(gm)
+            except NotOutlined as reason:
+                graph_report.add("layers", LayerStats(skipped=[f"compiled as one graph: {reason}"]))
+                log.info("layers: %s; compiling the graph whole", reason)
+        if split is not None:
+            compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
+        else:
+            device = _device_of(example_inputs)
+            outside = layer_frames.held_outside(example_inputs, device) if device is not None else 0
+            partitioner = RematPartitioner(opts, graph_report, outside=outside)
+            proven = causal_outputs(gm) if layer_frames.framed() else []
+            compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
+            if proven and compiled is not None:
+                compiled = _marking_causal(compiled, proven)
     if plan_only:
         raise Planned  # the cost model still models `opts.inner`'s fusion: the prediction is a real compile's
     return compiled
@@ -164,6 +176,51 @@ def _compile_graph(
         graph_report.add("cudagraphs", _cudagraph_stats(counters["inductor"]["cudagraph_skips"] - skips))
     if "remat" not in graph_report.stats and counters["aot_autograd"]["autograd_cache_hit"] > hits:
         _report_cached_plan(graph_report, partitioner.record)
+    return compiled
+
+
+def _compile_frame(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: Options,
+    graph_report: GraphReport,
+    frame: LayerFrame,
+    plan_only: bool,
+) -> Callable[..., Any] | None:
+    """One decoder layer's frame (`layer_frames.py`): compiled as a body that every layer like it
+    calls, planned for the step around it. Its inputs are the layer's weights (the model's, all
+    resident), the values the layers share (rotary tables, a mask: resident once) and the hidden
+    state (`frame.hidden`, one call's). The model's tail compiles after the layers, as a graph of its
+    own: its peak is not in this plan (docs/layers.md)."""
+    device = _device_of(example_inputs)
+    on_device = device is not None
+    model = frame.model()
+    weights = {id(t) for t in [*model.parameters(), *model.buffers()]} if model is not None else set()
+    carried = [i for i, x in enumerate(example_inputs) if x is frame.hidden]
+    shared = [x for i, x in enumerate(example_inputs) if id(x) not in weights and i not in carried]
+    own = [x for i, x in enumerate(example_inputs) if i not in carried]
+    context = LayerContext(
+        calls=frame.calls,
+        resident=(frame.device_bytes(device) if on_device else 0) + _device_bytes(shared, on_device),
+        body_inputs=_device_bytes(own, on_device),
+        carried=_device_bytes([frame.hidden], on_device),
+        grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
+    )
+    partitioner = RematPartitioner(opts, graph_report, context=context, carried=carried, whole_step=False)
+    log.info("layers: compiling a decoder layer's frame for %d calls", frame.calls)
+    compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
+    if partitioner.plans:  # (none when AOTAutograd's cache served the compile)
+        plan = partitioner.plans[-1]
+        layer_frames.note_kept(frame, frame.calls * context.kept(plan.memory, not plan.carried_offloaded))
+    # the passes' counts are of one layer's sites: the report counts every layer the body serves
+    alike = frame.alike()
+    for section in ("attention", "nf4", "mlp"):
+        if section in graph_report.stats:
+            stats = graph_report.stats[section]
+            graph_report.stats[section] = dataclasses.replace(stats, **{
+                f.name: getattr(stats, f.name) * alike for f in dataclasses.fields(stats)
+                if f.metadata.get("merge") == "sum" and type(getattr(stats, f.name)) is int})
+    graph_report.add("layers", LayerStats(bodies=1, calls=alike))
     return compiled
 
 
@@ -278,22 +335,6 @@ def _compile_layers(
     return split.outer
 
 
-class _GradSink(torch.autograd.Function):
-    """`x` as a tensor that requires grad, whose gradient goes nowhere. The first layer's hidden
-    state needs none, but the body it shares was compiled for one that does: a leaf made to require
-    grad (`detach().requires_grad_()`) would keep that unused gradient in its `.grad` until the
-    backward ends, through the first layer's backward, where the step's peak is. `anchor`, a scalar
-    leaf that requires grad, only makes the output require grad; it gets no gradient either."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
-        return None, None
-
-
 class _CompiledRegion(torch.nn.Module):
     """A compiled region as the outer graph calls it: returns what the region's graph returned,
     and gives a carried input the `requires_grad` the body was compiled for (see `layers.body_key`)."""
@@ -314,13 +355,38 @@ class _CompiledRegion(torch.nn.Module):
             args = list(args)
             for i in self.requires_grad:
                 if not args[i].requires_grad:
-                    args[i] = _GradSink.apply(args[i], torch.ones((), requires_grad=True))
+                    args[i] = GradSink.needing_grad(args[i])
             for i in self.no_grad:
                 if args[i].requires_grad:
                     raise RuntimeError(f"lowmem: input {i} of a compiled layer body requires grad here but not "
                                        "where the body was compiled; compile with options={'layers': 'off'}")
         out = self.compiled(*args)
         return out[0] if self.single_output else out
+
+
+def _marking_causal(compiled: Callable[..., Any], proven: list[tuple[int, int | None]]) -> Callable[..., Any]:
+    """`compiled`, telling the framed layers which of its outputs are plain causal masks: those
+    proven so, and those causal within documents whose position ids (an input) step by one in every
+    row, checked on the values (one device sync a step)."""
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def call(*args: Any) -> Any:
+        inputs = args[0] if boxed else args
+        consecutive = {j: bool((inputs[j].diff(dim=-1) == 1).all()) for j in {j for _, j in proven if j is not None}}
+        out = compiled(*args)
+        for i, j in proven:
+            if j is None or consecutive[j]:
+                layer_frames.mark_causal(out[i])
+        return out
+
+    if boxed:
+        call._boxed_call = True  # type: ignore[attr-defined]
+    return call
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device | None:
+    """The accelerator the inputs are on, or None (a CPU step)."""
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type != "cpu"), None)
 
 
 def _returned_values(split: LayerSplit) -> dict[str, list[torch.Tensor]]:

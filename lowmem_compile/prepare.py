@@ -41,6 +41,7 @@ from torch import nn
 from .formats import nf4 as _nf4
 from .formats.nf4 import DEFAULT_BLOCKSIZE, NF4Weight
 from .host_embedding import HostEmbedding, _scale_of, _why_not
+from .layer_frames import layer_frames_
 from .quantize import _DEFAULT_EXCLUDE, NF4Linear, _matches
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class PrepareSummary:
     host_bytes: int = 0
     device_peak_bytes: int | None = None
     use_cache_off: bool = False
+    layer_frames: int = 0  # decoder layers made Dynamo frames of their own (layer_frames.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -97,6 +99,8 @@ class PrepareSummary:
             lines.append(f"  device peak while preparing: {size(self.device_peak_bytes)}")
         if self.use_cache_off:
             lines.append("  config.use_cache = False (training)")
+        if self.layer_frames:
+            lines.append(f"  {self.layer_frames} decoder layers traced as one frame each (layer_frames=False: the model whole)")
         for name, why in self.left.items():
             lines.append(f"  left: {name}: {why}")
         return "\n".join(lines)
@@ -346,6 +350,20 @@ def _lora_init(model: nn.Module, walk: _Walk) -> None:
                 module.reset_lora_parameters(name, init)
 
 
+def _windowed(model: nn.Module) -> bool:
+    """Some attention of `model` uses a sliding window (its config says so)."""
+    for m in model.modules():
+        config = m.__dict__.get("config")
+        if config is None or isinstance(config, dict):
+            continue
+        config = getattr(config, "get_text_config", lambda: config)()
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            return True
+        if any("sliding" in str(kind) for kind in getattr(config, "layer_types", None) or ()):
+            return True
+    return False
+
+
 def prepare_(
     model: nn.Module,
     device: torch.device | str | int | None = None,
@@ -360,6 +378,7 @@ def prepare_(
     exclude: Iterable[str] = (),
     strict: bool = True,
     chunk_numel: int = _DEFAULT_CHUNK,
+    layer_frames: bool | None = None,
 ) -> PrepareSummary:
     """Prepare `model` for a lowmem fine-tune, in place; returns a :class:`PrepareSummary`.
 
@@ -370,6 +389,9 @@ def prepare_(
     which initializes them. `quantize`, `offload_embeddings`, `training`: the three steps (NF4 for
     frozen linears, host-memory embeddings, `use_cache=False`). `blocksize`, `double_quant`,
     `include`, `exclude`: as in `quantize_`. `chunk_numel`: elements quantized at a time.
+    `layer_frames`: trace each decoder layer's code once (`layer_frames_`: the first step's Dynamo
+    trace stops growing with depth); None frames the layers of a model without sliding-window
+    attention, whose window mask the layers could then not be shown (docs/layers.md).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_ takes an nn.Module, got {type(model).__name__}")
@@ -480,6 +502,11 @@ def prepare_(
             if config is not None and hasattr(config, "use_cache") and not isinstance(config, dict):
                 config.use_cache = False
                 summary.use_cache_off = True
+
+    if layer_frames is None:
+        layer_frames = training and not _windowed(model)
+    if layer_frames:
+        summary.layer_frames = layer_frames_(model)
 
     host, other = [], []
     for m in model.modules():

@@ -39,6 +39,8 @@ class Lowered:
     window: int
     segments: torch.fx.Node | None
     nodes: list[torch.fx.Node]
+    positions: torch.fx.Node | None = None
+    """The position ids the documents are read from (with `segments`)."""
 
 
 def _from_zero(node, n: int) -> bool:
@@ -143,7 +145,10 @@ def _documents(term, b: int, n: int):
     head = first.args[0]
     if head.args[0] is not diff.args[0] or head.args[1] != (slice(None), slice(None, 1)):
         return None
-    return seq, diff.args[0], [term, left, right, seq, ne, diff, first, head]
+    positions = diff.args[0]  # as `_source` names it: P itself, not its `.expand(b, -1)`
+    if calls(positions, methods=("expand",)):
+        positions = positions.args[0]
+    return seq, positions, [term, left, right, seq, ne, diff, first, head]
 
 
 def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -200,7 +205,7 @@ def _prove(mask, q, k) -> Lowered | None:
     sources.discard(None)
     if causal == 0 or len(padding) > 1 or (sources and sources != {doc_pos}):
         return None
-    return Lowered(padding[0] if padding else None, window, segments, seen)
+    return Lowered(padding[0] if padding else None, window, segments, seen, doc_pos)
 
 
 def _zero(x) -> bool:
@@ -233,4 +238,31 @@ def lower_mask(mask, q, k, additive: bool) -> Lowered | None:
     if found is None or (additive and found.padding is not None):
         return None
     found.nodes += nodes
+    return found
+
+
+def causal_outputs(gm: torch.fx.GraphModule) -> list[tuple[int, int | None]]:
+    """HF's bool [B, 1, S, S] masks among `gm`'s outputs that are causal with no window or padding:
+    (output position, None) when proven plain causal, (output position, input position) when
+    causal within the documents of the position ids that input holds, which is plain causal exactly
+    when every row's positions step by one. A model whose layers compile as frames of their own
+    builds its mask in a graph before them, from position ids computed outside it
+    (layer_frames.py); this is what that graph can tell the layers."""
+    (outputs,) = gm.graph.find_nodes(op="output")[0].args
+    inputs = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    found = []
+    for i, node in enumerate(outputs if isinstance(outputs, (tuple, list)) else (outputs,)):
+        value = example_value(node)
+        if value is None or value.dtype != torch.bool or value.dim() != 4:
+            continue
+        b, _, sq, sk = value.shape
+        q, k = torch.empty(b, 1, sq, 1, device="meta"), torch.empty(b, 1, sk, 1, device="meta")
+        lowered = _prove(node, q, k)
+        if lowered is None or lowered.padding is not None or lowered.window:
+            continue
+        if lowered.segments is None:
+            found.append((i, None))
+            continue
+        if lowered.positions in inputs:
+            found.append((i, inputs[lowered.positions]))
     return found

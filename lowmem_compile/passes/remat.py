@@ -187,6 +187,7 @@ class _Planner:
         offload_above: int | None = None,
         context: LayerContext | None = None,
         carried: frozenset[str] = frozenset(),
+        outside: int = 0,
     ) -> None:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -203,6 +204,8 @@ class _Planner:
         code), and plans are scored by the step's peak."""
         self.carried = carried
         """Names of the body's primal inputs that belong to one call (its hidden state input)."""
+        self.outside = outside
+        """Device bytes the step holds outside this graph while it runs (`RematPartitioner.outside`)."""
         self.forward = _forward_nodes(gm.graph, kwargs["num_fwd_outputs"])
         self.forward_names = {n.name for n in self.forward}
         self.by_name = {n.name: n for n in gm.graph.nodes}
@@ -217,7 +220,7 @@ class _Planner:
         num_out = self.kwargs["num_fwd_outputs"]
         memory = simulate_step(fw, bw, num_out, fused=self.fused)
         moved, link_seconds, carried_moved, host_note, parked_sizes = 0, 0.0, False, None, ()
-        peak = memory.peak if self.context is None else self.context.step_peak(memory)
+        peak = memory.peak + self.outside if self.context is None else self.context.step_peak(memory)
         if self.offload_to is not None and self.layers and (self.offload_above is None or peak > self.offload_above):
             if self.context is not None:
                 values = offload.choose(fw, num_out, None, inputs=self.carried)
@@ -258,7 +261,8 @@ class _Planner:
             added_seconds=recompute_time(recomputed, self.rates) + link_seconds,
             offloaded_bytes=moved,
             carried_offloaded=carried_moved,
-            step_peak=None if self.context is None else self.context.step_peak(memory, not carried_moved, moved),
+            step_peak=(self.context.step_peak(memory, not carried_moved, moved) if self.context is not None
+                       else memory.peak + self.outside if self.outside else None),
             host_note=host_note,
             parked_sizes=parked_sizes if moved else (),
         )
@@ -537,6 +541,7 @@ class RematPartitioner(CustomPartitionerFn):
         context: LayerContext | None = None,
         carried: Sequence[int] = (),
         whole_step: bool = True,
+        outside: int = 0,
     ) -> None:
         self.options = options
         self.report = report
@@ -547,6 +552,10 @@ class RematPartitioner(CustomPartitionerFn):
         """For a layer body compiled once for many layers: the step around it (`cost/layered.py`)."""
         self.carried = frozenset(f"primals_{i + 1}" for i in carried)
         """The body's inputs that belong to one call, by AOTAutograd's names for its primals."""
+        self.outside = outside
+        """Device bytes the step holds outside this graph while it runs: for a graph after layers that
+        compiled as frames of their own (`layer_frames.py`), what those layers keep for their backward
+        and the weights that are not this graph's inputs. Plans are scored with them added."""
         self.record: Path | None = None
         self.plans: list[Plan] = []
         """The chosen plan of every joint graph partitioned, for inspection and tests."""
@@ -584,8 +593,12 @@ class RematPartitioner(CustomPartitionerFn):
             offload_above=budget if policy == "auto" else None,
             context=self.context,
             carried=self.carried,
+            outside=self.outside,
         )
         notes: list[str] = []
+        if self.outside:
+            notes.append(f"after the layers' frames: {self.outside / 2**30:.2f} GiB they keep and the weights "
+                         "outside this graph counted in its peak")
         if policy == "full":
             plans = [planner.layer_plan(len(planner.layers))]
         else:
@@ -671,7 +684,7 @@ class RematPartitioner(CustomPartitionerFn):
             if name.isupper() and not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
         )
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}|{self.context}|{sorted(self.carried)}"
+        extra = f"{self.options.cache_key()}|{tunables}|{rates_for(device)}|{self.context}|{sorted(self.carried)}|{self.outside}"
         if device.type == "cuda" and self.options.memory_budget is None:
             extra += f"|budget={self.budget(device)[0] >> 30}GiB"
         return source_hash(*modules, *_OP_MODULES, extra=extra)

@@ -1,0 +1,259 @@
+"""A Dynamo frame per decoder layer (`layer_frames_`): the layers' code is traced once, not once per layer.
+
+Why: `torch.compile(model)` makes Dynamo trace the model's Python whole, every decoder layer's
+`forward` again (and install guards for each): on an H100 that trace and its guards took 11.8 s of
+a 35.4 s first step at Llama-3-8B's 32 layers, growing with depth. When each layer's `forward` is a
+frame of its own, Dynamo compiles its code once and serves the other layers from its cache
+(`inline_inbuilt_nn_modules` makes their weights graph inputs, not guarded by identity), as
+PyTorch's regional compilation does; here no code of the model changes: `layer_frames_` replaces
+each layer's bound `forward` with a call Dynamo skips (`torch.compiler.disable(recursive=False)`),
+so the call into the real `forward` starts a frame.
+
+The backend then receives the step in pieces: small graphs for what runs before and after the
+layers (the mask and rotary tables, the final norm, head and loss), and one graph per distinct layer
+kind. The layer graph is planned for the whole step, as a body of the split route is
+(`cost/layered.py`): :func:`current` tells the backend, while Dynamo compiles a layer's frame, how
+many layers the model has and what the model keeps on the device.
+
+The first layer's input (rows of a frozen embedding) needs no gradient while the others' do, which
+would make Dynamo compile its frame apart; the call passes it through :class:`GradSink`, so every
+layer is served by one graph at the price of one input gradient the first layer computes and drops.
+
+What this route cannot see: a mask the model builds before its layers reaches them as an opaque
+input, so the attention pass proves no sliding window or packed documents from it (those sites take
+the general-mask path); `prepare_` therefore frames only models without sliding-window attention,
+and `layer_frames_(model, False)` restores whole-model capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["layer_frames_", "current", "GradSink", "LayerFrame", "framed", "suspended"]
+
+_CURRENT: contextvars.ContextVar[LayerFrame | None] = contextvars.ContextVar("lowmem_layer_frame", default=None)
+_FRAMED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_CAUSAL: dict[int, weakref.ref] = {}
+"""Masks a graph before the layers returned that are proven plain causal, by id (`mark_causal`)."""
+_NONE_IS_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
+"""transformers' attention forms that read `attention_mask=None` as causal."""
+_KEPT: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+"""Per framed model, the device bytes its compiled layers keep for their backward, all calls."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFrame:
+    """The layer whose frame is running, for a backend compiling it."""
+
+    model: weakref.ref
+    """The module `layer_frames_` was called on."""
+    calls: int
+    """Decoder layers in the model: every one runs a body compiled for one of them."""
+    hidden: torch.Tensor
+    """The hidden state this call passes in: the input that belongs to one call (the others are
+    weights or values the layers share)."""
+    layer: weakref.ref | None = None
+    """The layer whose frame it is."""
+
+    def alike(self) -> int:
+        """Layers of the model like this one (type, attributes and weights' shapes, dtypes and
+        `requires_grad`): the calls one compiled body serves, as Dynamo's guards group them."""
+        model, layer = self.model(), self.layer() if self.layer is not None else None
+        layers = decoder_layers(model) if model is not None else None
+        if layer is None or layers is None:
+            return self.calls
+        return sum(_kind(other) == _kind(layer) for other in layers)
+
+    def device_bytes(self, device: torch.device) -> int:
+        """Bytes of the model's parameters and buffers on `device`: held from the step's start."""
+        model = self.model()
+        if model is None:
+            return 0
+        seen: set[int] = set()
+        total = 0
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device == device and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+
+class GradSink(torch.autograd.Function):
+    """`x` as a tensor that requires grad, whose gradient goes nowhere. A layer input that needs no
+    gradient (the first layer's) is given one so that it calls the graph compiled for the others; a
+    leaf made to require grad (`detach().requires_grad_()`) would instead keep that unused gradient
+    in its `.grad` through the first layer's backward, where the step's peak is. `anchor`, a scalar
+    leaf that requires grad, only makes the output require grad; it gets no gradient either."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+    @classmethod
+    def needing_grad(cls, x: torch.Tensor) -> torch.Tensor:
+        return cls.apply(x, torch.ones((), requires_grad=True))
+
+
+def _kind(layer: nn.Module) -> tuple:
+    """What tells one layer's graph from another's besides the weights' values."""
+    attributes = tuple(sorted((k, v) for m in layer.modules() for k, v in vars(m).items()
+                              if isinstance(v, (bool, int, float, str)) and k not in ("layer_idx", "training")))
+    weights = tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in
+                    [*layer.named_parameters(), *layer.named_buffers()])
+    return type(layer), attributes, weights
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's repeated layers: the `ModuleList` of two or more modules holding the most
+    parameters (a decoder's blocks), or None."""
+    best, best_size = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = module, size
+    return best
+
+
+def layer_frames_(model: nn.Module, enable: bool = True) -> int:
+    """Make each decoder layer's `forward` a Dynamo frame of its own (see the module docstring), in
+    place; returns the number of layers framed (0 when the model has no repeated layers). With
+    `enable=False`, restore the layers' own class (whole-model capture).
+
+    Each layer's class becomes a subclass whose `forward` is the framed call (not an instance
+    attribute: a copy made with `copy.deepcopy` or pickle would then call the original's layers); a
+    copy gets the original class back, unframed."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    ref = weakref.ref(model)
+    for layer in layers:
+        base = getattr(type(layer), "_lowmem_unframed", type(layer))
+        if enable:
+            layer.__class__ = _framed_class(base)
+            layer._lowmem_step = (ref, len(layers))
+        else:
+            layer.__class__ = base
+            layer.__dict__.pop("_lowmem_step", None)
+    if enable:
+        _FRAMED.add(model)
+    else:
+        _FRAMED.discard(model)
+    return len(layers) if enable else 0
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _framed_class(base: type) -> type:
+    """The subclass of the layer class `base` whose `forward` calls `base.forward` as a frame of its
+    own: one per class (Dynamo guards on the layer's type, so every layer must share it)."""
+    if base in _CLASSES:
+        return _CLASSES[base]
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad
+                and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            hidden = GradSink.needing_grad(hidden)
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        mask = kwargs.get("attention_mask")
+        if mask is not None and _is_marked_causal(mask) and _reads_none_as_causal(self):
+            kwargs["attention_mask"] = None  # the same attention, and the layer's graph shows it causal
+        model, calls = self._lowmem_step
+        frame = LayerFrame(model, calls, hidden, weakref.ref(self)) if isinstance(hidden, torch.Tensor) else None
+        token = _CURRENT.set(frame)
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+
+    def __reduce_ex__(self: nn.Module, protocol: int) -> Any:
+        constructor, args, *rest = object.__reduce_ex__(self, protocol)
+        return (constructor, (base, *args[1:]), *rest)
+
+    framed = type(base.__name__, (base,), {
+        "__reduce_ex__": __reduce_ex__,
+        "_lowmem_unframed": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+    # set after the class exists: a base's `__init_subclass__` may wrap a `forward` given in the class
+    # body (transformers' checkpointing layers do), which would put a frame Dynamo traces around ours
+    framed.forward = torch.compiler.disable(forward, recursive=False)
+    _CLASSES[base] = framed
+    return framed
+
+
+def mark_causal(mask: torch.Tensor) -> None:
+    """`mask` is proven plain causal (`attention_masks.causal_outputs`): a layer given it may drop it."""
+    key = id(mask)
+    _CAUSAL[key] = weakref.ref(mask, lambda _: _CAUSAL.pop(key, None))
+
+
+def _is_marked_causal(mask: Any) -> bool:
+    ref = _CAUSAL.get(id(mask))
+    return ref is not None and ref() is mask
+
+
+def _reads_none_as_causal(layer: nn.Module) -> bool:
+    """Every attention in `layer` is causal and takes a missing mask as the causal one."""
+    attentions = [m for m in layer.modules() if getattr(m, "is_causal", None) is not None and hasattr(m, "config")]
+    return bool(attentions) and all(
+        m.is_causal is True and getattr(m.config, "_attn_implementation", None) in _NONE_IS_CAUSAL for m in attentions)
+
+
+def current() -> LayerFrame | None:
+    """The layer frame running on this thread, if any (Dynamo compiles a frame inside its call)."""
+    return _CURRENT.get()
+
+
+def note_kept(frame: LayerFrame, kept: int) -> None:
+    """Record what a compiled layer body keeps over all `frame.calls` calls, for the graphs after it."""
+    model = frame.model()
+    if model is not None:
+        _KEPT[model] = max(kept, _KEPT.get(model, 0))
+
+
+def held_outside(example_inputs: Any, device: torch.device) -> int:
+    """Device bytes a graph compiled after framed layers does not see but the step holds while it runs:
+    what the layers keep for their backward and the model's weights that are not among its inputs."""
+    inputs = {id(x) for x in example_inputs}
+    held = 0
+    for model, kept in list(_KEPT.items()):
+        weights = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
+        held = max(held, kept + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs))
+    return held
+
+
+def framed() -> bool:
+    """Whether some live model has framed layers: its graphs outside the layers are not split again."""
+    return len(_FRAMED) > 0
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """Whole-model capture for the duration (planning a step as one graph), then the frames again."""
+    layers = decoder_layers(model)
+    was = model in _FRAMED and layers is not None
+    if was:
+        layer_frames_(model, False)
+    try:
+        yield
+    finally:
+        if was:
+            layer_frames_(model)

@@ -1,0 +1,166 @@
+"""A Dynamo frame per decoder layer (layer_frames.py): Dynamo traces the layer's code once, the
+backend compiles one body for every layer like it, and the step computes what eager computes; the
+mask the model builds before its layers is handed over only where it is proven plain causal."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+import lowmem_compile
+from lowmem_compile import layer_frames
+from lowmem_compile.layer_frames import layer_frames_
+from lowmem_compile.passes.attention_masks import causal_outputs
+from tests.models import LORA_TARGETS, batch, compiled_and_eager, rel_err, tiny_model, trainable_grads, twin
+
+#: fp32 eager against fp32 compiled (kv16 attention, exact): both sum the same terms in other orders.
+TOL = 1e-4
+
+
+def _framed_pair(model):
+    """`model` framed, and an unframed copy of it as the eager reference (both without a K/V cache)."""
+    reference = twin(model)
+    for m in (model, reference):
+        m.config.use_cache = False
+    assert layer_frames_(model) == model.config.num_hidden_layers
+    return model, reference
+
+
+def _assert_matches_eager(model, reference, inputs, options=None):
+    got, expected, report = compiled_and_eager(model, reference, inputs, options or {"inner": "eager", "attention": "kv16"})
+    assert abs(got.loss.item() - expected.loss.item()) <= TOL * abs(expected.loss.item())
+    grads, want = trainable_grads(model), trainable_grads(reference)
+    assert grads.keys() == want.keys() and grads
+    for name, grad in grads.items():
+        assert grad is not None, name
+        assert rel_err(grad, want[name]) < TOL, name
+    return report
+
+
+def test_six_framed_layers_compile_one_body_and_match_eager():
+    """One layer graph serves all six calls (the first layer's input, which needs no gradient, goes
+    through the sink), and the mask, proven plain causal before the layers, is not read by them."""
+    model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=6))
+    report = _assert_matches_eager(model, reference, batch())
+    assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 6, report["layers"]
+    assert report["attention"]["replaced"] == 6 and report["attention"]["general_masks"] == 0
+    assert report["loss"]["fused"] == 1
+
+
+@pytest.mark.parametrize("case", ["padding", "packed", "eager_attention"])
+def test_a_mask_not_plain_causal_reaches_the_layers(case):
+    """Key padding, packed documents (position ids that restart) or an attention form that reads a
+    missing mask as no mask: the layers keep the mask (the general path), and the step stays exact."""
+    attn = "eager" if case == "eager_attention" else "sdpa"
+    model, reference = _framed_pair(tiny_model("llama", attn, num_hidden_layers=3))
+    inputs = batch(padding=case == "padding")
+    if case == "packed":
+        seq = inputs["input_ids"].shape[1]
+        inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(2, -1)
+    report = _assert_matches_eager(model, reference, inputs)
+    assert report["layers"]["bodies"] == 1
+    assert report["attention"]["general_masks"] == 3 or report["attention"]["replaced"] == 0, report["attention"]
+
+
+def test_layers_of_two_kinds_compile_two_framed_bodies():
+    """LoRA on every other layer: two layer graphs, each compiled once, the step exact."""
+    import peft
+
+    base = tiny_model("mistral", lora=False, num_hidden_layers=6, sliding_window=None)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=LORA_TARGETS, layers_to_transform=[0, 2, 4]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model, reference = _framed_pair(model)
+    report = _assert_matches_eager(model, reference, batch())
+    assert report["layers"]["bodies"] == 2 and report["layers"]["calls"] == 6, report["layers"]
+
+
+def test_full_recompute_and_offload_on_a_framed_body(monkeypatch):
+    """`remat="full"` with every call's saved values parked: exact, planned as a body of 4 calls."""
+    from lowmem_compile.passes import remat
+
+    monkeypatch.setattr(remat.offload, "MIN_BYTES", 1)  # the tiny model's values are all small
+    model, reference = _framed_pair(tiny_model("qwen2", num_hidden_layers=4))
+    options = {"inner": "eager", "attention": "kv16", "remat": "full", "offload": "layers", "mlp_chunks": 2}
+    report = _assert_matches_eager(model, reference, batch(padding=True), options)
+    assert report["mlp"]["chunked"] == 4 and report["remat"]["offloaded_bytes"] > 0
+    assert any("layer body planned once for 4 calls" in note for note in report["remat"]["notes"])
+
+
+def _first_call_seconds(layers: int) -> float:
+    lowmem_compile.reset()
+    model = tiny_model("llama", num_hidden_layers=layers)
+    model.config.use_cache = False
+    layer_frames_(model)
+    start = time.perf_counter()
+    torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "kv16"})(**batch()).loss.backward()
+    return time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_the_first_call_does_not_grow_with_depth():
+    """Dynamo's trace, its guards and the backend together: 12 framed layers reach their first
+    backward in under 1.5x the time of 3 (same process). Traced whole, Dynamo's part grows with depth."""
+    _first_call_seconds(2)  # imports and first registrations
+    three, twelve = _first_call_seconds(3), _first_call_seconds(12)
+    assert twelve < 1.5 * three, (three, twelve)
+
+
+def test_copies_are_unframed_and_framing_undoes():
+    model = tiny_model("llama", num_hidden_layers=2)
+    layers = model.get_decoder().layers
+    original = type(layers[0])
+    layer_frames_(model)
+    assert type(layers[0]) is not original and isinstance(layers[0], original)
+    copied = copy.deepcopy(model)
+    assert type(copied.get_decoder().layers[0]) is original  # a copy calls its own layers, unframed
+    assert layer_frames_(model, False) == 0 and type(layers[0]) is original
+
+
+def _mask_graph(positions_from_input: bool) -> torch.fx.GraphModule:
+    """The graph Dynamo captures for HF's mask function before framed layers."""
+    from transformers import masking_utils
+
+    config = tiny_model("llama", lora=False).config
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["gm"] = gm
+        return gm.forward
+
+    embeds = torch.zeros(2, 16, config.hidden_size)
+    position_ids = torch.arange(16).unsqueeze(0)
+
+    def make(position_ids):
+        kwargs = {"position_ids": position_ids} if positions_from_input else {}
+        return masking_utils.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
+                                                past_key_values=None, **kwargs)
+
+    torch._dynamo.reset()
+    torch.compile(make, backend=backend, fullgraph=True)(position_ids)
+    return captured["gm"]
+
+
+def test_the_mask_graph_tells_plain_causal_from_documents():
+    """Over the caller's position ids the mask is causal within documents: plain causal only when the
+    positions step by one, which the input named is checked for at run time."""
+    gm = _mask_graph(positions_from_input=True)
+    ((output, source),) = causal_outputs(gm)
+    assert output == 0 and source is not None
+    assert "position_ids" in gm.graph.find_nodes(op="placeholder")[source].name
+
+
+def test_a_graph_after_the_layers_counts_what_they_keep():
+    """The tail's plan is scored with what the framed layers keep and the weights it does not see."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    layer_frames_(model)
+    frame = layer_frames.LayerFrame(layer_frames.weakref.ref(model), 2, torch.zeros(1))
+    layer_frames.note_kept(frame, 1000)
+    head = model.get_output_embeddings().weight
+    weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    assert layer_frames.held_outside([head], torch.device("cpu")) == 1000 + total - head.numel() * head.element_size()
