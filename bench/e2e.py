@@ -146,6 +146,9 @@ LOWMEM_VARIANTS: dict[str, dict[str, Any]] = {
 #: `lowmem_lean` and any variant named after it (`--lowmem lowmem_lean_noattn=...`), so a variation
 #: of the lean setup differs only in its options.
 LEAN_PREFIX = "lowmem_lean"
+#: Variants named `..._frames` (`lowmem_lean_b6_frames`) also get a Dynamo frame per decoder layer
+#: (`lowmem_compile.layer_frames_`, what `prepare_` installs): the route beside the whole-model capture.
+FRAMES_SUFFIX = "_frames"
 DEFAULT_CONFIGS = (*RECIPES, "lowmem")
 
 
@@ -320,6 +323,8 @@ def prepare(args: argparse.Namespace, recipe: Recipe, seq: int):
         if args.config.startswith(LEAN_PREFIX):
             lowmem_compile.offload_embeddings_(model)
             model.config.use_cache = False  # no K/V cache returned (the backward keeps 4-bit K/V)
+        if args.config.endswith(FRAMES_SUFFIX):
+            lowmem_compile.layer_frames_(model)
         return model, torch.compile(run, backend="lowmem", options=options)
     return model, run
 

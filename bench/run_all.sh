@@ -21,6 +21,9 @@
 #                                                   # 8192; lean at 32 and 8 layers; lean at 131072; 70B from meta
 #   bash bench/run_all.sh first8192                 # time to first step alone: lean under a budget, then Unsloth, at
 #                                                   # 8192, with where each first step's time went
+#   bash bench/run_all.sh frames8192                # the first step with a frame per decoder layer beside the whole
+#                                                   # model's capture and Unsloth, cold, at 8192 (+ framed GPU tests)
+#   bash bench/run_all.sh depth8frames              # framed, cold: 8 against 32 layers
 #   bash bench/run_all.sh knob                      # memory_budget alone at 8192 ("7GiB") beside the lean row; 2048 ("6GiB")
 #   bash bench/run_all.sh capped                    # 10 GiB cap before loading: prepare_ from the CPU + the knob at "10GiB",
 #                                                   # then Unsloth under the same cap, 8192 tokens
@@ -57,7 +60,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 knob capped depth8 link cudnn_all long128k big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 frames8192 depth8frames knob capped depth8 link cudnn_all long128k big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -70,6 +73,7 @@ lean_budget='lowmem_lean_b6={"offload":"parked","logits":"drop","mlp_chunks":"au
 lean_budget_c2='lowmem_lean_b68c2={"offload":"parked","logits":"drop","mlp_chunks":2,"memory_budget":"6.8GiB"}'
 lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","attention":"kv4"}'
 lean_budget_c8='lowmem_lean_b6c8={"offload":"parked","logits":"drop","mlp_chunks":8,"memory_budget":"6.3GiB"}'
+lean_budget_frames='lowmem_lean_b6_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_b28='lowmem_lean_b28={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"28GiB"}'
 lean_c16='lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
@@ -152,6 +156,19 @@ stage() {
       OUT=$out timeout 60 python3 bench/host_link.py > "$out/host_link.txt" 2>&1; cat "$out/host_link.txt"
       e2e --cold --memory-trace --seqs 8192 --gpus 1 --lowmem "$lean_budget" --configs lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log; grep -h -A8 "^allocated peak" "$out"/e2e.log ;;
+    frames8192)  # the first step with a Dynamo frame per decoder layer (layer_frames.py) beside the whole-model
+      # capture and Unsloth, cold, one after the other (~2 min each), and the framed GPU tests first
+      timeout 120 python3 -m pytest -q -m gpu tests/test_layer_frames.py -p no:cacheprovider > "$out/pytest_frames.log" 2>&1
+      tail -1 "$out/pytest_frames.log"
+      e2e --cold --seqs 8192 --gpus 1 --lowmem "$lean_budget_frames" --lowmem "$lean_budget" \
+        --configs lowmem_lean_b6_frames,lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+    depth8frames)  # framed, cold: 8 layers against 32 (first step against depth), one after the other
+      e2e --cold --seqs 8192 --layers 8 --gpus 1 --lowmem "$lean_budget_frames" --configs lowmem_lean_b6_frames \
+        --out "$out/a" > "$out/a.log" 2>&1
+      e2e --cold --seqs 8192 --gpus 1 --lowmem "$lean_budget_frames" --configs lowmem_lean_b6_frames \
+        --out "$out/b" > "$out/b.log" 2>&1
+      rows "$out"/?/e2e.md; grep -h "parts" "$out"/?/e2e.log ;;
     knob)  # the memory knob alone (lowmem_compile/knob.py) beside the hand-set lean row, one after the
       # other: 8192 tokens at "7GiB", then 2048 at "6GiB" (the prepared model: NF4, host embeddings, no K/V cache).
       # KNOB_BASELINE= (empty) leaves the lean row out, when first8192 ran it earlier in the same call; KNOB_2048=0

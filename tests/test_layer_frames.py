@@ -164,3 +164,33 @@ def test_a_graph_after_the_layers_counts_what_they_keep():
     weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     total = sum(t.numel() * t.element_size() for t in weights.values())
     assert layer_frames.held_outside([head], torch.device("cpu")) == 1000 + total - head.numel() * head.element_size()
+
+
+@pytest.mark.gpu
+def test_framed_layers_on_cuda_match_the_whole_graph():
+    """Inductor and our Triton kernels on CUDA (bf16, 4-bit weights, 4 layers, the lean options): the
+    framed step trains like the whole-graph compile of the same weights, and every layer's mask is
+    handed over as causal (no general-mask site). Same kernels, other fusion boundaries: bf16
+    rounding differs at the layer edges only."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.bfloat16, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64).cuda()
+    lowmem_compile.quantize_(model)
+    model.config.use_cache = False
+    whole_model = twin(model)
+    inputs = {k: v.cuda() for k, v in batch(seq=512).items()}
+    options = {"remat": "full", "offload": "layers", "mlp_chunks": 2, "logits": "drop", "attention": "kv16"}
+    runs = []
+    for m in (whole_model, model):
+        if m is model:
+            layer_frames_(model)  # after the whole graph's compile: a framed model's other graphs are not split
+        lowmem_compile.reset()
+        loss = torch.compile(m, backend="lowmem", options=options)(**inputs).loss
+        loss.backward()
+        runs.append((loss.detach(), trainable_grads(m), lowmem_compile.last_report().to_dict()))
+    (whole_loss, whole_grads, _), (loss, grads, report) = runs
+    assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 4, report["layers"]
+    assert report["attention"]["replaced"] == 4 and report["attention"]["general_masks"] == 0
+    assert abs(loss.item() - whole_loss.item()) <= 1e-2 * abs(whole_loss.item())
+    for name, grad in whole_grads.items():
+        assert rel_err(grads[name], grad) < 3e-2, name
