@@ -89,11 +89,15 @@ def lowmem_backend(
     try:
         compiled = _compile_split_or_whole(gm, example_inputs, opts, graph_report, plan_only)
     finally:
+        waiting = time.perf_counter()
         if warm is not None:  # joined before the step runs: the warm-up never shares the GPU with it
             graph_report.add("warmup", warm.join())
         pinned, pin_seconds = offload_ops.settle_pinned()  # the parked plan's host blocks, pinned meanwhile
-        if pinned:
-            graph_report.add("warmup", WarmupStats(pinned_bytes=pinned, pin_seconds=round(pin_seconds, 2)))
+        waited = time.perf_counter() - waiting
+        if pinned or warm is not None:
+            graph_report.add("warmup", WarmupStats(pinned_bytes=pinned, pin_seconds=round(pin_seconds, 2),
+                                                   waited_seconds=round(waited, 2)))
+            log.info("the compile waited %.1f s for the warm-up and pinning threads", waited)
     log.info("graph compiled in %.1f s", time.perf_counter() - start)
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         # what the compile and the first run cached in the allocator goes back to the driver once the

@@ -119,6 +119,7 @@ class WarmupStats:
     skipped: list[str] = _rule(_CONCAT)  # sites left to compile on first use, and why
     pinned_bytes: int = _rule(_SUM)  # pinned host memory allocated ahead for parked values
     pin_seconds: float = _rule(_SUM, 0.0)  # the pinning thread's time, beside the compile
+    waited_seconds: float = _rule(_SUM, 0.0)  # how long the compile then waited for these threads to finish
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ class Report:
             rows.append(("CUDA graphs requested", f"{graphs['requested']} graph(s)"))
         warm = d["warmup"]
         if warm["sites"]:
-            rows.append(("kernels warmed beside compile", f"{warm['warmed']} of {warm['sites']} sites ({warm['seconds']:.1f} s)"))
+            rows.append(("kernels warmed beside compile", f"{warm['warmed']} of {warm['sites']} sites ({warm['seconds']:.1f} s; "
+                                                          f"the compile then waited {warm['waited_seconds']:.1f} s)"))
         if warm["pinned_bytes"]:
             rows.append(("host memory pinned ahead", f"{gib(warm['pinned_bytes'])} ({warm['pin_seconds']:.1f} s beside the compile)"))
         ops = d["custom_ops"]
