@@ -87,9 +87,9 @@ def test_the_report_says_what_was_warmed_and_what_was_left():
     report.graphs[0].add("warmup", stats)
     assert report.to_dict()["warmup"] == {"sites": 3, "warmed": 2, "seconds": 1.23,
                                           "skipped": [f"left to compile on first use: {reason}"],
-                                          "pinned_bytes": 0, "pin_seconds": 0.0}
+                                          "pinned_bytes": 0, "pin_seconds": 0.0, "waited_seconds": 0.0}
     text = str(report)
-    assert "2 of 3 sites (1.2 s)" in text and f"[warmup] left to compile on first use: {reason}" in text
+    assert "2 of 3 sites (1.2 s;" in text and f"[warmup] left to compile on first use: {reason}" in text
     assert "pinned ahead" not in text
     # the parked plan's host blocks, pinned beside the compile, merge into the same section
     report.graphs[0].add("warmup", WarmupStats(pinned_bytes=3 * 2**30, pin_seconds=1.5))
