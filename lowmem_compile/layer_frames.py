@@ -249,7 +249,7 @@ def framed() -> bool:
 def suspended(model: nn.Module) -> Iterator[None]:
     """Whole-model capture for the duration (planning a step as one graph), then the frames again."""
     layers = decoder_layers(model)
-    was = model in _FRAMED and layers is not None
+    was = layers is not None and hasattr(type(layers[0]), "_lowmem_unframed")
     if was:
         layer_frames_(model, False)
     try:

@@ -32,17 +32,19 @@ def plan(model: torch.nn.Module, *args: Any, options: Mapping[str, Any] | Option
     """The report of compiling `model` for one call `model(*args, **kwargs)`, nothing run.
 
     `options` as for `torch.compile(..., backend="lowmem", options=...)`. Covers the first graph Dynamo
-    captures (a model with graph breaks is planned up to its first break). Parameters are untouched
-    and no gradient is produced. Resets Dynamo's caches before and after.
+    captures (a model with graph breaks is planned up to its first break); a model whose layers are
+    framed (`layer_frames_`) is planned captured whole, as one step. Parameters are untouched and
+    no gradient is produced. Resets Dynamo's caches before and after.
     """
     from . import reset
     from .backend import lowmem_backend
+    from .layer_frames import suspended
 
     opts = Options.from_user(options)
     backend = functools.partial(lowmem_backend, options=opts, plan_only=True)
     reset()
     try:
-        with torch._dynamo.config.patch(suppress_errors=False):  # never fall back to running eagerly
+        with suspended(model), torch._dynamo.config.patch(suppress_errors=False):  # never fall back to eager
             torch.compile(model, backend=backend)(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001  (Dynamo wraps the backend's exception)
         if not _planned(exc):

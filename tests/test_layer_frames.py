@@ -194,3 +194,15 @@ def test_framed_layers_on_cuda_match_the_whole_graph():
     assert abs(loss.item() - whole_loss.item()) <= 1e-2 * abs(whole_loss.item())
     for name, grad in whole_grads.items():
         assert rel_err(grads[name], grad) < 3e-2, name
+
+
+def test_plan_captures_a_framed_model_whole_and_leaves_it_framed():
+    """`plan()` stops at the first graph: a framed model is planned as one step (the per-layer split),
+    and its frames are back afterwards."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.config.use_cache = False
+    layer_frames_(model)
+    report = lowmem_compile.plan(model, **batch(), options={"remat": "full"}).to_dict()
+    assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 3
+    assert report["remat"]["predicted_peak_bytes"] > 0
+    assert hasattr(type(model.get_decoder().layers[0]), "_lowmem_unframed") and layer_frames.framed()
