@@ -231,6 +231,46 @@ def test_fused_residual_chain_is_stored_not_held():
     assert activation <= peaks[0] <= 10 * activation
 
 
+def _silu_backward_kernel(mode, m, k, n):
+    """The MLP piece's backward under LoRA in small: gate and up each the sum of two matmul outputs,
+    h = silu(gate) * up (read by a matmul), the input gradient the sum of two more, and the gradients
+    of up and gate. The graph interleaves h's matmul with the group, as the partitioner does."""
+    b = _Builder(mode)
+    x, g = b.input("x", _fake(mode, m, k)), b.input("g", _fake(mode, m, k))
+    w = [b.input(f"w{i}", _fake(mode, k, n)) for i in range(6)]
+    wo = b.input("wo", _fake(mode, n, k))
+    gate = b.op(aten.add.Tensor, b.op(aten.mm.default, x, w[0]), b.op(aten.mm.default, x, w[1]))
+    up = b.op(aten.add.Tensor, b.op(aten.mm.default, x, w[2]), b.op(aten.mm.default, x, w[3]))
+    s = b.op(aten.sigmoid.default, gate)
+    silu = b.op(aten.mul.Tensor, gate, s)
+    h = b.op(aten.mul.Tensor, silu, up)
+    out = b.op(aten.mm.default, h, wo)
+    dh = b.op(aten.add.Tensor, b.op(aten.mm.default, g, w[4]), b.op(aten.mm.default, g, w[5]))
+    d_up = b.op(aten.mul.Tensor, dh, silu)
+    d_gate = b.op(aten.mul.Tensor, b.op(aten.mul.Tensor, dh, up), s)
+    return b.module(out, d_up, d_gate)
+
+
+def test_fused_kernel_holds_its_inputs_and_outputs_at_once():
+    """One Inductor kernel reads the six matmul outputs and writes h, d_up and d_gate: nine
+    [m, n] buffers live together, while h's matmul waits for the kernel. Walked node by node (h
+    freed after its matmul, before d_up and d_gate exist) the peak was eight and the matmul's
+    [m, k] output. Also with a symbolic m."""
+    k, n = 4, 32
+    for symbolic in (False, True):
+        mode, m, sym = _symbolic_mode(64) if symbolic else (FakeTensorMode(), 64, None)
+        fw = _silu_backward_kernel(mode, m, k, n)
+        bwb = _Builder(mode)
+        bw = bwb.module(bwb.op(aten.mul.Tensor, bwb.input("tangents_1", _fake(mode, m, k)), 2.0))
+        memory = simulate_step(fw, bw, 3, fused=True, symbolic=symbolic)
+        piece = 64 * n * 4
+        assert memory.forward_peak == 9 * piece  # not 8 * piece + 64 * k * 4
+        d_gate = list(fw.graph.nodes)[-2]
+        assert memory.peak_values[0] == (f"@{d_gate.name}", 0)  # the kernel's last member
+        if symbolic:
+            assert peak_at(memory.peak_exprs, {sym: 64}) == memory.peak
+
+
 def test_recompute_time_of_fused_pointwise_is_one_read():
     """Twenty pointwise ops all reading one saved 64 MiB value (Llama-3-8B at 8192 tokens): fused
     into the backward's kernel they cost one read of it, ~16 us on the H200, not a read (or a

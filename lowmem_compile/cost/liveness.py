@@ -15,12 +15,15 @@ graph cannot show, count at the op's step as the op declares them (`ops.library.
 With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
 its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it
 (`_virtual_nodes`), so a chain of residual adds is stored about once a layer rather than holding
-every layer's matmul outputs to the end of the forward. Sizes are ints at the example shapes, or, with
+every layer's matmul outputs to the end of the forward. Such inlined nodes and the stored pointwise
+results that read them run as one kernel, one step of the walk (`_fused_steps`): every input of the
+group and every output it writes are live together. Sizes are ints at the example shapes, or, with
 `symbolic=True`, sympy expressions too, so `peak(seq)` can be solved for a budget.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import sympy
@@ -89,6 +92,8 @@ class _Sizes:
 SHARED_MAX_READS = 4
 SHARED_MAX_OPS = 30
 MAX_READS = 8
+#: Inductor fuses no two nodes more than this many scheduler nodes apart (`are_long_distant_nodes`).
+FUSION_DISTANCE = 64
 
 
 def _virtual_nodes(graph: torch.fx.Graph, outputs: set[torch.fx.Node], fused: bool) -> set[torch.fx.Node]:
@@ -130,6 +135,87 @@ def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def _kernels(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
+    """The fused kernel of each node: an inlined node and the nodes that read it run as one, as
+    Inductor fuses them, except where a member would depend on another through a node outside the
+    kernel (a residual add reading the matmul fed by the norm that read the previous add): that
+    fusion would be a cycle, so the reader runs apart; nor more than `FUSION_DISTANCE` stored nodes
+    apart (a recomputed norm and its backward). The value names the kernel (itself if alone)."""
+    order = {n: i for i, n in enumerate(nodes)}
+    stored = 0  # stored (not inlined) nodes so far: Inductor's scheduler nodes
+    parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(k: torch.fx.Node) -> torch.fx.Node:
+        while parent[k] is not k:
+            parent[k] = k = parent[parent[k]]
+        return k
+
+    home: dict[torch.fx.Node, torch.fx.Node] = {}  # a member, or a view of one -> its kernel
+    horizon: dict[torch.fx.Node, int] = {}  # a kernel's last possible joiner: the last reader of an inlined member
+    through: dict[torch.fx.Node, set[torch.fx.Node]] = {}  # kernels a kernel reads through outside nodes
+    taint: dict[torch.fx.Node, set[torch.fx.Node]] = {}  # kernels, still open, that a node depends on
+    opened: dict[torch.fx.Node, int] = {}  # the `stored` count at a kernel's first stored member
+    for i, n in enumerate(nodes):
+        inputs = n.all_input_nodes
+        if is_view(n) and inputs:
+            if inputs[0] in home:
+                home[n] = home[inputs[0]]
+            taint[n] = taint[inputs[0]]
+            continue
+        stored += n not in virtual
+        inherited = {k for a in inputs for t in taint[a] if horizon[k := find(t)] >= i}
+        joined: list[torch.fx.Node] = []
+        for k in sorted({find(home[a]) for a in inputs if a in home and storage_root(a) in virtual}, key=order.get):
+            near = stored - opened.get(k, stored) <= FUSION_DISTANCE
+            before = {find(t) for t in through[k]}
+            acyclic = k not in inherited and all(j not in before and k not in {find(t) for t in through[j]} for j in joined)
+            if near and acyclic:
+                joined.append(k)
+        if joined or n in virtual:
+            kernel = parent[n] = joined[0] if joined else n
+            through.setdefault(kernel, set()).update(inherited, *(through[j] for j in joined[1:]))
+            readers = [order[r] for r in _readers(n)] if n in virtual else []
+            horizon[kernel] = max([horizon.get(kernel, i)] + [horizon[j] for j in joined[1:]] + readers)
+            for j in joined[1:]:
+                parent[j] = kernel
+            firsts = [opened[j] for j in joined if j in opened] + ([] if n in virtual else [stored])
+            if firsts:
+                opened[kernel] = min(firsts)
+            home[n] = kernel
+        own = find(home[n]) if n in home else None
+        taint[n] = inherited | {k for a in inputs if a in home and (k := find(home[a])) is not own}
+    return {n: find(home[n]) if n in home else n for n in nodes}
+
+
+def _fused_steps(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+    """The step each node runs at, a fused kernel's members all at one (`_kernels`): where its last
+    stored member stands, when all its inputs exist (Inductor runs the matmuls that the graph interleaves
+    with the kernel ahead of it). A node that reads an earlier member waits for the kernel."""
+    kernel = _kernels(nodes, virtual)
+    last: dict[torch.fx.Node, int] = {}  # where a kernel's last stored member stands
+    for i, n in enumerate(nodes):
+        if kernel[n] not in last or not (is_view(n) or n in virtual):
+            last[kernel[n]] = i
+    waits = {k: 0 for k in last}
+    readers: dict[torch.fx.Node, set[torch.fx.Node]] = {k: set() for k in last}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if kernel[a] is not kernel[n] and kernel[n] not in readers[kernel[a]]:
+                readers[kernel[a]].add(kernel[n])
+                waits[kernel[n]] += 1
+    ready = [(last[k], k) for k in last if not waits[k]]  # positions are distinct: never compares nodes
+    heapq.heapify(ready)
+    step: dict[torch.fx.Node, int] = {}
+    while ready:
+        _, k = heapq.heappop(ready)
+        step[k] = len(step)
+        for r in readers[k]:
+            waits[r] -= 1
+            if not waits[r]:
+                heapq.heappush(ready, (last[r], r))
+    return {n: step[kernel[n]] for n in nodes}
+
+
 def _last_need(
     graph: torch.fx.Graph, order: dict[torch.fx.Node, int], outputs: set[torch.fx.Node], virtual: set[torch.fx.Node]
 ):
@@ -165,12 +251,16 @@ def _run(
     live at the start; `keep` roots are never freed here (they outlive the graph); `siblings` maps a
     placeholder to other placeholders that view the same storage (it lives until they are all dead)."""
     nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
     output = graph.find_nodes(op="output")[0]
     outputs = {a for a in torch.fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(a, torch.fx.Node)}
     outputs = {a for o in outputs for a in (o, storage_root(o))}
     virtual = _virtual_nodes(graph, outputs, fused)
+    order = _fused_steps(nodes, virtual)
     need = _last_need(graph, order, outputs, virtual)
+    steps: dict[int, list[torch.fx.Node]] = {}
+    for node in nodes:
+        if node.op != "output":
+            steps.setdefault(order[node], []).append(node)
     frees: dict[int, list[torch.fx.Node]] = {}
     freed_at: dict[torch.fx.Node, int] = {}
     live_int, live_expr, peak, peak_step, peak_scratch = 0, sympy.Integer(0), 0, None, 0
@@ -178,32 +268,34 @@ def _run(
     # a prefetched reload's device copy exists from its prefetch on
     early = {p: n for n in nodes if (p := prefetch_of(n)) is not None}
     prefetched = set(early.values())
-    for node in nodes:
-        if node.op == "output":
-            break
-        owner = early.get(node, node)
-        if node.op == "placeholder":
-            alloc = preallocated.get(node)
-        elif is_view(node) or node in virtual or node in prefetched:
-            alloc = None
-        else:
-            alloc = _alloc(owner, sizes)
-        if alloc is not None:
-            owned[owner] = alloc
-            live_int += alloc[0]
-            if sizes.symbolic:
-                live_expr += alloc[1]
-            extra = (siblings or {}).get(owner, [])
-            root_need = max(need[a] for a in [owner] + _aliases(owner) + extra)
-            if owner not in keep:
-                freed_at[owner] = max(root_need, order[node])
-                frees.setdefault(freed_at[owner], []).append(owner)
-        scratch = _workspace(node, sizes) if declares_workspace(node.target) else _NO_BYTES
+    for step in sorted(steps):
+        scratch = _NO_BYTES
+        for node in steps[step]:
+            owner = early.get(node, node)
+            if node.op == "placeholder":
+                alloc = preallocated.get(node)
+            elif is_view(node) or node in virtual or node in prefetched:
+                alloc = None
+            else:
+                alloc = _alloc(owner, sizes)
+            if alloc is not None:
+                owned[owner] = alloc
+                live_int += alloc[0]
+                if sizes.symbolic:
+                    live_expr += alloc[1]
+                extra = (siblings or {}).get(owner, [])
+                root_need = max(need[a] for a in [owner] + _aliases(owner) + extra)
+                if owner not in keep:
+                    freed_at[owner] = max(root_need, step)
+                    frees.setdefault(freed_at[owner], []).append(owner)
+            if declares_workspace(node.target):
+                work = _workspace(node, sizes)
+                scratch = (scratch[0] + work[0], scratch[1] + work[1])
         if live_int + scratch[0] > peak:
-            peak, peak_step, peak_scratch = live_int + scratch[0], order[node], scratch[0]
+            peak, peak_step, peak_scratch = live_int + scratch[0], step, scratch[0]
         if exprs is not None:
             exprs.append(base_expr + live_expr + scratch[1])
-        for dead in frees.pop(order[node], []):
+        for dead in frees.pop(step, []):
             live_int -= owned[dead][0]
             if sizes.symbolic:
                 live_expr -= owned[dead][1]
@@ -213,8 +305,8 @@ def _run(
     # long backward, each copy as long as the live set
     live_at_peak = [(n.name, b) for n, (b, _) in owned.items() if order[n] <= peak_step <= freed_at.get(n, peak_step)]
     if peak_scratch:
-        live_at_peak.append((f"{nodes[peak_step].name} (workspace)", peak_scratch))
-    return peak, [(f"@{nodes[peak_step].name}", 0)] + live_at_peak
+        live_at_peak.append((f"{steps[peak_step][-1].name} (workspace)", peak_scratch))
+    return peak, [(f"@{steps[peak_step][-1].name}", 0)] + live_at_peak
 
 
 def _aliases(node: torch.fx.Node) -> list[torch.fx.Node]:
