@@ -1,7 +1,7 @@
 """The most [2048, 320] piece buffers the liveness walk holds at once, for the tiny lean step that
 bench/inductor_live_buffers.py compiles (the same model, options and 8192 tokens), planned only.
 
-    python bench/results/plan/2026-12-08-fused-groups/model_piece_buffers.py
+    python bench/model_piece_buffers.py
 
 Every graph pair the remat pass simulates is walked again with each [.., 2048, 320] tensor counted
 as 1 byte and every other as 0, so a walk's peak is a count of piece buffers.
@@ -10,7 +10,7 @@ as 1 byte and every other as 0, so a walk's peak is a count of piece buffers.
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sympy  # noqa: E402
 import torch  # noqa: E402
