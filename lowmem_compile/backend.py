@@ -120,7 +120,9 @@ def _compile_split_or_whole(
         compiled = _compile_frame(gm, example_inputs, opts, graph_report, frame, plan_only)
     else:
         split = None
-        if opts.layers == "auto" and not layer_frames.framed():  # framed models' other graphs hold no layers
+        framed_model = layer_frames.owner(example_inputs)  # a framed model's graph outside its layers
+        weights = any(isinstance(x, torch.nn.Parameter) for x in example_inputs)  # no weights, no layers
+        if opts.layers == "auto" and framed_model is None and weights:
             try:
                 split = split_layers(gm)
             except NotOutlined as reason:
@@ -129,10 +131,10 @@ def _compile_split_or_whole(
         if split is not None:
             compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
         else:
-            device = _device_of(example_inputs)
-            outside = layer_frames.held_outside(example_inputs, device) if device is not None else 0
+            device = _device_of(example_inputs) or torch.device("cpu")
+            outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device)
             partitioner = RematPartitioner(opts, graph_report, outside=outside)
-            proven = causal_outputs(gm) if layer_frames.framed() else []
+            proven = causal_outputs(gm) if layer_frames.framed() and not weights else []
             compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
             if proven and compiled is not None:
                 compiled = _marking_causal(compiled, proven)
@@ -205,7 +207,7 @@ def _compile_frame(
     own = [x for i, x in enumerate(example_inputs) if i not in carried]
     context = LayerContext(
         calls=frame.calls,
-        resident=(frame.device_bytes(device) if on_device else 0) + _device_bytes(shared, on_device),
+        resident=frame.device_bytes(device or torch.device("cpu")) + _device_bytes(shared, on_device),
         body_inputs=_device_bytes(own, on_device),
         carried=_device_bytes([frame.hidden], on_device),
         grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),

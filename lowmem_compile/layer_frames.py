@@ -21,8 +21,11 @@ layer is served by one graph at the price of one input gradient the first layer 
 
 What this route cannot see: a mask the model builds before its layers reaches them as an opaque
 input, so the attention pass proves no sliding window or packed documents from it (those sites take
-the general-mask path); `prepare_` therefore frames only models without sliding-window attention,
-and `layer_frames_(model, False)` restores whole-model capture.
+the general-mask path); `prepare_(..., layer_frames=True)` therefore refuses a model with
+sliding-window attention, and `layer_frames_(model, False)` restores whole-model capture. Under a
+`memory_budget` that leaves options to the knob, each piece decides them on its own (the layers
+before the tail is seen), which can miss a joint choice the whole-step capture finds: the frames
+are opt-in.
 """
 
 from __future__ import annotations
@@ -229,15 +232,25 @@ def note_kept(frame: LayerFrame, kept: int) -> None:
         _KEPT[model] = max(kept, _KEPT.get(model, 0))
 
 
-def held_outside(example_inputs: Any, device: torch.device) -> int:
-    """Device bytes a graph compiled after framed layers does not see but the step holds while it runs:
-    what the layers keep for their backward and the model's weights that are not among its inputs."""
+def owner(example_inputs: Any) -> nn.Module | None:
+    """The framed model whose weights are among a graph's inputs: the graph is one of its pieces
+    outside the layers (the rotary tables, the final norm, the head and loss)."""
+    inputs = {id(x) for x in example_inputs if isinstance(x, torch.Tensor)}
+    for model in list(_FRAMED):
+        if any(id(t) in inputs for t in [*model.parameters(), *model.buffers()]):
+            return model
+    return None
+
+
+def held_outside(model: nn.Module, example_inputs: Any, device: torch.device) -> int:
+    """Device bytes a graph of `model` compiled after its framed layers does not see but the step
+    holds while it runs: what the layers keep for their backward and the model's weights that are
+    not among its inputs. Zero before a layer body was compiled (a graph before the layers)."""
+    if model not in _KEPT:
+        return 0
     inputs = {id(x) for x in example_inputs}
-    held = 0
-    for model, kept in list(_KEPT.items()):
-        weights = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
-        held = max(held, kept + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs))
-    return held
+    weights = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
+    return _KEPT[model] + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs)
 
 
 def framed() -> bool:

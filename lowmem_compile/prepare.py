@@ -378,7 +378,7 @@ def prepare_(
     exclude: Iterable[str] = (),
     strict: bool = True,
     chunk_numel: int = _DEFAULT_CHUNK,
-    layer_frames: bool | None = None,
+    layer_frames: bool = False,
 ) -> PrepareSummary:
     """Prepare `model` for a lowmem fine-tune, in place; returns a :class:`PrepareSummary`.
 
@@ -390,8 +390,10 @@ def prepare_(
     frozen linears, host-memory embeddings, `use_cache=False`). `blocksize`, `double_quant`,
     `include`, `exclude`: as in `quantize_`. `chunk_numel`: elements quantized at a time.
     `layer_frames`: trace each decoder layer's code once (`layer_frames_`: the first step's Dynamo
-    trace stops growing with depth); None frames the layers of a model without sliding-window
-    attention, whose window mask the layers could then not be shown (docs/layers.md).
+    trace stops growing with depth), for a model without sliding-window attention (a window mask
+    could then not be shown to the layers; refused with a ValueError). Off by default: under a
+    `memory_budget` that leaves options to the knob, each piece of a framed step decides its
+    options on its own (docs/layers.md).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_ takes an nn.Module, got {type(model).__name__}")
@@ -401,6 +403,9 @@ def prepare_(
             device = torch.device("cuda", torch.cuda.current_device())
         if device.type == "meta":
             raise ValueError("prepare_: device='meta' materializes nothing; pass a real device or None")
+    if layer_frames and _windowed(model):
+        raise ValueError("prepare_: layer_frames=True on a model with sliding-window attention: its window mask "
+                         "would reach the layers as an opaque input (the general-mask path); leave it off")
     if isinstance(include, str):
         include = (include,)
     exclude = tuple(exclude)
@@ -503,8 +508,6 @@ def prepare_(
                 config.use_cache = False
                 summary.use_cache_off = True
 
-    if layer_frames is None:
-        layer_frames = training and not _windowed(model)
     if layer_frames:
         summary.layer_frames = layer_frames_(model)
 

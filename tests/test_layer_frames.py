@@ -163,7 +163,8 @@ def test_a_graph_after_the_layers_counts_what_they_keep():
     head = model.get_output_embeddings().weight
     weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    assert layer_frames.held_outside([head], torch.device("cpu")) == 1000 + total - head.numel() * head.element_size()
+    assert layer_frames.owner([head]) is model and layer_frames.owner([torch.zeros(1)]) is None
+    assert layer_frames.held_outside(model, [head], torch.device("cpu")) == 1000 + total - head.numel() * head.element_size()
 
 
 @pytest.mark.gpu
@@ -206,3 +207,14 @@ def test_plan_captures_a_framed_model_whole_and_leaves_it_framed():
     assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 3
     assert report["remat"]["predicted_peak_bytes"] > 0
     assert hasattr(type(model.get_decoder().layers[0]), "_lowmem_unframed") and layer_frames.framed()
+
+
+def test_prepare_frames_on_request_and_refuses_a_windowed_model():
+    model = tiny_model("llama", num_hidden_layers=2)
+    summary = lowmem_compile.prepare_(model, layer_frames=True)
+    assert summary.layer_frames == 2 and "2 decoder layers traced as one frame each" in str(summary)
+    assert hasattr(type(model.get_decoder().layers[0]), "_lowmem_unframed")
+    assert lowmem_compile.prepare_(tiny_model("llama", num_hidden_layers=2)).layer_frames == 0  # off by default
+    windowed = tiny_model("mistral", num_hidden_layers=2, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window"):
+        lowmem_compile.prepare_(windowed, layer_frames=True)
