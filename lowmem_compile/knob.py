@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from . import layer_frames
 from .options import KNOB_DEFAULTS, Options
 from .passes import copy_graph_module
 from .report import STORE, GraphReport, RematStats, gib
@@ -177,8 +178,11 @@ def _for_the_step(opts: Options, fastest: Options, example_inputs: Sequence[Any]
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     budget = budget_on(opts, device)
-    state = OPTIMIZER_VALUES * sum(x.numel() * x.element_size() for x in tensors
-                                   if isinstance(x, torch.nn.Parameter) and x.requires_grad)
+    # a graph of a framed model (layer_frames.py) holds one layer's weights or none: the state is the model's
+    frame = layer_frames.current()
+    model = frame.model() if frame is not None else layer_frames.owner(example_inputs)
+    weights = list(model.parameters()) if model is not None else [x for x in tensors if isinstance(x, torch.nn.Parameter)]
+    state = OPTIMIZER_VALUES * sum(x.numel() * x.element_size() for x in weights if x.requires_grad)
     margin = int(MODEL_ERROR * budget)
     planned = budget - state - margin
     if planned <= 0:

@@ -218,3 +218,18 @@ def test_prepare_frames_on_request_and_refuses_a_windowed_model():
     windowed = tiny_model("mistral", num_hidden_layers=2, sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window"):
         lowmem_compile.prepare_(windowed, layer_frames=True)
+
+
+def test_the_knob_sets_aside_the_whole_models_optimizer_state_for_a_framed_graph():
+    """A framed layer's graph holds one layer's LoRA weights and the tail's none: the budget each
+    plans for leaves out the optimizer's state of every trainable weight of the model."""
+    from lowmem_compile import knob
+    from lowmem_compile.options import Options
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    layer_frames_(model)
+    head = model.get_output_embeddings().weight
+    opts = Options.from_user({"memory_budget": 1 << 30})
+    _, _, (note,) = knob._for_the_step(opts, opts.without_knob(), [head])
+    state = knob.OPTIMIZER_VALUES * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert f"{lowmem_compile.report.gib(state)} set aside for the optimizer's state" in note
