@@ -141,7 +141,7 @@ def compile_within_budget(
         best = _prune(gm, example_inputs, best, fastest, notes, gains)
     else:
         notes.append(f"no option set fits: the closest, {gib(best.peak)}, is compiled")
-    chosen = {name: getattr(best.options, name) for name in free}
+    chosen = {name: getattr(best.options, name) for name in free if name in _decided_here(example_inputs)}
     log.info("memory knob: %s", "; ".join(notes))
     if best.options.logits == "drop" and "logits" in free:
         warnings.warn(
@@ -193,6 +193,16 @@ def _for_the_step(opts: Options, fastest: Options, example_inputs: Sequence[Any]
             f"cost model's error: planned for {gib(planned)}")
     return (dataclasses.replace(opts, memory_budget=planned), dataclasses.replace(fastest, memory_budget=planned),
             [note])
+
+
+def _decided_here(example_inputs: Sequence[Any]) -> frozenset[str]:
+    """The options this graph's plan decides: all of them for a whole step; a framed model's layer
+    graph (layer_frames.py) decides parking and pieces, its graphs outside the layers the logits."""
+    if layer_frames.current() is not None:
+        return frozenset({"offload", "mlp_chunks"})
+    if layer_frames.owner(example_inputs) is not None:
+        return frozenset({"logits"})
+    return frozenset(KNOB_DEFAULTS)
 
 
 def _applies(name: str, opts: Options) -> bool:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-_SUM, _MAX, _CONCAT, _LAST, _UNION = "sum", "max", "concat", "last", "union"
+_SUM, _MAX, _CONCAT, _LAST, _UNION, _UPDATE = "sum", "max", "concat", "last", "union", "update"
 
 
 def _merged(a: Any, b: Any) -> Any:
@@ -31,6 +31,8 @@ def _merged(a: Any, b: Any) -> Any:
             updates[f.name] = list(x) + list(y)
         elif rule == _UNION:
             updates[f.name] = list(dict.fromkeys(list(x) + list(y)))
+        elif rule == _UPDATE:
+            updates[f.name] = y if x is None else x if y is None else {**x, **y}
         else:
             updates[f.name] = y if y is not None else x
     return dataclasses.replace(a, **updates)
@@ -87,9 +89,11 @@ class RematStats:
     budget_bytes: int | None = _rule(_LAST, None)
     longest_fitting_seq: int | None = _rule(_LAST, None)
     notes: list[str] = _rule(_CONCAT)
-    knob: dict[str, Any] | None = _rule(_LAST, None)
+    knob: dict[str, Any] | None = _rule(_UPDATE, None)
     """What `memory_budget` chose for the options left at "budget" (knob.py), e.g. {"offload": "parked",
-    "mlp_chunks": "off", "logits": "keep"}; None when it chose nothing (no budget, every one set)."""
+    "mlp_chunks": "off", "logits": "keep"}; None when it chose nothing (no budget, every one set). A
+    framed step's pieces each add the options they decide (the layers parking and pieces, the tail
+    the logits)."""
     knob_notes: list[str] = _rule(_UNION)
     """Why: each option set the knob planned, its predicted peak, and what it kept."""
 

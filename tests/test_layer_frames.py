@@ -233,3 +233,19 @@ def test_the_knob_sets_aside_the_whole_models_optimizer_state_for_a_framed_graph
     _, _, (note,) = knob._for_the_step(opts, opts.without_knob(), [head])
     state = knob.OPTIMIZER_VALUES * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert f"{lowmem_compile.report.gib(state)} set aside for the optimizer's state" in note
+
+
+def test_a_framed_steps_knob_choices_add_up_across_its_graphs():
+    """The layer graph decides parking and pieces, the graphs after it the logits: the report holds
+    both, where the last graph's choice used to replace the layers'."""
+    from lowmem_compile import knob
+    from lowmem_compile.report import GraphReport, RematStats, Report
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    layer_frames_(model)
+    head = model.get_output_embeddings().weight
+    assert knob._decided_here([head]) == {"logits"} and knob._decided_here([torch.zeros(1)]) == {"offload", "mlp_chunks", "logits"}
+    body, tail = GraphReport(index=0, nodes=1), GraphReport(index=1, nodes=1)
+    body.add("remat", RematStats(knob={"offload": "parked", "mlp_chunks": "auto"}))
+    tail.add("remat", RematStats(knob={"logits": "drop"}))
+    assert Report(graphs=[body, tail]).to_dict()["remat"]["knob"] == {"offload": "parked", "mlp_chunks": "auto", "logits": "drop"}
