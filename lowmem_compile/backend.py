@@ -132,10 +132,15 @@ def _compile_split_or_whole(
             compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
         else:
             device = _device_of(example_inputs) or torch.device("cpu")
-            outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device)
+            outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device, gm.code)
             partitioner = RematPartitioner(opts, graph_report, outside=outside)
             proven = causal_outputs(gm) if layer_frames.framed() and not weights else []
             compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
+            if framed_model is not None and partitioner.plans and not plan_only:
+                activations = [x for x in example_inputs if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
+                               and x.is_floating_point()]
+                layer_frames.note_after(framed_model, gm.code, partitioner.plans[-1].memory.saved
+                                        + _device_bytes(activations, device.type != "cpu"))
             if proven and compiled is not None:
                 compiled = _marking_causal(compiled, proven)
     if plan_only:
@@ -217,7 +222,8 @@ def _compile_frame(
     compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
     if partitioner.plans:  # (none when AOTAutograd's cache served the compile)
         plan = partitioner.plans[-1]
-        layer_frames.note_kept(frame, frame.calls * context.kept(plan.memory, not plan.carried_offloaded))
+        layer_frames.note_kept(frame, frame.calls * context.kept(plan.memory, not plan.carried_offloaded)
+                               + _device_bytes(shared, on_device))
     # the passes' counts are of one layer's sites: the report counts every layer the body serves
     alike = frame.alike()
     for section in ("attention", "nf4", "mlp"):

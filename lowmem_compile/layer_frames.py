@@ -48,7 +48,11 @@ _CAUSAL: dict[int, weakref.ref] = {}
 _NONE_IS_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
 """transformers' attention forms that read `attention_mask=None` as causal."""
 _KEPT: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-"""Per framed model, the device bytes its compiled layers keep for their backward, all calls."""
+"""Per framed model, the device bytes its compiled layers keep for their backward, all calls, with
+the tables they share (rotary, mask)."""
+_AFTER: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+"""Per framed model, what each graph compiled after its layers (the final norm) keeps for its
+backward, by the graph's code: held while the graphs after it (the head and loss) run theirs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +234,14 @@ def note_kept(frame: LayerFrame, kept: int) -> None:
     model = frame.model()
     if model is not None:
         _KEPT[model] = max(kept, _KEPT.get(model, 0))
+        _AFTER.pop(model, None)  # a body compiled: the graphs after the layers register again
+
+
+def note_after(model: nn.Module, graph: str, saved: int) -> None:
+    """Record what graph `graph` (its code) of `model`, run after the layers, keeps for its backward
+    (its saved values and its activation inputs)."""
+    if model in _KEPT:
+        _AFTER.setdefault(model, {})[graph] = saved
 
 
 def owner(example_inputs: Any) -> nn.Module | None:
@@ -242,15 +254,17 @@ def owner(example_inputs: Any) -> nn.Module | None:
     return None
 
 
-def held_outside(model: nn.Module, example_inputs: Any, device: torch.device) -> int:
-    """Device bytes a graph of `model` compiled after its framed layers does not see but the step
-    holds while it runs: what the layers keep for their backward and the model's weights that are
-    not among its inputs. Zero before a layer body was compiled (a graph before the layers)."""
+def held_outside(model: nn.Module, example_inputs: Any, device: torch.device, graph: str = "") -> int:
+    """Device bytes a graph of `model` (code `graph`) compiled after its framed layers does not see
+    but the step holds while it runs: what the layers and the other graphs after them keep for their
+    backward, and the model's weights that are not among its inputs. Zero before a layer body was
+    compiled (a graph before the layers)."""
     if model not in _KEPT:
         return 0
     inputs = {id(x) for x in example_inputs}
     weights = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
-    return _KEPT[model] + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs)
+    after = sum(saved for code, saved in _AFTER.get(model, {}).items() if code != graph)
+    return _KEPT[model] + after + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs)
 
 
 def framed() -> bool:
