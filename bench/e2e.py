@@ -454,6 +454,11 @@ def _train(args, recipe: Recipe, step_fn, optimizer, input_ids, row: dict[str, A
                 row["first_step_parts_s"] = _first_step_parts(triton_seconds)
                 if pinning_before is not None:
                     row["first_step_parts_s"]["host_pinning"] = round(_host_pinning_seconds() - pinning_before, 2)
+                if recipe.compiler == "lowmem":  # the backend's wait for its warm-up and pinning threads
+                    import lowmem_compile
+
+                    waited = lowmem_compile.last_report().to_dict()["warmup"]["waited_seconds"]
+                    row["first_step_parts_s"]["lowmem_waited_for_threads"] = round(waited, 2)
                 row["first_step_jit_kernels"] = list(triton_seconds["jit_kernels"])
                 print(f"[{args.config} seq={input_ids.shape[-1]}] first step's parts (s): {row['first_step_parts_s']}; "
                       f"Triton compiles here (s): {row['first_step_jit_kernels']}", file=sys.stderr, flush=True)
