@@ -24,7 +24,9 @@ PIECE = re.compile(r"(buf\d+) = empty_strided_cpu\(\((?:1, )?2048, 320\)")
 DELETE = re.compile(r"del ([\w, ]+)")
 
 
-def compile_and_log() -> None:
+def lean_step():
+    """The tiny LoRA NF4 Llama, its 8192-token batch and the lean options: (model, input ids, options).
+    bench/model_piece_buffers.py plans the same step."""
     import torch
 
     import lowmem_compile
@@ -37,6 +39,15 @@ def compile_and_log() -> None:
     model.config.use_cache = False
     ids = torch.randint(0, model.config.vocab_size, (1, 8192))
     options = {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto", "attention": "kv16"}
+    return model, ids, options
+
+
+def compile_and_log() -> None:
+    import torch
+
+    import lowmem_compile
+
+    model, ids, options = lean_step()
     torch.compile(model, backend="lowmem", options=options)(input_ids=ids, labels=ids).loss.backward()
     print(lowmem_compile.last_report())
 

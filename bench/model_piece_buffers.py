@@ -13,12 +13,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sympy  # noqa: E402
-import torch  # noqa: E402
 
 import lowmem_compile  # noqa: E402
 import lowmem_compile.passes.remat as remat  # noqa: E402
 from lowmem_compile.cost import liveness  # noqa: E402
-from tests.models import tiny_model  # noqa: E402
+from bench.inductor_live_buffers import lean_step  # noqa: E402
 
 seen = []
 simulate = remat.simulate_step
@@ -30,13 +29,7 @@ def record(fw, bw, num_out, **kwargs):
 
 
 remat.simulate_step = record
-torch.manual_seed(0)
-model = tiny_model("llama", lora=True, hidden_size=64, intermediate_size=320, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype=torch.float32)
-lowmem_compile.quantize_(model)
-model.config.use_cache = False
-ids = torch.randint(0, model.config.vocab_size, (1, 8192))
-options = {"remat": "full", "offload": "layers", "logits": "drop", "mlp_chunks": "auto", "attention": "kv16"}
+model, ids, options = lean_step()
 lowmem_compile.plan(model, input_ids=ids, labels=ids, options=options)
 
 liveness._Sizes.of = lambda self, val: (
