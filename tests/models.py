@@ -86,6 +86,20 @@ def compiled_and_eager(model, reference, inputs: dict, options: dict):
     return got, expected, lowmem_compile.last_report().to_dict()
 
 
+def assert_step_matches_eager(model, reference, inputs: dict, options: dict, tol: float) -> dict:
+    """One step of `model` compiled with the lowmem backend against one eager step of `reference`
+    (the same weights): the loss and every trainable gradient within `tol` (relative); returns the
+    compile's report as a dict."""
+    got, expected, report = compiled_and_eager(model, reference, inputs, options)
+    assert abs(got.loss.item() - expected.loss.item()) <= tol * abs(expected.loss.item())
+    grads, want = trainable_grads(model), trainable_grads(reference)
+    assert grads.keys() == want.keys() and grads
+    for name, grad in grads.items():
+        assert grad is not None, name
+        assert rel_err(grad, want[name]) < tol, name
+    return report
+
+
 def trainable_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

@@ -14,7 +14,7 @@ import lowmem_compile
 from lowmem_compile import layer_frames
 from lowmem_compile.layer_frames import layer_frames_
 from lowmem_compile.passes.attention_masks import causal_outputs
-from tests.models import LORA_TARGETS, batch, compiled_and_eager, rel_err, tiny_model, trainable_grads, twin
+from tests.models import LORA_TARGETS, assert_step_matches_eager, batch, rel_err, tiny_model, trainable_grads, twin
 
 #: fp32 eager against fp32 compiled (kv16 attention, exact): both sum the same terms in other orders.
 TOL = 1e-4
@@ -30,14 +30,7 @@ def _framed_pair(model):
 
 
 def _assert_matches_eager(model, reference, inputs, options=None):
-    got, expected, report = compiled_and_eager(model, reference, inputs, options or {"inner": "eager", "attention": "kv16"})
-    assert abs(got.loss.item() - expected.loss.item()) <= TOL * abs(expected.loss.item())
-    grads, want = trainable_grads(model), trainable_grads(reference)
-    assert grads.keys() == want.keys() and grads
-    for name, grad in grads.items():
-        assert grad is not None, name
-        assert rel_err(grad, want[name]) < TOL, name
-    return report
+    return assert_step_matches_eager(model, reference, inputs, options or {"inner": "eager", "attention": "kv16"}, TOL)
 
 
 def test_six_framed_layers_compile_one_body_and_match_eager():

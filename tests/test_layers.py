@@ -13,7 +13,7 @@ import torch
 
 import lowmem_compile
 from lowmem_compile.passes import remat
-from tests.models import LORA_TARGETS, batch, compiled_and_eager, rel_err, tiny_model, trainable_grads, twin
+from tests.models import LORA_TARGETS, assert_step_matches_eager, batch, rel_err, tiny_model, trainable_grads, twin
 
 #: fp32 eager against fp32 compiled (kv16 attention, exact): both sum the same terms in other orders.
 TOL = 1e-4
@@ -27,15 +27,7 @@ def _step(model, options, inputs):
 
 
 def _assert_matches_eager(model, options, inputs):
-    reference = twin(model)
-    got, expected, report = compiled_and_eager(model, reference, inputs, options)
-    assert abs(got.loss.item() - expected.loss.item()) <= TOL * abs(expected.loss.item())
-    grads, want = trainable_grads(model), trainable_grads(reference)
-    assert grads.keys() == want.keys() and grads
-    for name, grad in grads.items():
-        assert grad is not None, name
-        assert rel_err(grad, want[name]) < TOL, name
-    return report
+    return assert_step_matches_eager(model, twin(model), inputs, options, TOL)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
