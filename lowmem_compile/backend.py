@@ -34,7 +34,7 @@ from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
-from .passes.remat import RematPartitioner, held_note, recorded_stats
+from .passes.remat import RematPartitioner, device_of, held_note, recorded_stats
 from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats, WarmupStats
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _compile_split_or_whole(
         if split is not None:
             compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
         else:
-            device = _device_of(example_inputs) or torch.device("cpu")
+            device = device_of(example_inputs)
             outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device, gm.code)
             partitioner = RematPartitioner(opts, graph_report, outside=outside)
             proven = causal_outputs(gm) if layer_frames.framed() and not weights else []
@@ -202,17 +202,17 @@ def _compile_frame(
     calls, planned for the step around it. Its inputs are the layer's weights (the model's, all
     resident), the values the layers share (rotary tables, a mask: resident once) and the hidden
     state (`frame.hidden`, one call's). The model's tail compiles after the layers, as a graph of its
-    own: its peak is not in this plan (docs/layers.md)."""
-    device = _device_of(example_inputs)
-    on_device = device is not None
+    own: its peak is not in this plan; what this plan keeps is in the tail's (`layer_frames.note_kept`)."""
+    device = device_of(example_inputs)
+    on_device = device.type != "cpu"
     model = frame.model()
-    weights = {id(t) for t in [*model.parameters(), *model.buffers()]} if model is not None else set()
+    weights = layer_frames.weights_of(model) if model is not None else {}
     carried = [i for i, x in enumerate(example_inputs) if x is frame.hidden]
     shared = [x for i, x in enumerate(example_inputs) if id(x) not in weights and i not in carried]
     own = [x for i, x in enumerate(example_inputs) if i not in carried]
     context = LayerContext(
         calls=frame.calls,
-        resident=frame.device_bytes(device or torch.device("cpu")) + _device_bytes(shared, on_device),
+        resident=frame.device_bytes(device) + _device_bytes(shared, on_device),
         body_inputs=_device_bytes(own, on_device),
         carried=_device_bytes([frame.hidden], on_device),
         grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
@@ -394,11 +394,6 @@ def _marking_causal(compiled: Callable[..., Any], proven: list[tuple[int, int | 
     if boxed:
         call._boxed_call = True  # type: ignore[attr-defined]
     return call
-
-
-def _device_of(example_inputs: Sequence[Any]) -> torch.device | None:
-    """The accelerator the inputs are on, or None (a CPU step)."""
-    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type != "cpu"), None)
 
 
 def _returned_values(split: LayerSplit) -> dict[str, list[torch.Tensor]]:

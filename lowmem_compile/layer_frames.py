@@ -81,15 +81,7 @@ class LayerFrame:
     def device_bytes(self, device: torch.device) -> int:
         """Bytes of the model's parameters and buffers on `device`: held from the step's start."""
         model = self.model()
-        if model is None:
-            return 0
-        seen: set[int] = set()
-        total = 0
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.device == device and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        return 0 if model is None else weight_bytes(model, device)
 
 
 class GradSink(torch.autograd.Function):
@@ -110,6 +102,17 @@ class GradSink(torch.autograd.Function):
     @classmethod
     def needing_grad(cls, x: torch.Tensor) -> torch.Tensor:
         return cls.apply(x, torch.ones((), requires_grad=True))
+
+
+def weights_of(model: nn.Module) -> dict[int, torch.Tensor]:
+    """The model's parameters and buffers, by id: what a graph of it takes as weight inputs."""
+    return {id(t): t for t in [*model.parameters(), *model.buffers()]}
+
+
+def weight_bytes(model: nn.Module, device: torch.device, leaving: Any = ()) -> int:
+    """Bytes of the model's parameters and buffers on `device`, but for those in `leaving`."""
+    left = {id(x) for x in leaving}
+    return sum(t.numel() * t.element_size() for i, t in weights_of(model).items() if t.device == device and i not in left)
 
 
 def _kind(layer: nn.Module) -> tuple:
@@ -248,10 +251,7 @@ def owner(example_inputs: Any) -> nn.Module | None:
     """The framed model whose weights are among a graph's inputs: the graph is one of its pieces
     outside the layers (the rotary tables, the final norm, the head and loss)."""
     inputs = {id(x) for x in example_inputs if isinstance(x, torch.Tensor)}
-    for model in list(_FRAMED):
-        if any(id(t) in inputs for t in [*model.parameters(), *model.buffers()]):
-            return model
-    return None
+    return next((model for model in list(_FRAMED) if not inputs.isdisjoint(weights_of(model))), None)
 
 
 def held_outside(model: nn.Module, example_inputs: Any, device: torch.device, graph: str = "") -> int:
@@ -261,10 +261,8 @@ def held_outside(model: nn.Module, example_inputs: Any, device: torch.device, gr
     compiled (a graph before the layers)."""
     if model not in _KEPT:
         return 0
-    inputs = {id(x) for x in example_inputs}
-    weights = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
     after = sum(saved for code, saved in _AFTER.get(model, {}).items() if code != graph)
-    return _KEPT[model] + after + sum(t.numel() * t.element_size() for i, t in weights.items() if i not in inputs)
+    return _KEPT[model] + after + weight_bytes(model, device, leaving=example_inputs)
 
 
 def framed() -> bool:

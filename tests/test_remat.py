@@ -298,18 +298,18 @@ def test_inductor_gradients_equal_eager():
     assert inductor_step_matches_eager({"remat": "auto", "memory_budget": 1})["recomputed"] > 0
 
 
-def test_device_of_training_joint_inputs():
+def testdevice_of_training_joint_inputs():
     """AOTAutograd hands a training graph's inputs as (primals, tangents): the CUDA device must be
     found inside the pair, or the time model silently uses the CPU's rates (200x slower matmuls)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from lowmem_compile.passes.remat import _device_of
+    from lowmem_compile.passes.remat import device_of
 
     mode = FakeTensorMode()
     on_gpu = FakeTensor(mode, torch.empty(4, 4, device="meta"), torch.device("cuda", 0))
     cpu = torch.randn(3)
-    assert _device_of(([cpu, on_gpu], [cpu])) == torch.device("cuda", 0)
-    assert _device_of([cpu, 2, None]) == torch.device("cpu")
+    assert device_of(([cpu, on_gpu], [cpu])) == torch.device("cuda", 0)
+    assert device_of([cpu, 2, None]) == torch.device("cpu")
 
 
 def test_candidates_skip_user_outputs(joint):

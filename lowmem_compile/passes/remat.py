@@ -476,7 +476,7 @@ def choose(plans: list[Plan], budget: int | None) -> tuple[Plan, str | None]:
     )
 
 
-def _device_of(joint_inputs: object) -> torch.device:
+def device_of(joint_inputs: object) -> torch.device:
     """The CUDA device of the joint inputs, else the CPU. AOTAutograd passes a training graph's
     inputs as a (primals, tangents) pair of lists, so the pytree is flattened first."""
     for x in pytree.tree_leaves(joint_inputs):
@@ -579,7 +579,7 @@ class RematPartitioner(CustomPartitionerFn):
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         kwargs.setdefault("compiler", "inductor")
-        device = _device_of(joint_inputs)
+        device = device_of(joint_inputs)
         budget, budget_source = self.budget(device)
         policy = self.options.remat
         offload_to = device if self.options.offload in ("layers", "parked") else None
