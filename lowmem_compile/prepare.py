@@ -350,12 +350,15 @@ def _lora_init(model: nn.Module, walk: _Walk) -> None:
                 module.reset_lora_parameters(name, init)
 
 
+def _configs(model: nn.Module) -> list:
+    """The model configs its modules hold (a peft wrapper, the model, its attention modules)."""
+    configs = (m.__dict__.get("config") for m in model.modules())
+    return [c for c in configs if c is not None and not isinstance(c, dict)]
+
+
 def _windowed(model: nn.Module) -> bool:
     """Some attention of `model` uses a sliding window (its config says so)."""
-    for m in model.modules():
-        config = m.__dict__.get("config")
-        if config is None or isinstance(config, dict):
-            continue
+    for config in _configs(model):
         config = getattr(config, "get_text_config", lambda: config)()
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             return True
@@ -502,9 +505,8 @@ def prepare_(
     _lora_init(model, walk)
 
     if training:
-        for m in model.modules():
-            config = m.__dict__.get("config")
-            if config is not None and hasattr(config, "use_cache") and not isinstance(config, dict):
+        for config in _configs(model):
+            if hasattr(config, "use_cache"):
                 config.use_cache = False
                 summary.use_cache_off = True
 
