@@ -247,8 +247,7 @@ def test_a_framed_steps_knob_choices_add_up_across_its_graphs():
 def test_a_framed_steps_predicted_peak_is_the_split_steps():
     """The framed step's peak, composed from its pieces (the body for the step, the graphs after the
     layers with what the layers, the shared tables and the final norm keep), is the per-layer split's
-    within 1% (`full`, logits dropped, 4 layers; 0.06% on the CPU; 2.1% under before the shared tables
-    and the final norm's input and saved values were counted)."""
+    within 1% (`full`, logits dropped, 4 layers; 0.06% by bench/frames_cpu.py)."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=4, vocab_size=2048)
     lowmem_compile.quantize_(model)
