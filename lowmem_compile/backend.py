@@ -29,7 +29,7 @@ from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
 from .passes.attention import AttentionPass
-from .passes.attention_masks import causal_outputs
+from .passes.attention_masks import causal_outputs, without_masks
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
@@ -128,21 +128,22 @@ def _compile_split_or_whole(
             except NotOutlined as reason:
                 graph_report.add("layers", LayerStats(skipped=[f"compiled as one graph: {reason}"]))
                 log.info("layers: %s; compiling the graph whole", reason)
+        before_layers = (layer_frames.framed() and not weights and torch.is_grad_enabled()
+                         and not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs))
         if split is not None:
             compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
+        elif before_layers and not plan_only:
+            compiled = _run_before_layers(gm, graph_report)
         else:
             device = device_of(example_inputs)
             outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device, gm.code)
             partitioner = RematPartitioner(opts, graph_report, outside=outside)
-            proven = causal_outputs(gm) if layer_frames.framed() and not weights else []
             compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
             if framed_model is not None and partitioner.plans and not plan_only:
                 activations = [x for x in example_inputs if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
                                and x.is_floating_point()]
                 layer_frames.note_after(framed_model, gm.code, partitioner.plans[-1].memory.saved
                                         + _device_bytes(activations, device.type != "cpu"))
-            if proven and compiled is not None:
-                compiled = _marking_causal(compiled, proven)
     if plan_only:
         raise Planned  # the cost model still models `opts.inner`'s fusion: the prediction is a real compile's
     return compiled
@@ -376,23 +377,29 @@ class _CompiledRegion(torch.nn.Module):
         return out[0] if self.single_output else out
 
 
-def _marking_causal(compiled: Callable[..., Any], proven: list[tuple[int, int | None]]) -> Callable[..., Any]:
-    """`compiled`, telling the framed layers which of its outputs are plain causal masks: those
-    proven so, and those causal within documents whose position ids (an input) step by one in every
-    row, checked on the values (one device sync a step)."""
-    boxed = getattr(compiled, "_boxed_call", False)
+def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport) -> Callable[..., Any]:
+    """A graph a framed model runs before its layers (no weights, no input that needs a gradient:
+    the embedding rows, rotary tables, the mask), run as its FX code. Compiled, each such graph cost
+    Inductor 1-4 s of the first step on an H100 (bench/results/layers/2026-12-08T00/) for kernels
+    that are a negligible part of a step. Its bool masks proven causal are told to the layers
+    (`layer_frames.mark_causal`), and, where every framed layer drops such a mask, not built at all
+    while the position ids they depend on step by one (`without_masks`)."""
+    proven = causal_outputs(gm)
+    unbuilt = without_masks(gm, [i for i, _ in proven]) if proven and layer_frames.masks_unread() else None
+    graph_report.add("layers", LayerStats(run_as_fx=1, masks_unbuilt=len(proven) if unbuilt is not None else 0))
+    log.info("layers: a graph before the layers runs as FX code (%d causal masks proven, %s)", len(proven),
+             "not built" if unbuilt is not None else "built")
+    if not proven:
+        return gm
 
     def call(*args: Any) -> Any:
-        inputs = args[0] if boxed else args
-        consecutive = {j: bool((inputs[j].diff(dim=-1) == 1).all()) for j in {j for _, j in proven if j is not None}}
-        out = compiled(*args)
-        for i, j in proven:
-            if j is None or consecutive[j]:
-                layer_frames.mark_causal(out[i])
+        consecutive = {j: bool((args[j].diff(dim=-1) == 1).all()) for j in {j for _, j in proven if j is not None}}
+        causal = [i for i, j in proven if j is None or consecutive[j]]
+        out = (unbuilt if unbuilt is not None and len(causal) == len(proven) else gm)(*args)
+        for i in causal:
+            layer_frames.mark_causal(out[i])
         return out
 
-    if boxed:
-        call._boxed_call = True  # type: ignore[attr-defined]
     return call
 
 

@@ -11,7 +11,8 @@ so the call into the real `forward` starts a frame.
 
 The backend then receives the step in pieces: small graphs for what runs before and after the
 layers (the mask and rotary tables, the final norm, head and loss), and one graph per distinct layer
-kind. The layer graph is planned for the whole step, as a body of the split route is
+kind. Those before the layers run uncompiled, and a causal mask they prove (`mark_causal`) is not
+built where every layer drops it (`masks_unread`). The layer graph is planned for the whole step, as a body of the split route is
 (`cost/layered.py`): :func:`current` tells the backend, while Dynamo compiles a layer's frame, how
 many layers the model has and what the model keeps on the device.
 
@@ -182,8 +183,9 @@ def _framed_class(base: type) -> type:
             else:
                 kwargs["hidden_states"] = hidden
         mask = kwargs.get("attention_mask")
-        if mask is not None and _is_marked_causal(mask) and _reads_none_as_causal(self):
-            kwargs["attention_mask"] = None  # the same attention, and the layer's graph shows it causal
+        if mask is not None and _is_marked_causal(mask):
+            # None: the same attention, and the layer's graph shows it causal
+            kwargs["attention_mask"] = None if _reads_none_as_causal(self) else _built(mask)
         model, calls = self._lowmem_step
         frame = LayerFrame(model, calls, hidden, weakref.ref(self)) if isinstance(hidden, torch.Tensor) else None
         token = _CURRENT.set(frame)
@@ -218,6 +220,22 @@ def mark_causal(mask: torch.Tensor) -> None:
 def _is_marked_causal(mask: Any) -> bool:
     ref = _CAUSAL.get(id(mask))
     return ref is not None and ref() is mask
+
+
+def _built(mask: torch.Tensor) -> torch.Tensor:
+    """A marked mask as values: one left unbuilt ([B, 1, S, 0], `attention_masks.without_masks`) is
+    the plain causal [B, 1, S, S] mask it stands for."""
+    if mask.shape[-1] != 0:
+        return mask
+    b, _, s, _ = mask.shape
+    return torch.ones(s, s, dtype=torch.bool, device=mask.device).tril().expand(b, 1, s, s)
+
+
+def masks_unread() -> bool:
+    """Whether every framed model's layers take a missing mask as causal: a causal mask proven before
+    them is then dropped by every layer, and need not be built."""
+    models = list(_FRAMED)
+    return bool(models) and all(_reads_none_as_causal(layer) for m in models for layer in decoder_layers(m) or ())
 
 
 def _reads_none_as_causal(layer: nn.Module) -> bool:

@@ -110,6 +110,8 @@ class LayerStats:
     calls: int = _rule(_SUM)  # layer calls those bodies serve
     skipped: list[str] = _rule(_CONCAT)  # why a graph compiled whole
     apart: list[str] = _rule(_CONCAT)  # why layers compiled as more than one body: where their graphs differ
+    run_as_fx: int = _rule(_SUM)  # graphs of a framed model before its layers, run uncompiled (backend.py)
+    masks_unbuilt: int = _rule(_SUM)  # of their causal masks, those not built: every layer drops them
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,11 @@ class Report:
         rows = [
             ("graphs compiled", str(d["graphs"])),
             ("layer bodies compiled", f"{layers['bodies']} for {layers['calls']} layer calls"),
+        ]
+        if layers["run_as_fx"]:
+            rows.append(("graphs before the layers, uncompiled",
+                         f"{layers['run_as_fx']} ({layers['masks_unbuilt']} causal masks not built)"))
+        rows += [
             ("attention sites replaced", str(att["replaced"])),
             ("linear layers in NF4", f"{nf4['lowered']} ({gib(nf4['bytes_before'])} -> {gib(nf4['bytes_after'])})"),
             ("LM head + loss fused", f"{loss['fused']} (chunk {loss['chunk_tokens']} tokens)"),

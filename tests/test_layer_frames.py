@@ -58,6 +58,46 @@ def test_a_mask_not_plain_causal_reaches_the_layers(case):
     assert report["attention"]["general_masks"] == 3 or report["attention"]["replaced"] == 0, report["attention"]
 
 
+def _marked_mask_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the masks the graph before the layers marks causal, as the step runs."""
+    shapes = []
+    mark = layer_frames.mark_causal
+    monkeypatch.setattr(layer_frames, "mark_causal", lambda mask: (shapes.append(tuple(mask.shape)), mark(mask)))
+    return shapes
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_causal_mask_no_layer_reads_is_not_built(monkeypatch, packed):
+    """The graph before the layers runs uncompiled, and the causal mask every sdpa layer drops is
+    left unbuilt ([B, 1, S, 0]); with packed documents the run-time check of the position ids fails
+    and the built mask goes to the layers (general path). Both exact."""
+    model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
+    shapes = _marked_mask_shapes(monkeypatch)
+    inputs = batch()
+    b, seq = inputs["input_ids"].shape
+    if packed:
+        inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(b, -1)
+    report = _assert_matches_eager(model, reference, inputs)
+    assert report["layers"]["run_as_fx"] >= 1 and report["layers"]["masks_unbuilt"] == 1, report["layers"]
+    if packed:
+        assert shapes == [] and report["attention"]["general_masks"] == 3
+    else:
+        assert set(shapes) == {(b, 1, seq, 0)} and report["attention"]["general_masks"] == 0
+
+
+def test_a_layer_that_needs_an_unbuilt_mask_gets_it_built(monkeypatch):
+    """Should a layer turn out to read its mask after all, the unbuilt causal mask is built for it
+    (plain causal, exact): nothing reads the empty stand-in."""
+    model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
+    shapes = _marked_mask_shapes(monkeypatch)
+    assert layer_frames.masks_unread()  # sdpa layers: the compile leaves the mask unbuilt
+    monkeypatch.setattr(layer_frames, "masks_unread", lambda: True)
+    monkeypatch.setattr(layer_frames, "_reads_none_as_causal", lambda layer: False)  # then the layers say otherwise
+    report = _assert_matches_eager(model, reference, batch())
+    assert report["layers"]["masks_unbuilt"] == 1 and shapes and all(s[-1] == 0 for s in shapes)
+    assert report["attention"]["general_masks"] == 3  # the layers read the built mask
+
+
 def test_layers_of_two_kinds_compile_two_framed_bodies():
     """LoRA on every other layer: two layer graphs, each compiled once, the step exact."""
     import peft

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from ..ops.attention import _HUGE
-from . import calls, example_value
+from . import calls, copy_graph_module, example_value
 
 
 @dataclasses.dataclass
@@ -266,3 +266,24 @@ def causal_outputs(gm: torch.fx.GraphModule) -> list[tuple[int, int | None]]:
         if lowered.positions in inputs:
             found.append((i, inputs[lowered.positions]))
     return found
+
+
+def without_masks(gm: torch.fx.GraphModule, outputs: list[int]) -> torch.fx.GraphModule | None:
+    """A copy of `gm` whose outputs at `outputs` (bool [B, 1, S, S] masks) are empty [B, 1, S, 0]
+    tensors, with the work that built them removed; None where a mask's sizes are symbolic. For a
+    graph whose proven-causal masks nobody reads (layer_frames.py): at 131072 tokens such a mask is
+    16 GiB of bools."""
+    copy = copy_graph_module(gm)
+    output = copy.graph.find_nodes(op="output")[0]
+    values = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    for i in outputs:
+        mask = example_value(values[i])
+        if mask is None or not all(type(d) is int for d in mask.shape):
+            return None
+        b, _, s, _ = mask.shape
+        with copy.graph.inserting_before(output):
+            values[i] = copy.graph.call_function(torch.empty, ((b, 1, s, 0),), {"dtype": torch.bool, "device": mask.device})
+    output.args = (tuple(values) if isinstance(output.args[0], (tuple, list)) else values[0],)
+    copy.graph.eliminate_dead_code()
+    copy.recompile()
+    return copy
