@@ -31,6 +31,7 @@
 #   bash bench/run_all.sh link                      # pinned device<->host copy rates (the parked plan's link model)
 #   bash bench/run_all.sh cudnn_all                 # cuDNN's attention at head dim 128 too, beside our kernels: 8192, then 131072
 #   bash bench/run_all.sh long128k                  # 131072 under a 28 GiB budget (parked), then the same with cuDNN attention
+#   bash bench/run_all.sh long128kframes            # 131072, 32 layers, a frame per layer (cold first step, peak, speed)
 #   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
 #                                                   # (from AOTAutograd's and Inductor's caches: first step against e2e8192's)
@@ -60,7 +61,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 frames8192 depth8frames knob capped depth8 link cudnn_all long128k big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 frames8192 depth8frames knob capped depth8 link cudnn_all long128k long128kframes big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -75,6 +76,7 @@ lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chun
 lean_budget_c8='lowmem_lean_b6c8={"offload":"parked","logits":"drop","mlp_chunks":8,"memory_budget":"6.3GiB"}'
 lean_budget_frames='lowmem_lean_b6_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_b28='lowmem_lean_b28={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"28GiB"}'
+lean_b28_frames='lowmem_lean_b28_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"28GiB"}'
 lean_c16='lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
 
@@ -202,6 +204,11 @@ stage() {
       LOWMEM_CUDNN_ATTENTION=all e2e --seqs 131072 --warmup 1 --steps 1 --lowmem "$lean_b28" --configs lowmem_lean_b28 \
         --out "$out/b" > "$out/b.log" 2>&1
       rows "$out"/?/e2e.md ;;
+    long128kframes)  # 131072 tokens, 32 layers, a frame per decoder layer (the causal mask left unbuilt: 16 GiB
+      # of bools otherwise), cold; against long128k's whole capture (111.9 s to the first step, 2026-12-07T22)
+      e2e --cold --seqs 131072 --warmup 1 --steps 1 --lowmem "$lean_b28_frames" --configs lowmem_lean_b28_frames \
+        --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
     depth8)  # the headline lean row at 8 layers, alone: its first step against first8192's 32-layer one
       e2e --cold --seqs 8192 --layers 8 --lowmem "$lean_budget" --configs lowmem_lean_b6 --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
