@@ -18,17 +18,17 @@ import os
 import re
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-PIECE = re.compile(r"(buf\d+) = empty_strided_cpu\(\((?:1, )?2048, 320\)")
+ALLOC = re.compile(r"(buf\d+) = empty_strided_cpu\(\(([\d, ]*)\), \([\d, ]*\), torch\.(\w+)\)")
 DELETE = re.compile(r"del ([\w, ]+)")
 
 
 def lean_step():
     """The tiny LoRA NF4 Llama, its 8192-token batch and the lean options: (model, input ids, options).
     bench/model_piece_buffers.py plans the same step."""
-    import torch
-
     import lowmem_compile
     from tests.models import tiny_model
 
@@ -43,8 +43,6 @@ def lean_step():
 
 
 def compile_and_log() -> None:
-    import torch
-
     import lowmem_compile
 
     model, ids, options = lean_step()
@@ -52,20 +50,30 @@ def compile_and_log() -> None:
     print(lowmem_compile.last_report())
 
 
-def count(path: str) -> list[tuple[int, int]]:
-    """(piece buffers allocated, most live at once) for each generated `call`, in log order."""
+def live_most(code: str, weight) -> list[tuple[int, int]]:
+    """(weight allocated, most weight allocated and not yet deleted at once) for each generated `call`
+    of `code`, in order, each buffer weighing `weight(shape, dtype)`. Buffers reused in place of a
+    dead one (`bufB = bufA; del bufA  # reuse`) are not seen: compile with `allow_buffer_reuse` off
+    for bytes."""
     rows = []
-    for body in open(path).read().split("def call(")[1:]:
-        live, most, allocated = set(), 0, 0
+    for body in code.split("def call(")[1:]:
+        live, most, allocated = {}, 0, 0
         for line in body.split("def benchmark_compiled_module")[0].splitlines():
-            if match := PIECE.search(line):
-                live.add(match.group(1))
-                allocated += 1
+            if match := ALLOC.search(line):
+                shape = tuple(int(d) for d in match.group(2).split(",") if d.strip())
+                live[match.group(1)] = w = weight(shape, getattr(torch, match.group(3)))
+                allocated += w
             for names in DELETE.findall(line):
-                live -= {name.strip() for name in names.split(",")}
-            most = max(most, len(live))
+                for name in names.split(","):
+                    live.pop(name.strip(), None)
+            most = max(most, sum(live.values()))
         rows.append((allocated, most))
     return rows
+
+
+def count(path: str) -> list[tuple[int, int]]:
+    """(piece buffers allocated, most live at once) for each generated `call` in a logged file."""
+    return live_most(open(path).read(), lambda shape, dtype: int(shape in ((2048, 320), (1, 2048, 320))))
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ def test_fused_residual_chain_is_stored_not_held():
     with mode:
         t_val = torch.empty(())
     peaks = []
-    for layers in (8, 16, 32):
+    for layers in (16, 32, 64):  # the first stored add reads the resident input: deeper ones read a stored add
         fw = _residual_stack(mode, layers, m, k)
         bwb = _Builder(mode)
         bw = bwb.module(bwb.op(aten.mul.Tensor, bwb.input("tangents_1", t_val), 2.0))
@@ -269,6 +269,41 @@ def test_fused_kernel_holds_its_inputs_and_outputs_at_once():
         assert memory.peak_values[0] == (f"@{d_gate.name}", 0)  # the kernel's last member
         if symbolic:
             assert peak_at(memory.peak_exprs, {sym: 64}) == memory.peak
+
+
+def _gated(x, w0, w1, v0, v1):
+    """g = silu-like gate product, read by a matmul (so stored) and by a pointwise scaling that a
+    second matmul reads: the adapter's scaling of a gradient in the MLP piece's backward."""
+    g = torch.sigmoid(x @ w0) * (x @ w1)
+    s = g * 2.0
+    return g.view(-1, g.shape[-1]) @ v0, s.view(-1, s.shape[-1]) @ v1
+
+
+def test_fused_kernel_writes_a_stored_value_and_its_pointwise_reader_as_inductor_does():
+    """Inductor writes g and its scaling s in one kernel (a reader of a stored loop node fuses into
+    it), so both matmul outputs that g reads, g and s are live at once: the walk's forward peak is the
+    peak of the buffers Inductor's CPU code holds (read as bench/inductor_live_buffers.py reads a
+    log), within 1%. Joining only through inlined nodes, the walk ran s apart, after the matmul
+    outputs were freed: 3 of the 4 [m, n] buffers. Also with g read through a view, as the MLP's is."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from bench.inductor_live_buffers import live_most
+
+    m, k, n = 256, 8, 512
+    torch.manual_seed(0)
+    for x in (torch.randn(m, k), torch.randn(1, m, k)):
+        args = [x, torch.randn(k, n), torch.randn(k, n), torch.randn(n, k), torch.randn(n, k)]
+        with torch._inductor.config.patch(allow_buffer_reuse=False, inplace_buffers=False):
+            _, code = run_and_get_code(torch.compile(_gated, backend="inductor", fullgraph=True), *args)
+        [(_, inductor)] = live_most(code[-1], lambda shape, dtype: math.prod(shape) * dtype.itemsize)
+        assert inductor == 4 * m * n * 4  # the two matmul outputs, g and s
+        fw = make_fx(_gated, tracing_mode="fake")(*args)
+        mode = FakeTensorMode()
+        bwb = _Builder(mode)
+        bw = bwb.module(bwb.input("tangents_1", _fake(mode, 1)))
+        walk = simulate_step(fw, bw, 2, fused=True).forward_peak
+        assert abs(walk - inductor) <= 0.01 * inductor, (walk, inductor)
 
 
 def test_recompute_time_of_fused_pointwise_is_one_read():

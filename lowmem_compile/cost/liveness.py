@@ -15,9 +15,10 @@ graph cannot show, count at the op's step as the op declares them (`ops.library.
 With `fused=True` (Inductor) a pointwise op whose every reader is pointwise too is not materialized:
 its inputs instead live until its readers run. Inlining is bounded as Inductor bounds it
 (`_virtual_nodes`), so a chain of residual adds is stored about once a layer rather than holding
-every layer's matmul outputs to the end of the forward. Such inlined nodes and the stored pointwise
-results that read them run as one kernel, one step of the walk (`_fused_steps`): every input of the
-group and every output it writes are live together. Sizes are ints at the example shapes, or, with
+every layer's matmul outputs to the end of the forward. Such inlined nodes, the stored pointwise
+results that read them and the pointwise readers of those stored results run as one kernel, one
+step of the walk (`_fused_steps`): every input of the group and every output it writes are live
+together. Sizes are ints at the example shapes, or, with
 `symbolic=True`, sympy expressions too, so `peak(seq)` can be solved for a budget.
 """
 
@@ -31,7 +32,17 @@ import torch
 import torch.fx
 
 from ..ops.library import declares_workspace, workspace_of
-from .sizes import is_getitem, is_host_copy, is_view, prefetch_of, storage_root, sym_bytes, tensor_bytes, tensor_val
+from .sizes import (
+    is_getitem,
+    is_host_copy,
+    is_view,
+    prefetch_of,
+    size_hint,
+    storage_root,
+    sym_bytes,
+    tensor_bytes,
+    tensor_val,
+)
 from .timing import is_fusible
 
 
@@ -135,9 +146,13 @@ def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
-def _kernels(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
-    """The fused kernel of each node: an inlined node and the nodes that read it run as one, as
-    Inductor fuses them, except where a member would depend on another through a node outside the
+def _kernels(
+    nodes: list[torch.fx.Node], virtual: set[torch.fx.Node], fused: bool
+) -> dict[torch.fx.Node, torch.fx.Node]:
+    """The fused kernel of each node, as Inductor's scheduler fuses its loop nodes: an inlined node
+    and the nodes that read it run as one; so does a stored loop node and a loop node reading it
+    whole at its loop size (`_feeds`: the SiLU backward's gradient of up and the adapter's scaling of
+    it, both written by one kernel), except where a member would depend on another through a node outside the
     kernel (a residual add reading the matmul fed by the norm that read the previous add): that
     fusion would be a cycle, so the reader runs apart; nor more than `FUSION_DISTANCE` stored nodes
     apart (a recomputed norm and its backward). The value names the kernel (itself if alone)."""
@@ -151,7 +166,7 @@ def _kernels(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[to
         return k
 
     home: dict[torch.fx.Node, torch.fx.Node] = {}  # a member, or a view of one -> its kernel
-    horizon: dict[torch.fx.Node, int] = {}  # a kernel's last possible joiner: the last reader of an inlined member
+    horizon: dict[torch.fx.Node, int] = {}  # a kernel's last possible joiner: the last reader of a member
     through: dict[torch.fx.Node, set[torch.fx.Node]] = {}  # kernels a kernel reads through outside nodes
     taint: dict[torch.fx.Node, set[torch.fx.Node]] = {}  # kernels, still open, that a node depends on
     opened: dict[torch.fx.Node, int] = {}  # the `stored` count at a kernel's first stored member
@@ -165,16 +180,20 @@ def _kernels(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[to
         stored += n not in virtual
         inherited = {k for a in inputs for t in taint[a] if horizon[k := find(t)] >= i}
         joined: list[torch.fx.Node] = []
-        for k in sorted({find(home[a]) for a in inputs if a in home and storage_root(a) in virtual}, key=order.get):
+        loop = n in virtual or fused and _is_loop(n)
+        sources = {
+            find(home[a]) for a in inputs if a in home and (storage_root(a) in virtual or loop and _feeds(a, n))
+        }
+        for k in sorted(sources, key=order.get):
             near = stored - opened.get(k, stored) <= FUSION_DISTANCE
             before = {find(t) for t in through[k]}
             acyclic = k not in inherited and all(j not in before and k not in {find(t) for t in through[j]} for j in joined)
             if near and acyclic:
                 joined.append(k)
-        if joined or n in virtual:
+        if joined or loop:
             kernel = parent[n] = joined[0] if joined else n
             through.setdefault(kernel, set()).update(inherited, *(through[j] for j in joined[1:]))
-            readers = [order[r] for r in _readers(n)] if n in virtual else []
+            readers = [order[r] for r in (_readers(n) if n in virtual else n.users)]
             horizon[kernel] = max([horizon.get(kernel, i)] + [horizon[j] for j in joined[1:]] + readers)
             for j in joined[1:]:
                 parent[j] = kernel
@@ -187,11 +206,35 @@ def _kernels(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[to
     return {n: find(home[n]) if n in home else n for n in nodes}
 
 
-def _fused_steps(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+def _is_loop(node: torch.fx.Node) -> bool:
+    """A node Inductor computes in a loop kernel it may fuse (pointwise, reduction, fill), not an
+    extern call (a matmul, our ops) nor a view."""
+    if node.op != "call_function" or is_view(node) or is_getitem(node):
+        return False
+    return is_fusible(node) and tensor_val(node) is not None
+
+
+def _loop_size(node: torch.fx.Node) -> int:
+    """Elements a loop node's kernel iterates over: its output's, or a reduction's input's."""
+    vals = [v for a in [node, *node.all_input_nodes] if (v := tensor_val(a)) is not None]
+    return max(size_hint(v.numel()) for v in vals)
+
+
+def _feeds(producer: torch.fx.Node, consumer: torch.fx.Node) -> bool:
+    """Inductor fuses a consumer into the loop node whose buffer it reads (and still writes that buffer
+    for its other readers) when the two iterate alike: the consumer's loop covers the producer's whole
+    output, which is no reduction's (a reduction ends its kernel on the CPU, `can_fuse_vertical`)."""
+    if producer is not storage_root(producer) or not _is_loop(producer):
+        return False
+    elements = size_hint(tensor_val(producer).numel())
+    return elements == _loop_size(producer) == _loop_size(consumer)
+
+
+def _fused_steps(nodes: list[torch.fx.Node], virtual: set[torch.fx.Node], fused: bool) -> dict[torch.fx.Node, int]:
     """The step each node runs at, a fused kernel's members all at one (`_kernels`): where its last
     stored member stands, when all its inputs exist (Inductor runs the matmuls that the graph interleaves
     with the kernel ahead of it). A node that reads an earlier member waits for the kernel."""
-    kernel = _kernels(nodes, virtual)
+    kernel = _kernels(nodes, virtual, fused)
     last: dict[torch.fx.Node, int] = {}  # where a kernel's last stored member stands
     for i, n in enumerate(nodes):
         if kernel[n] not in last or not (is_view(n) or n in virtual):
@@ -255,7 +298,7 @@ def _run(
     outputs = {a for a in torch.fx.node.map_aggregate(output.args[0], lambda x: x) if isinstance(a, torch.fx.Node)}
     outputs = {a for o in outputs for a in (o, storage_root(o))}
     virtual = _virtual_nodes(graph, outputs, fused)
-    order = _fused_steps(nodes, virtual)
+    order = _fused_steps(nodes, virtual, fused)
     need = _last_need(graph, order, outputs, virtual)
     steps: dict[int, list[torch.fx.Node]] = {}
     for node in nodes:
