@@ -84,8 +84,8 @@ def lowmem_backend(
     gm.graph.lint()
     gm.recompile()
     warm = None
-    if not plan_only and opts.warmup == "thread" and opts.inner == "inductor":
-        warm = warmup.start(gm, example_inputs)  # our kernels compile on a thread while Inductor compiles
+    if not plan_only and opts.warmup != "off" and opts.inner == "inductor":
+        warm = warmup.start(gm, example_inputs, opts.warmup)  # our kernels compile while Inductor compiles
     try:
         compiled = _compile_split_or_whole(gm, example_inputs, opts, graph_report, plan_only)
     finally:

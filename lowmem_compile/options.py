@@ -92,7 +92,10 @@ class Options:
     site of our ops once, forward and backward, on random values of its shapes on a thread begun
     after the passes, so their compiles no longer wait for Inductor's inside the first step
     (warmup.py), and pins the host blocks a parked plan will use on another thread once the plan is
-    chosen (ops/offload.py); "off" leaves both to the first step."""
+    chosen (ops/offload.py); "processes" runs the sites in a few worker processes instead, in
+    parallel and off the training process's GIL, which loads their kernels from Triton's on-disk
+    cache (a CUDA context, ~0.5 GiB, per worker while they run; not yet measured on a GPU);
+    "off" leaves both to the first step."""
 
     report: bool = False
     """Print the report after each compiled graph."""
@@ -207,7 +210,7 @@ _CHOICES = {
     "fused_loss": ("on", "off"),
     "logits": (BUDGET, "keep", "drop"),
     "layers": ("auto", "off"),
-    "warmup": ("thread", "off"),
+    "warmup": ("thread", "processes", "off"),
 }
 
 

@@ -116,16 +116,19 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class WarmupStats:
-    """First-use work done on threads while Inductor compiled: our kernels (warmup.py), and the host
-    blocks a parked plan pins (ops/offload.py, `pin_ahead`)."""
+    """First-use work done while Inductor compiled: our kernels (warmup.py, on a thread or in worker
+    processes), and the host blocks a parked plan pins on a thread (ops/offload.py, `pin_ahead`)."""
 
     sites: int = _rule(_SUM)  # distinct sites of our ops found
-    warmed: int = _rule(_SUM)  # of those, run once on the thread: their kernels compiled there
-    seconds: float = _rule(_SUM, 0.0)  # the thread's time, beside the compile
+    warmed: int = _rule(_SUM)  # of those, run once on the thread or in a worker: their kernels compiled there
+    seconds: float = _rule(_SUM, 0.0)  # the thread's time, or the workers' wall time, beside the compile
     skipped: list[str] = _rule(_CONCAT)  # sites left to compile on first use, and why
     pinned_bytes: int = _rule(_SUM)  # pinned host memory allocated ahead for parked values
     pin_seconds: float = _rule(_SUM, 0.0)  # the pinning thread's time, beside the compile
     waited_seconds: float = _rule(_SUM, 0.0)  # how long the compile then waited for these threads to finish
+    mode: str | None = _rule(_LAST, None)  # how our kernels were warmed: "thread" or "processes" (option warmup)
+    workers: int = _rule(_SUM)  # worker processes started ("processes"); their wall time includes their start-up
+    startup_seconds: float = _rule(_MAX, 0.0)  # from their start until the slowest worker was ready for its first site
 
 
 @dataclass(frozen=True)
