@@ -203,7 +203,9 @@ def _compile_frame(
     calls, planned for the step around it. Its inputs are the layer's weights (the model's, all
     resident), the values the layers share (rotary tables, a mask: resident once) and the hidden
     state (`frame.hidden`, one call's). The model's tail compiles after the layers, as a graph of its
-    own: its peak is not in this plan; what this plan keeps is in the tail's (`layer_frames.note_kept`)."""
+    own: this plan counts it by estimate (`layer_frames.tail_estimate`: a budget, and the knob's
+    choice of parking against dropping the logits, cover the step), and what this plan keeps is in
+    the tail's own plan (`layer_frames.note_kept`)."""
     device = device_of(example_inputs)
     on_device = device.type != "cpu"
     model = frame.model()
@@ -217,12 +219,18 @@ def _compile_frame(
         body_inputs=_device_bytes(own, on_device),
         carried=_device_bytes([frame.hidden], on_device),
         grads=sum(tensor_bytes(x) for x in own if isinstance(x, torch.Tensor) and x.requires_grad),
+        tail=0 if model is None else layer_frames.tail_estimate(model, frame.hidden, opts.logits != "drop",
+                                                                   opts.fused_loss == "on"),
     )
     partitioner = RematPartitioner(opts, graph_report, context=context, carried=carried, whole_step=False)
     log.info("layers: compiling a decoder layer's frame for %d calls", frame.calls)
     compiled = _compile_graph(gm, example_inputs, opts, graph_report, partitioner, plan_only)
-    if partitioner.plans:  # (none when AOTAutograd's cache served the compile)
+    if partitioner.plans and not plan_only:  # (none when AOTAutograd's cache served the compile; a knob's trial plan is not the step's)
         plan = partitioner.plans[-1]
+        # the tail's estimate chose the plan; the tail's own plan reports its peak
+        peak = dataclasses.replace(context, tail=0).step_peak(plan.memory, not plan.carried_offloaded, plan.offloaded_bytes)
+        graph_report.stats["remat"] = dataclasses.replace(graph_report.stats["remat"], predicted_peak_bytes=peak,
+                                                          predicted_peak_outputs_freed_bytes=peak)
         layer_frames.note_kept(frame, frame.calls * context.kept(plan.memory, not plan.carried_offloaded)
                                + _device_bytes(shared, on_device))
     # the passes' counts are of one layer's sites: the report counts every layer the body serves

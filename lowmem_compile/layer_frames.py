@@ -23,10 +23,12 @@ layer is served by one graph at the price of one input gradient the first layer 
 What this route cannot see: a mask the model builds before its layers reaches them as an opaque
 input, so the attention pass proves no sliding window or packed documents from it (those sites take
 the general-mask path); `prepare_(..., layer_frames=True)` therefore refuses a model with
-sliding-window attention, and `layer_frames_(model, False)` restores whole-model capture. Under a
-`memory_budget` that leaves options to the knob, each piece decides them on its own (the layers
-before the tail is seen), which can miss a joint choice the whole-step capture finds: the frames
-are opt-in.
+sliding-window attention, and `layer_frames_(model, False)` restores whole-model capture. The
+layers are planned before the graphs after them are seen: their plan counts those by estimate
+(`tail_estimate`), so a budget, and the memory knob's choice between parking in the layers and
+dropping the logits in the tail, cover the step. The frames are opt-in until the route is measured
+on a GPU beyond one row (the graphs before the layers run uncompiled, and FSDP over framed layers
+is untested).
 """
 
 from __future__ import annotations
@@ -263,6 +265,27 @@ def note_after(model: nn.Module, graph: str, saved: int) -> None:
     (its saved values and its activation inputs)."""
     if model in _KEPT:
         _AFTER.setdefault(model, {})[graph] = saved
+
+
+def tail_estimate(model: nn.Module, hidden: torch.Tensor, logits_kept: bool, fused_loss: bool) -> int:
+    """Bytes the graphs after the layers (final norm, head, loss) add at their peak to what the step
+    holds anyway, estimated for planning a layer body before they are seen: the final norm's output
+    and the hidden state's gradient (the fused loss computes it in the forward), then the fused
+    loss's chunk of logits and row losses (the whole logits in 16 and 32 bits without it), and the
+    returned logits. The tail's own plan, made with what the layers keep, replaces it in the report."""
+    size = hidden.numel() * hidden.element_size()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return 2 * size
+    from .ops.linear_cross_entropy import choose_chunk_tokens
+
+    tokens, vocab, item = hidden.numel() // hidden.shape[-1], weight.shape[0], hidden.element_size()
+    if fused_loss:
+        loss = min(tokens, choose_chunk_tokens(vocab, item)) * (vocab * item + 4)
+    else:
+        loss = tokens * vocab * 2 * 4  # the logits upcast to float32 and their log-softmax
+    return 2 * size + loss + (tokens * vocab * item if logits_kept or not fused_loss else 0)
 
 
 def owner(example_inputs: Any) -> nn.Module | None:

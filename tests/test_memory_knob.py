@@ -155,12 +155,16 @@ def _compiled_and_eager(model, inputs, options):
     return got, expected, lowmem_compile.last_report().to_dict(), [str(w.message) for w in caught]
 
 
-def test_budget_needing_the_logits_drop_warns_and_matches_eager(short_steps):
+@pytest.mark.parametrize("framed", [False, True])
+def test_budget_needing_the_logits_drop_warns_and_matches_eager(short_steps, framed):
     """A large vocabulary: no plan that returns the logits meets the budget. The knob parks and drops
     them, says so loudly, `outputs.logits` is None, and the loss and every LoRA gradient match
-    eager (kv16)."""
+    eager (kv16). With a frame per layer the same joint choice: the layers, planned before the
+    tail is seen, count it by estimate (layer_frames.tail_estimate)."""
     vocab = 4096
     model, inputs = _prepared(vocab), batch(vocab=vocab, size=1, seq=short_steps)
+    if framed:
+        lowmem_compile.layer_frames_(model)
     kv16 = {"attention": "kv16"}
     lean = _peak(model, inputs, {**kv16, **LEAN, "memory_budget": 1})
     kept = _peak(model, inputs, {**kv16, **LEAN, "logits": "keep", "memory_budget": 1})
@@ -173,6 +177,8 @@ def test_budget_needing_the_logits_drop_warns_and_matches_eager(short_steps):
     remat = report["remat"]
     assert remat["knob"] == {"offload": "parked", "mlp_chunks": "off", "logits": "drop"}
     assert remat["offloaded_bytes"] > 0 and remat["predicted_peak_bytes"] <= budget + 2
+    assert not any("infeasible" in w for w in warned)
+    assert report["layers"]["bodies"] == 1 and (report["layers"]["run_as_fx"] > 0) == framed
 
 
 def test_knob_chosen_pieces_match_eager(short_steps):
