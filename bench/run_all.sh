@@ -31,6 +31,7 @@
 #   bash bench/run_all.sh link                      # pinned device<->host copy rates (the parked plan's link model)
 #   bash bench/run_all.sh cudnn_all                 # cuDNN's attention at head dim 128 too, beside our kernels: 8192, then 131072
 #   bash bench/run_all.sh long128k                  # 131072 under a 28 GiB budget (parked), then the same with cuDNN attention
+#   bash bench/run_all.sh firststep                 # cold first step: framed, kernels warmed in processes / on a thread; Unsloth
 #   bash bench/run_all.sh long128kframes            # 131072, 32 layers, a frame per layer (cold first step, peak, speed)
 #   bash bench/run_all.sh big70b                    # Llama-3-70B shape from meta, lean, 8192 and 32768 tokens
 #   bash bench/run_all.sh recompile8192             # after e2e8192 on the same machine: its lean budget row compiled again
@@ -61,7 +62,7 @@
 # 30 GiB point sits under checkpointing and 62 under Inductor 1.0; 40 and 50 fill the curve. Needs the peers on PYTHONPATH for the e2e stages (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 frames8192 depth8frames knob capped depth8 link cudnn_all long128k long128kframes big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: kernels kernels_loss trajectory families trajectory_bnb e2e8192 e2e8192c8 layers_all first8192 frames8192 firststep depth8frames knob capped depth8 link cudnn_all long128k long128kframes big70b recompile8192 lean128k pieces32k attn32k nohead drop2048 sweep2048b sweep8192 sweep8192b e2e2048 nf4e2e2048 nf4e2e2048cg nf4e2e8192 nf4e2e8192off" >&2; exit 2; }
 if [ $# -gt 1 ] && [[ " $* " == *" kernels "* || " $* " == *" kernels_loss "* ]]; then
   echo "kernels and kernels_loss run alone (see the header)" >&2; exit 2
 fi
@@ -76,6 +77,7 @@ lean_budget_kv4='lowmem_lean_b6kv4={"offload":"parked","logits":"drop","mlp_chun
 lean_budget_c8='lowmem_lean_b6c8={"offload":"parked","logits":"drop","mlp_chunks":8,"memory_budget":"6.3GiB"}'
 lean_budget_frames='lowmem_lean_b6_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB"}'
 lean_b28='lowmem_lean_b28={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"28GiB"}'
+lean_budget_frames_proc='lowmem_lean_b6p_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"6.3GiB","warmup":"processes"}'
 lean_b28_frames='lowmem_lean_b28_frames={"offload":"parked","logits":"drop","mlp_chunks":"auto","memory_budget":"28GiB"}'
 lean_c16='lowmem_lean_c16={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":16}'
 lean_noattn='lowmem_lean_noattn={"remat":"full","offload":"layers","logits":"drop","mlp_chunks":"auto","attention":"off"}'
@@ -165,6 +167,14 @@ stage() {
       e2e --cold --seqs 8192 --gpus 1 --lowmem "$lean_budget_frames" --lowmem "$lean_budget" \
         --configs lowmem_lean_b6_frames,lowmem_lean_b6,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
       rows "$out"/e2e.md; grep -h "parts" "$out"/e2e.log ;;
+    firststep)  # the first step, cold, one after the other: framed with our kernels warmed in worker processes
+      # (warmup.py) and on the thread, then Unsloth; the GPU tests of both first
+      timeout 150 python3 -m pytest -q -m gpu tests/test_warmup.py tests/test_layer_frames.py -p no:cacheprovider \
+        > "$out/pytest_first.log" 2>&1
+      tail -1 "$out/pytest_first.log"
+      e2e --cold --seqs 8192 --gpus 1 --lowmem "$lean_budget_frames_proc" --lowmem "$lean_budget_frames" \
+        --configs lowmem_lean_b6p_frames,lowmem_lean_b6_frames,unsloth --out "$out" > "$out/e2e.log.txt" 2>&1
+      rows "$out"/e2e.md; grep -h "parts\|warm-up\|waited" "$out"/e2e.log ;;
     depth8frames)  # framed, cold: 8 layers against 32 (first step against depth), one after the other
       e2e --cold --seqs 8192 --layers 8 --gpus 1 --lowmem "$lean_budget_frames" --configs lowmem_lean_b6_frames \
         --out "$out/a" > "$out/a.log" 2>&1

@@ -159,7 +159,7 @@ def _compile_graph(
 ) -> Callable[..., Any] | None:
     """AOTAutograd with our partitioner, then Inductor (or FX code with `inner="eager"`). With
     `plan_only`, trace and partition only (returns None)."""
-    partitioner.pin_ahead = not plan_only and opts.warmup == "thread"
+    partitioner.pin_ahead = not plan_only and opts.warmup != "off"
     if plan_only or opts.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, partitioner)  # plan-only: traces and partitions now
         return None if plan_only else compiled
