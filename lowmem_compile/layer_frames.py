@@ -26,9 +26,10 @@ the general-mask path); `prepare_(..., layer_frames=True)` therefore refuses a m
 sliding-window attention, and `layer_frames_(model, False)` restores whole-model capture. The
 layers are planned before the graphs after them are seen: their plan counts those by estimate
 (`tail_estimate`), so a budget, and the memory knob's choice between parking in the layers and
-dropping the logits in the tail, cover the step. The frames are opt-in until the route is measured
-on a GPU beyond one row (the graphs before the layers run uncompiled, and FSDP over framed layers
-is untested).
+dropping the logits in the tail, cover the step. The frames are opt-in: a padded or packed batch's
+mask reaches the layers opaque (the general path, where the whole capture proves it and keeps the
+fast kernels), the route is measured on a GPU in one row only, and FSDP over framed layers is
+untested.
 """
 
 from __future__ import annotations
