@@ -29,7 +29,7 @@ from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
 from .passes.attention import AttentionPass
-from .passes.attention_masks import causal_outputs, without_masks
+from .passes.attention_masks import mask_forms, with_mask_parts
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
@@ -390,22 +390,42 @@ def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport) -> C
     the embedding rows, rotary tables, the mask), run as its FX code. Compiled, each such graph cost
     Inductor 1-4 s of the first step on an H100 (bench/results/layers/2026-12-08T00/) for kernels
     that are a negligible part of a step. Its bool masks proven causal are told to the layers
-    (`layer_frames.mark_causal`), and, where every framed layer drops such a mask, not built at all
-    while the position ids they depend on step by one (`without_masks`)."""
-    proven = causal_outputs(gm)
-    unbuilt = without_masks(gm, [i for i, _ in proven]) if proven and layer_frames.masks_unread() else None
-    graph_report.add("layers", LayerStats(run_as_fx=1, masks_unbuilt=len(proven) if unbuilt is not None else 0))
-    log.info("layers: a graph before the layers runs as FX code (%d causal masks proven, %s)", len(proven),
-             "not built" if unbuilt is not None else "built")
-    if not proven:
+    (`layer_frames.mark_mask`); where every framed layer is SDPA they are not built at all: a plain
+    causal one becomes an empty stand-in the layers drop, any other its parts (positions, keys kept),
+    from which each layer's frame builds it where the attention pass sees how (`with_mask_parts`).
+    Position ids are checked on the values (one device sync a step): where every row steps by one,
+    the documents term is left out (one document a row), so a causal mask over them is plain."""
+    forms = mask_forms(gm)
+    positions = sorted({f.positions for f in forms if f.positions is not None})
+    checked = sorted({f.positions for f in forms if f.plain and f.positions is not None})
+    plain = {f.output for f in forms if f.plain}
+    rewritten: dict[bool, tuple[torch.fx.GraphModule, set[int]]] = {}
+    if forms and layer_frames.masks_rewritable():
+        for consecutive in {True, not checked}:  # every checked row steps by one, or some does not
+            unbuilt = plain if consecutive else {f.output for f in forms if f.plain and f.positions is None}
+            graph = with_mask_parts(gm, forms, unbuilt)
+            if graph is not None:
+                rewritten[consecutive] = (graph, unbuilt)
+    if len(rewritten) < (1 if not checked else 2):
+        rewritten.clear()  # symbolic sizes: built as they are
+    graph_report.add("layers", LayerStats(run_as_fx=1, masks_unbuilt=len(forms) if rewritten else 0))
+    log.info("layers: a graph before the layers runs as FX code (%d causal masks proven, %s)", len(forms),
+             "not built" if rewritten else "built")
+    if not forms:
         return gm
 
     def call(*args: Any) -> Any:
-        consecutive = {j: bool((args[j].diff(dim=-1) == 1).all()) for j in {j for _, j in proven if j is not None}}
-        causal = [i for i, j in proven if j is None or consecutive[j]]
-        out = (unbuilt if unbuilt is not None and len(causal) == len(proven) else gm)(*args)
-        for i in causal:
-            layer_frames.mark_causal(out[i])
+        steps = {j: bool((args[j].diff(dim=-1) == 1).all()) for j in positions}  # one document a row
+        graph, unbuilt = rewritten.get(all(steps[j] for j in checked), (gm, None))
+        out = graph(*args)
+        for f in forms:
+            documents = f.positions is not None and not steps[f.positions]
+            if unbuilt is None:  # built: only the plain causal ones are of use to the layers
+                if f.plain and not documents:
+                    layer_frames.mark_mask(out[f.output])
+            else:
+                layer_frames.mark_mask(out[f.output], None if f.output in unbuilt else
+                                       (f.window, documents, f.padding is not None))
         return out
 
     return call

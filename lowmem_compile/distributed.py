@@ -36,6 +36,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .layer_frames import layer_frames_
 from .quantize import _SHARDED, NF4Linear
 from .report import STORE, ShardingStats
 
@@ -74,10 +75,13 @@ def fully_shard_layers_(model: nn.Module, layers: Iterable[nn.Module] | None = N
     """`fully_shard(layer, **fsdp_kwargs)` for each decoder layer (:func:`decoder_layers` unless
     `layers` is given), then `fully_shard(model, **fsdp_kwargs)`; returns `model` (now an
     `FSDPModule`) after filing :func:`sharding_stats` in the report. Call it after `prepare_` /
-    `quantize_` and before creating the optimizer and compiling."""
+    `quantize_` and before creating the optimizer and compiling. Layers `prepare_` made Dynamo frames
+    of their own get their class back first (`layer_frames_(model, False)`): FSDP2 already breaks
+    the graph at every sharded layer, and Dynamo then compiles each layer's call apart."""
     from torch.distributed.fsdp import fully_shard
 
     _check_mixed_precision(model, fsdp_kwargs.get("mp_policy"))
+    layer_frames_(model, False)
     for layer in (decoder_layers(model) if layers is None else layers):
         fully_shard(layer, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)

@@ -11,25 +11,26 @@ so the call into the real `forward` starts a frame.
 
 The backend then receives the step in pieces: small graphs for what runs before and after the
 layers (the mask and rotary tables, the final norm, head and loss), and one graph per distinct layer
-kind. Those before the layers run uncompiled, and a causal mask they prove (`mark_causal`) is not
-built where every layer drops it (`masks_unread`). The layer graph is planned for the whole step, as a body of the split route is
+kind. The layer graph is planned for the whole step, as a body of the split route is
 (`cost/layered.py`): :func:`current` tells the backend, while Dynamo compiles a layer's frame, how
-many layers the model has and what the model keeps on the device.
+many layers the model has and what the model keeps on the device. The graphs after the layers are
+not seen yet: the plan counts them by estimate (`tail_estimate`), so a budget, and the memory
+knob's choice between parking in the layers and dropping the logits in the tail, cover the step.
 
 The first layer's input (rows of a frozen embedding) needs no gradient while the others' do, which
 would make Dynamo compile its frame apart; the call passes it through :class:`GradSink`, so every
 layer is served by one graph at the price of one input gradient the first layer computes and drops.
 
-What this route cannot see: a mask the model builds before its layers reaches them as an opaque
-input, so the attention pass proves no sliding window or packed documents from it (those sites take
-the general-mask path); `prepare_(..., layer_frames=True)` therefore refuses a model with
-sliding-window attention, and `layer_frames_(model, False)` restores whole-model capture. The
-layers are planned before the graphs after them are seen: their plan counts those by estimate
-(`tail_estimate`), so a budget, and the memory knob's choice between parking in the layers and
-dropping the logits in the tail, cover the step. The frames are opt-in: a padded or packed batch's
-mask reaches the layers opaque (the general path, where the whole capture proves it and keeps the
-fast kernels), the route is measured on a GPU in one row only, and FSDP over framed layers is
-untested.
+The mask. Captured whole, the attention pass proves HF's mask from how the model builds it; here
+the model builds it before its layers, and it would reach them as an opaque input (the
+general-mask path, and at 131072 tokens 16 GiB of bools). The graphs before the layers run
+uncompiled (backend.py), and the masks they prove (`attention_masks.mask_forms`) are marked
+(`mark_mask`) and, for SDPA layers (`masks_rewritable`), never built: a plain causal one is an
+empty stand-in the layer drops (its attention then reads no mask as causal), any other (a window,
+packed documents, key padding) comes as its parts, and the layer's frame is then
+`_with_mask_built`, which builds the mask from them before the layer's own `forward`: the layer's
+graph shows the attention pass a mask it proves, the kernel runs without it, and the mask's
+construction is dead code. `layer_frames_(model, False)` restores whole-model capture.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["layer_frames_", "current", "GradSink", "LayerFrame", "framed", "suspended"]
+from .passes.attention_masks import mask_from_parts
+
+__all__ = ["layer_frames_", "current", "GradSink", "LayerFrame", "framed", "suspended", "mark_mask"]
 
 _CURRENT: contextvars.ContextVar[LayerFrame | None] = contextvars.ContextVar("lowmem_layer_frame", default=None)
 _FRAMED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_CAUSAL: dict[int, weakref.ref] = {}
-"""Masks a graph before the layers returned that are proven plain causal, by id (`mark_causal`)."""
+_MARKED: dict[int, tuple[weakref.ref, tuple[int, bool, bool] | None]] = {}
+"""Masks a graph before the layers returned that are proven causal, by id (`mark_mask`): None for
+plain causal, else the (window, documents, padding) its parts rebuild it with."""
 _NONE_IS_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
 """transformers' attention forms that read `attention_mask=None` as causal."""
 _KEPT: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -186,13 +190,19 @@ def _framed_class(base: type) -> type:
             else:
                 kwargs["hidden_states"] = hidden
         mask = kwargs.get("attention_mask")
-        if mask is not None and _is_marked_causal(mask):
+        form = _marked(mask)
+        if form is None and mask is not None and _is_marked(mask):
             # None: the same attention, and the layer's graph shows it causal
             kwargs["attention_mask"] = None if _reads_none_as_causal(self) else _built(mask)
+        elif form is not None and not _takes_bool_masks(self):
+            kwargs["attention_mask"] = mask_from_parts(mask, *form)
         model, calls = self._lowmem_step
         frame = LayerFrame(model, calls, hidden, weakref.ref(self)) if isinstance(hidden, torch.Tensor) else None
         token = _CURRENT.set(frame)
         try:
+            if form is not None and _takes_bool_masks(self):
+                del kwargs["attention_mask"]
+                return _with_mask_built(self, base, mask, *form, *args, **kwargs)
             return base.forward(self, *args, **kwargs)
         finally:
             _CURRENT.reset(token)
@@ -214,36 +224,60 @@ def _framed_class(base: type) -> type:
     return framed
 
 
-def mark_causal(mask: torch.Tensor) -> None:
-    """`mask` is proven plain causal (`attention_masks.causal_outputs`): a layer given it may drop it."""
+def _with_mask_built(layer: nn.Module, base: type, parts: torch.Tensor, window: int, documents: bool, padding: bool,
+                     *args: Any, **kwargs: Any) -> Any:
+    """The layer's frame when its mask comes as parts: the mask is built inside it, so the layer's
+    graph shows the attention pass how (`attention_masks.mask_from_parts`) and the kernel runs
+    without it (the mask's construction is then dead code)."""
+    return base.forward(layer, *args, attention_mask=mask_from_parts(parts, window, documents, padding), **kwargs)
+
+
+def mark_mask(mask: torch.Tensor, form: tuple[int, bool, bool] | None = None) -> None:
+    """`mask` is proven causal (`attention_masks.mask_forms`): plain (None; a layer given it may drop
+    it), or the parts of a mask with (window, documents, padding) (`attention_masks.with_mask_parts`)."""
     key = id(mask)
-    _CAUSAL[key] = weakref.ref(mask, lambda _: _CAUSAL.pop(key, None))
+    _MARKED[key] = (weakref.ref(mask, lambda _: _MARKED.pop(key, None)), form)
 
 
-def _is_marked_causal(mask: Any) -> bool:
-    ref = _CAUSAL.get(id(mask))
-    return ref is not None and ref() is mask
+def _is_marked(mask: Any) -> bool:
+    entry = _MARKED.get(id(mask))
+    return entry is not None and entry[0]() is mask
+
+
+def _marked(mask: Any) -> tuple[int, bool, bool] | None:
+    """The (window, documents, padding) of a mask given as parts, else None."""
+    return _MARKED[id(mask)][1] if _is_marked(mask) else None
 
 
 def _built(mask: torch.Tensor) -> torch.Tensor:
-    """A marked mask as values: one left unbuilt ([B, 1, S, 0], `attention_masks.without_masks`) is
-    the plain causal [B, 1, S, S] mask it stands for."""
+    """A plain causal mask as values: one left unbuilt ([B, 1, S, 0], `attention_masks.with_mask_parts`)
+    is the [B, 1, S, S] causal mask it stands for."""
     if mask.shape[-1] != 0:
         return mask
     b, _, s, _ = mask.shape
     return torch.ones(s, s, dtype=torch.bool, device=mask.device).tril().expand(b, 1, s, s)
 
 
-def masks_unread() -> bool:
-    """Whether every framed model's layers take a missing mask as causal: a causal mask proven before
-    them is then dropped by every layer, and need not be built."""
+def masks_rewritable() -> bool:
+    """Whether every framed model's layers take a bool mask built inside them and a missing mask as
+    causal (SDPA): a mask proven before them then need not be built there (backend.py)."""
     models = list(_FRAMED)
-    return bool(models) and all(_reads_none_as_causal(layer) for m in models for layer in decoder_layers(m) or ())
+    return bool(models) and all(_takes_bool_masks(layer) for m in models for layer in decoder_layers(m) or ())
+
+
+def _takes_bool_masks(layer: nn.Module) -> bool:
+    """Every attention in `layer` is causal SDPA: it reads a bool [B, 1, S, S] mask, or none as causal."""
+    return _reads_none_as_causal(layer) and all(
+        getattr(m.config, "_attn_implementation", None) == "sdpa" for m in _attentions(layer))
+
+
+def _attentions(layer: nn.Module) -> list[nn.Module]:
+    return [m for m in layer.modules() if getattr(m, "is_causal", None) is not None and hasattr(m, "config")]
 
 
 def _reads_none_as_causal(layer: nn.Module) -> bool:
     """Every attention in `layer` is causal and takes a missing mask as the causal one."""
-    attentions = [m for m in layer.modules() if getattr(m, "is_causal", None) is not None and hasattr(m, "config")]
+    attentions = _attentions(layer)
     return bool(attentions) and all(
         m.is_causal is True and getattr(m.config, "_attn_implementation", None) in _NONE_IS_CAUSAL for m in attentions)
 

@@ -356,17 +356,6 @@ def _configs(model: nn.Module) -> list:
     return [c for c in configs if c is not None and not isinstance(c, dict)]
 
 
-def _windowed(model: nn.Module) -> bool:
-    """Some attention of `model` uses a sliding window (its config says so)."""
-    for config in _configs(model):
-        config = getattr(config, "get_text_config", lambda: config)()
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            return True
-        if any("sliding" in str(kind) for kind in getattr(config, "layer_types", None) or ()):
-            return True
-    return False
-
-
 def prepare_(
     model: nn.Module,
     device: torch.device | str | int | None = None,
@@ -381,7 +370,7 @@ def prepare_(
     exclude: Iterable[str] = (),
     strict: bool = True,
     chunk_numel: int = _DEFAULT_CHUNK,
-    layer_frames: bool = False,
+    layer_frames: bool = True,
 ) -> PrepareSummary:
     """Prepare `model` for a lowmem fine-tune, in place; returns a :class:`PrepareSummary`.
 
@@ -393,10 +382,7 @@ def prepare_(
     frozen linears, host-memory embeddings, `use_cache=False`). `blocksize`, `double_quant`,
     `include`, `exclude`: as in `quantize_`. `chunk_numel`: elements quantized at a time.
     `layer_frames`: trace each decoder layer's code once (`layer_frames_`: the first step's Dynamo
-    trace stops growing with depth), for a model without sliding-window attention (a window mask
-    could then not be shown to the layers; refused with a ValueError). Off by default: under a
-    `memory_budget` that leaves options to the knob, each piece of a framed step decides its
-    options on its own (docs/layers.md).
+    trace stops growing with depth; docs/layers.md); False traces the model whole.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_ takes an nn.Module, got {type(model).__name__}")
@@ -406,9 +392,6 @@ def prepare_(
             device = torch.device("cuda", torch.cuda.current_device())
         if device.type == "meta":
             raise ValueError("prepare_: device='meta' materializes nothing; pass a real device or None")
-    if layer_frames and _windowed(model):
-        raise ValueError("prepare_: layer_frames=True on a model with sliding-window attention: its window mask "
-                         "would reach the layers as an opaque input (the general-mask path); leave it off")
     if isinstance(include, str):
         include = (include,)
     exclude = tuple(exclude)

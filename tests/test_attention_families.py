@@ -90,8 +90,23 @@ _FAST = {
      if (c in _FAST or c[2] in (0, 3)) and c[:2] != ("gemma2", "sdpa")],  # transformers: Gemma 2 has no sdpa (its softcap)
 )
 def test_family_parity(family, attn, docs):
+    _assert_parity(family, attn, docs)
+
+
+@pytest.mark.parametrize("family, docs", [("mistral", 4), ("gemma3", 0)] + [
+    pytest.param(f, d, marks=pytest.mark.slow) for f, d in [("mistral", 0), ("gemma", 3), ("gemma3", 2), ("phi3", 2), ("qwen3", 3)]])
+def test_family_parity_with_a_frame_per_layer(family, docs):
+    """The same with each decoder layer a Dynamo frame of its own (layer_frames.py): the mask, built
+    before the layers, reaches them as its parts (or, plain causal, not at all) and each layer's
+    frame rebuilds it where the pass proves it: the same counts, no general-mask site, exact."""
+    _assert_parity(family, "sdpa", docs, framed=True)
+
+
+def _assert_parity(family: str, attn: str, docs: int, framed: bool = False) -> None:
     ref, config = _model(family, attn)
     model = twin(ref)
+    if framed:
+        assert lowmem_compile.layer_frames_(model) == config.num_hidden_layers
     inputs = batch(seq=_SEQ)
     if docs:
         inputs["position_ids"] = _packed(*inputs["input_ids"].shape, docs, seed=docs)
@@ -101,7 +116,7 @@ def test_family_parity(family, attn, docs):
     assert report["replaced"] == layers and report["skipped"] == [] and report["general_masks"] == 0
     assert report["window_masks"] == _windowed_layers(config)
     assert report["packed_masks"] == (layers if docs else 0)
-    if attn == "eager" or docs:  # sdpa without documents may pass is_causal instead of a mask
+    if attn == "eager" or docs or framed:  # sdpa without documents may pass is_causal instead of a mask
         assert report["causal_masks"] == layers
     else:
         assert report["causal_masks"] == _masked_sdpa_sites(ref, inputs)

@@ -13,7 +13,7 @@ import torch
 import lowmem_compile
 from lowmem_compile import layer_frames
 from lowmem_compile.layer_frames import layer_frames_
-from lowmem_compile.passes.attention_masks import causal_outputs
+from lowmem_compile.passes.attention_masks import mask_forms
 from tests.models import LORA_TARGETS, assert_step_matches_eager, batch, rel_err, tiny_model, trainable_grads, twin
 
 #: fp32 eager against fp32 compiled (kv16 attention, exact): both sum the same terms in other orders.
@@ -44,9 +44,11 @@ def test_six_framed_layers_compile_one_body_and_match_eager():
 
 
 @pytest.mark.parametrize("case", ["padding", "packed", "eager_attention"])
-def test_a_mask_not_plain_causal_reaches_the_layers(case):
-    """Key padding, packed documents (position ids that restart) or an attention form that reads a
-    missing mask as no mask: the layers keep the mask (the general path), and the step stays exact."""
+def test_a_mask_not_plain_causal_reaches_the_layers_exactly(case):
+    """Key padding or packed documents (position ids that restart): the mask reaches SDPA layers as
+    its parts and each layer's frame builds it where the attention pass proves it (the causal
+    kernel, no general-mask site). An attention form that takes float masks keeps the mask as built.
+    Every case exact."""
     attn = "eager" if case == "eager_attention" else "sdpa"
     model, reference = _framed_pair(tiny_model("llama", attn, num_hidden_layers=3))
     inputs = batch(padding=case == "padding")
@@ -55,14 +57,19 @@ def test_a_mask_not_plain_causal_reaches_the_layers(case):
         inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(2, -1)
     report = _assert_matches_eager(model, reference, inputs)
     assert report["layers"]["bodies"] == 1
-    assert report["attention"]["general_masks"] == 3 or report["attention"]["replaced"] == 0, report["attention"]
+    if case == "eager_attention":
+        assert report["attention"]["general_masks"] == 3 or report["attention"]["replaced"] == 0, report["attention"]
+    else:
+        attention = report["attention"]
+        assert attention["replaced"] == 3 and attention["general_masks"] == 0, attention
+        assert attention["packed_masks"] == (3 if case == "packed" else 0), attention
 
 
 def _marked_mask_shapes(monkeypatch) -> list[tuple[int, ...]]:
     """The shapes of the masks the graph before the layers marks causal, as the step runs."""
     shapes = []
-    mark = layer_frames.mark_causal
-    monkeypatch.setattr(layer_frames, "mark_causal", lambda mask: (shapes.append(tuple(mask.shape)), mark(mask)))
+    mark = layer_frames.mark_mask
+    monkeypatch.setattr(layer_frames, "mark_mask", lambda mask, form=None: (shapes.append(tuple(mask.shape)), mark(mask, form)))
     return shapes
 
 
@@ -70,7 +77,7 @@ def _marked_mask_shapes(monkeypatch) -> list[tuple[int, ...]]:
 def test_a_causal_mask_no_layer_reads_is_not_built(monkeypatch, packed):
     """The graph before the layers runs uncompiled, and the causal mask every sdpa layer drops is
     left unbuilt ([B, 1, S, 0]); with packed documents the run-time check of the position ids fails
-    and the built mask goes to the layers (general path). Both exact."""
+    and the mask goes to the layers as its parts ([2, B, S]), built in each layer's frame. Both exact."""
     model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
     shapes = _marked_mask_shapes(monkeypatch)
     inputs = batch()
@@ -79,8 +86,8 @@ def test_a_causal_mask_no_layer_reads_is_not_built(monkeypatch, packed):
         inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(b, -1)
     report = _assert_matches_eager(model, reference, inputs)
     assert report["layers"]["run_as_fx"] >= 1 and report["layers"]["masks_unbuilt"] == 1, report["layers"]
-    if packed:
-        assert shapes == [] and report["attention"]["general_masks"] == 3
+    if packed:  # the positions restart: the mask goes as its parts, positions and keys kept
+        assert set(shapes) == {(2, b, seq)} and report["attention"]["general_masks"] == 0
     else:
         assert set(shapes) == {(b, 1, seq, 0)} and report["attention"]["general_masks"] == 0
 
@@ -90,8 +97,8 @@ def test_a_layer_that_needs_an_unbuilt_mask_gets_it_built(monkeypatch):
     (plain causal, exact): nothing reads the empty stand-in."""
     model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
     shapes = _marked_mask_shapes(monkeypatch)
-    assert layer_frames.masks_unread()  # sdpa layers: the compile leaves the mask unbuilt
-    monkeypatch.setattr(layer_frames, "masks_unread", lambda: True)
+    assert layer_frames.masks_rewritable()  # sdpa layers: the compile leaves the mask unbuilt
+    monkeypatch.setattr(layer_frames, "masks_rewritable", lambda: True)
     monkeypatch.setattr(layer_frames, "_reads_none_as_causal", lambda layer: False)  # then the layers say otherwise
     report = _assert_matches_eager(model, reference, batch())
     assert report["layers"]["masks_unbuilt"] == 1 and shapes and all(s[-1] == 0 for s in shapes)
@@ -182,9 +189,9 @@ def test_the_mask_graph_tells_plain_causal_from_documents():
     """Over the caller's position ids the mask is causal within documents: plain causal only when the
     positions step by one, which the input named is checked for at run time."""
     gm = _mask_graph(positions_from_input=True)
-    ((output, source),) = causal_outputs(gm)
-    assert output == 0 and source is not None
-    assert "position_ids" in gm.graph.find_nodes(op="placeholder")[source].name
+    (form,) = mask_forms(gm)
+    assert form.output == 0 and form.plain and form.positions is not None
+    assert "position_ids" in gm.graph.find_nodes(op="placeholder")[form.positions].name
 
 
 def test_a_graph_after_the_layers_counts_what_they_keep():
@@ -242,15 +249,22 @@ def test_plan_captures_a_framed_model_whole_and_leaves_it_framed():
     assert hasattr(type(model.get_decoder().layers[0]), "_lowmem_unframed") and layer_frames.framed()
 
 
-def test_prepare_frames_on_request_and_refuses_a_windowed_model():
-    model = tiny_model("llama", num_hidden_layers=2)
-    summary = lowmem_compile.prepare_(model, layer_frames=True)
-    assert summary.layer_frames == 2 and "2 decoder layers traced as one frame each" in str(summary)
-    assert hasattr(type(model.get_decoder().layers[0]), "_lowmem_unframed")
-    assert lowmem_compile.prepare_(tiny_model("llama", num_hidden_layers=2)).layer_frames == 0  # off by default
+def test_prepare_frames_the_layers_and_fully_shard_gives_them_back(monkeypatch):
+    """`prepare_` frames every decoder layer (a windowed model's too: its mask reaches the layers as
+    parts); `layer_frames=False` leaves them; FSDP2's per-layer sharding restores their class first
+    (it already compiles each layer's call apart)."""
+    from lowmem_compile import distributed
+
     windowed = tiny_model("mistral", num_hidden_layers=2, sliding_window=8)
-    with pytest.raises(ValueError, match="sliding-window"):
-        lowmem_compile.prepare_(windowed, layer_frames=True)
+    summary = lowmem_compile.prepare_(windowed)
+    assert summary.layer_frames == 2 and "2 decoder layers traced as one frame each" in str(summary)
+    assert hasattr(type(windowed.get_decoder().layers[0]), "_lowmem_unframed")
+    assert lowmem_compile.prepare_(tiny_model("llama", num_hidden_layers=2), layer_frames=False).layer_frames == 0
+    sharded = []
+    monkeypatch.setattr("torch.distributed.fsdp.fully_shard", lambda module, **kw: sharded.append(type(module)))
+    monkeypatch.setattr(distributed, "sharding_stats", lambda model: None)
+    distributed.fully_shard_layers_(windowed)
+    assert len(sharded) == 3 and not any(hasattr(cls, "_lowmem_unframed") for cls in sharded)
 
 
 def test_the_knob_sets_aside_the_whole_models_optimizer_state_for_a_framed_graph():

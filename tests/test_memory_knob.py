@@ -28,9 +28,11 @@ FASTEST = {"offload": "off", "logits": "keep", "mlp_chunks": "off"}
 SEQ = 4096
 
 
-def _prepared(vocab: int = 256, layers: int = 4):
+def _prepared(vocab: int = 256, layers: int = 4, frames: bool = False):
+    """NF4 frozen linears, use_cache off (embeddings stay: the model is on the CPU); captured whole
+    unless `frames` (prepare_'s default)."""
     model = tiny_model("llama", hidden_size=128, intermediate_size=512, num_hidden_layers=layers, vocab_size=vocab)
-    lowmem_compile.prepare_(model)  # NF4 frozen linears, use_cache off (embeddings stay: the model is on the CPU)
+    lowmem_compile.prepare_(model, layer_frames=frames)
     return model
 
 
@@ -162,9 +164,7 @@ def test_budget_needing_the_logits_drop_warns_and_matches_eager(short_steps, fra
     eager (kv16). With a frame per layer the same joint choice: the layers, planned before the
     tail is seen, count it by estimate (layer_frames.tail_estimate)."""
     vocab = 4096
-    model, inputs = _prepared(vocab), batch(vocab=vocab, size=1, seq=short_steps)
-    if framed:
-        lowmem_compile.layer_frames_(model)
+    model, inputs = _prepared(vocab, frames=framed), batch(vocab=vocab, size=1, seq=short_steps)
     kv16 = {"attention": "kv16"}
     lean = _peak(model, inputs, {**kv16, **LEAN, "memory_budget": 1})
     kept = _peak(model, inputs, {**kv16, **LEAN, "logits": "keep", "memory_budget": 1})

@@ -241,13 +241,29 @@ def lower_mask(mask, q, k, additive: bool) -> Lowered | None:
     return found
 
 
-def causal_outputs(gm: torch.fx.GraphModule) -> list[tuple[int, int | None]]:
-    """HF's bool [B, 1, S, S] masks among `gm`'s outputs that are causal with no window or padding:
-    (output position, None) when proven plain causal, (output position, input position) when
-    causal within the documents of the position ids that input holds, which is plain causal exactly
-    when every row's positions step by one. A model whose layers compile as frames of their own
-    builds its mask in a graph before them, from position ids computed outside it
-    (layer_frames.py); this is what that graph can tell the layers."""
+@dataclasses.dataclass(frozen=True)
+class MaskForm:
+    """A bool [B, 1, S, S] mask among a graph's outputs, proven to be `mask_from_parts`'s mask: causal,
+    within a left window of `window` keys (0: none), within the documents of the position ids the
+    graph takes as input `positions` (None: the model's own positions, one document a row), and over
+    the keys `padding` (a [B, S] bool node of the graph) keeps."""
+
+    output: int
+    window: int = 0
+    positions: int | None = None
+    padding: torch.fx.Node | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Causal with no window or padding: plain causal exactly when no row's positions break."""
+        return not self.window and self.padding is None
+
+
+def mask_forms(gm: torch.fx.GraphModule) -> list[MaskForm]:
+    """HF's bool [B, 1, S, S] masks among `gm`'s outputs proven causal, with what else they keep
+    apart. A model whose layers compile as frames of their own (layer_frames.py) builds its mask in
+    a graph before them, from position ids computed outside it; this is what that graph can tell
+    the layers."""
     (outputs,) = gm.graph.find_nodes(op="output")[0].args
     inputs = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
     found = []
@@ -258,32 +274,70 @@ def causal_outputs(gm: torch.fx.GraphModule) -> list[tuple[int, int | None]]:
         b, _, sq, sk = value.shape
         q, k = torch.empty(b, 1, sq, 1, device="meta"), torch.empty(b, 1, sk, 1, device="meta")
         lowered = _prove(node, q, k)
-        if lowered is None or lowered.padding is not None or lowered.window:
+        if lowered is None or (lowered.segments is not None and lowered.positions not in inputs):
             continue
-        if lowered.segments is None:
-            found.append((i, None))
-            continue
-        if lowered.positions in inputs:
-            found.append((i, inputs[lowered.positions]))
+        padding = lowered.padding
+        if padding is not None:
+            padding = (padding.args[0] if calls(padding, methods=("to",)) else padding).args[0]
+        positions = inputs[lowered.positions] if lowered.segments is not None else None
+        found.append(MaskForm(i, lowered.window, positions, padding))
     return found
 
 
-def without_masks(gm: torch.fx.GraphModule, outputs: list[int]) -> torch.fx.GraphModule | None:
-    """A copy of `gm` whose outputs at `outputs` (bool [B, 1, S, S] masks) are empty [B, 1, S, 0]
-    tensors, with the work that built them removed; None where a mask's sizes are symbolic. For a
-    graph whose proven-causal masks nobody reads (layer_frames.py): at 131072 tokens such a mask is
-    16 GiB of bools."""
+def with_mask_parts(gm: torch.fx.GraphModule, forms: list[MaskForm], unbuilt: set[int]) -> torch.fx.GraphModule | None:
+    """A copy of `gm` that builds none of the masks of `forms`, the work that built them removed: each
+    output in `unbuilt` (plain causal ones) becomes an empty [B, 1, S, 0] stand-in, each other its
+    parts, an int64 [2, B, S] tensor of the positions (zeros for one document a row) and the keys
+    kept (ones without padding), from which `mask_from_parts` rebuilds it. None where a mask's
+    sizes are symbolic. At 131072 tokens such a mask is 16 GiB of bools."""
     copy = copy_graph_module(gm)
+    nodes = {n.name: n for n in copy.graph.nodes}
+    placeholders = copy.graph.find_nodes(op="placeholder")
     output = copy.graph.find_nodes(op="output")[0]
     values = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
-    for i in outputs:
-        mask = example_value(values[i])
+    graph = copy.graph
+    for form in forms:
+        mask = example_value(values[form.output])
         if mask is None or not all(type(d) is int for d in mask.shape):
             return None
         b, _, s, _ = mask.shape
-        with copy.graph.inserting_before(output):
-            values[i] = copy.graph.call_function(torch.empty, ((b, 1, s, 0),), {"dtype": torch.bool, "device": mask.device})
+        like = {"dtype": torch.int64, "device": mask.device}
+        with graph.inserting_before(output):
+            if form.output in unbuilt:
+                values[form.output] = graph.call_function(torch.empty, ((b, 1, s, 0),), {"dtype": torch.bool, "device": mask.device})
+                continue
+            if form.positions is None:
+                positions = graph.call_function(torch.zeros, ((b, s),), like)
+            else:
+                positions = graph.call_method("expand", (placeholders[form.positions], b, s))
+                positions = graph.call_method("to", (positions, torch.int64))
+            if form.padding is None:
+                kept = graph.call_function(torch.ones, ((b, s),), like)
+            else:
+                kept = graph.call_method("to", (nodes[form.padding.name], torch.int64))
+            values[form.output] = graph.call_function(torch.stack, ([positions, kept],))
     output.args = (tuple(values) if isinstance(output.args[0], (tuple, list)) else values[0],)
-    copy.graph.eliminate_dead_code()
+    graph.eliminate_dead_code()
     copy.recompile()
     return copy
+
+
+def mask_from_parts(parts: torch.Tensor, window: int, documents: bool, padding: bool) -> torch.Tensor:
+    """The bool [B, 1, S, S] mask `with_mask_parts` left unbuilt, from its parts, in the terms
+    `lower_mask` proves (a graph tracing this shows the attention pass a causal mask with its window,
+    documents and key padding, and the kernel computes it without the mask). Over indices rather
+    than positions: equal wherever the documents term holds, where positions step by one."""
+    positions, kept = parts[0], parts[1]
+    b, s = positions.shape
+    batch = torch.arange(b, device=parts.device)[:, None, None, None]
+    q = torch.arange(s, device=parts.device)[None, None, :, None]
+    kv = torch.arange(s, device=parts.device)[None, None, None, :]
+    mask = kv <= q
+    if window:
+        mask = mask & (kv > q - window)
+    if documents:
+        seq = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        mask = mask & (seq[batch, q] == seq[batch, kv])
+    if padding:
+        mask = mask & kept.bool()[batch, kv]
+    return mask
