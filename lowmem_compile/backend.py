@@ -395,7 +395,10 @@ def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport) -> C
     from which each layer's frame builds it where the attention pass sees how (`with_mask_parts`).
     Position ids are checked on the values (one device sync a step): where every row steps by one,
     the documents term is left out (one document a row), so a causal mask over them is plain."""
-    forms = mask_forms(gm)
+    # only the masks transformers builds for its layers: another function's output keeps its values
+    (outputs,) = gm.graph.find_nodes(op="output")[0].args
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    forms = [f for f in mask_forms(gm) if "masking_utils" in (outputs[f.output].meta.get("stack_trace") or "")]
     positions = sorted({f.positions for f in forms if f.positions is not None})
     checked = sorted({f.positions for f in forms if f.plain and f.positions is not None})
     plain = {f.output for f in forms if f.plain}

@@ -193,9 +193,9 @@ def _framed_class(base: type) -> type:
         form = _marked(mask)
         if form is None and mask is not None and _is_marked(mask):
             # None: the same attention, and the layer's graph shows it causal
-            kwargs["attention_mask"] = None if _reads_none_as_causal(self) else _built(mask)
+            kwargs["attention_mask"] = None if _reads_none_as_causal(self) else _built(mask, None)
         elif form is not None and not _takes_bool_masks(self):
-            kwargs["attention_mask"] = mask_from_parts(mask, *form)
+            kwargs["attention_mask"] = _built(mask, form)
         model, calls = self._lowmem_step
         frame = LayerFrame(model, calls, hidden, weakref.ref(self)) if isinstance(hidden, torch.Tensor) else None
         token = _CURRENT.set(frame)
@@ -249,9 +249,13 @@ def _marked(mask: Any) -> tuple[int, bool, bool] | None:
     return _MARKED[id(mask)][1] if _is_marked(mask) else None
 
 
-def _built(mask: torch.Tensor) -> torch.Tensor:
-    """A plain causal mask as values: one left unbuilt ([B, 1, S, 0], `attention_masks.with_mask_parts`)
-    is the [B, 1, S, S] causal mask it stands for."""
+@torch.compiler.disable  # eager: as a frame of its own, the backend would take it for a graph before the layers
+def _built(mask: torch.Tensor, form: tuple[int, bool, bool] | None) -> torch.Tensor:
+    """A marked mask as values, for a layer that reads it: one given as parts (`form`) rebuilt from
+    them, a plain causal one left unbuilt ([B, 1, S, 0], `attention_masks.with_mask_parts`) the
+    [B, 1, S, S] causal mask it stands for."""
+    if form is not None:
+        return mask_from_parts(mask, *form)
     if mask.shape[-1] != 0:
         return mask
     b, _, s, _ = mask.shape

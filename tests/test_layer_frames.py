@@ -92,17 +92,74 @@ def test_a_causal_mask_no_layer_reads_is_not_built(monkeypatch, packed):
         assert set(shapes) == {(b, 1, seq, 0)} and report["attention"]["general_masks"] == 0
 
 
-def test_a_layer_that_needs_an_unbuilt_mask_gets_it_built(monkeypatch):
-    """Should a layer turn out to read its mask after all, the unbuilt causal mask is built for it
-    (plain causal, exact): nothing reads the empty stand-in."""
+@pytest.mark.parametrize("padding", [False, True])
+def test_a_layer_that_needs_an_unbuilt_mask_gets_it_built(monkeypatch, padding):
+    """Should a layer turn out to read its mask after all, the mask left unbuilt (plain causal: an
+    empty stand-in; padded: its parts) is built for it, exact: nothing reads a stand-in or parts."""
     model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
     shapes = _marked_mask_shapes(monkeypatch)
     assert layer_frames.masks_rewritable()  # sdpa layers: the compile leaves the mask unbuilt
     monkeypatch.setattr(layer_frames, "masks_rewritable", lambda: True)
     monkeypatch.setattr(layer_frames, "_reads_none_as_causal", lambda layer: False)  # then the layers say otherwise
-    report = _assert_matches_eager(model, reference, batch())
-    assert report["layers"]["masks_unbuilt"] == 1 and shapes and all(s[-1] == 0 for s in shapes)
+    monkeypatch.setattr(layer_frames, "_takes_bool_masks", lambda layer: False)
+    inputs = batch(padding=padding)
+    report = _assert_matches_eager(model, reference, inputs)
+    b, seq = inputs["input_ids"].shape
+    assert report["layers"]["masks_unbuilt"] == 1 and set(shapes) == {(2, b, seq) if padding else (b, 1, seq, 0)}
     assert report["attention"]["general_masks"] == 3  # the layers read the built mask
+
+
+@pytest.mark.parametrize("family, padding, docs", [("mistral", True, 3), ("mistral", False, 0), ("llama", True, 2)])
+def test_a_mask_from_its_parts_is_the_mask_the_model_built(monkeypatch, family, padding, docs):
+    """The graph before the layers, run as built and run with its masks as parts: each mask rebuilt
+    from its parts (`mask_from_parts`) equals, element for element, the one transformers built
+    (Mistral's window of 8 over 24 tokens, key padding, packed documents)."""
+    from lowmem_compile import backend
+    from lowmem_compile.passes.attention_masks import mask_from_parts, with_mask_parts
+    from tests.test_attention_families import _packed
+
+    seen = []
+    run = backend._run_before_layers
+
+    def capturing(gm, graph_report):
+        compiled = run(gm, graph_report)
+        return lambda *args: (seen.append((gm, args)), compiled(*args))[1]
+
+    monkeypatch.setattr(backend, "_run_before_layers", capturing)
+    overrides = {"sliding_window": 8} if family == "mistral" else {}
+    model, reference = _framed_pair(tiny_model(family, num_hidden_layers=2, **overrides))
+    inputs = batch(padding=padding)
+    if docs:
+        inputs["position_ids"] = _packed(*inputs["input_ids"].shape, docs, seed=docs)
+    _assert_matches_eager(model, reference, inputs)
+    checked = 0
+    for gm, args in seen:
+        forms = mask_forms(gm)
+        if not forms:
+            continue
+        built, parts = gm(*args), with_mask_parts(gm, forms, set())(*args)
+        for f in forms:
+            rebuilt = mask_from_parts(parts[f.output], f.window, f.positions is not None, f.padding is not None)
+            assert rebuilt.shape == built[f.output].shape and torch.equal(rebuilt, built[f.output]), f
+            assert (f.window > 0) == (family == "mistral") and (f.padding is not None) == padding
+            checked += 1
+    assert checked >= 1
+
+
+def test_a_mask_built_outside_transformers_keeps_its_values():
+    """With a framed model alive, another compiled function that returns a causal mask (one the
+    pass proves) gets it as built: only the masks transformers builds for the layers are rewritten."""
+    from lowmem_compile.passes.attention_masks import mask_from_parts
+
+    model, _ = _framed_pair(tiny_model("llama", num_hidden_layers=2))  # alive while the function compiles
+    positions = torch.arange(24).expand(2, -1)
+
+    def causal(p):
+        return mask_from_parts(torch.stack([p, torch.ones_like(p)]), 0, False, False)
+
+    torch._dynamo.reset()
+    got = torch.compile(causal, backend="lowmem", options={"inner": "eager"})(positions)
+    assert model is not None and layer_frames.framed() and got.shape == (2, 1, 24, 24) and torch.equal(got, causal(positions))
 
 
 def test_layers_of_two_kinds_compile_two_framed_bodies():

@@ -340,4 +340,4 @@ def mask_from_parts(parts: torch.Tensor, window: int, documents: bool, padding: 
         mask = mask & (seq[batch, q] == seq[batch, kv])
     if padding:
         mask = mask & kept.bool()[batch, kv]
-    return mask
+    return mask.expand(b, 1, s, s)
