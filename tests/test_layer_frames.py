@@ -265,18 +265,24 @@ def test_a_graph_after_the_layers_counts_what_they_keep():
 
 
 @pytest.mark.gpu
-def test_framed_layers_on_cuda_match_the_whole_graph():
+@pytest.mark.parametrize("packed", [False, True])
+def test_framed_layers_on_cuda_match_the_whole_graph(packed):
     """Inductor and our Triton kernels on CUDA (bf16, 4-bit weights, 4 layers, the lean options): the
     framed step trains like the whole-graph compile of the same weights, and every layer's mask is
-    handed over as causal (no general-mask site). Same kernels, other fusion boundaries: bf16
-    rounding differs at the layer edges only."""
+    handed over as causal, or, with 3 packed documents a row, as its parts (no general-mask site
+    either way). Same kernels, other fusion boundaries: bf16 rounding differs at the layer edges only."""
+    from tests.test_attention_families import _packed
+
     torch.manual_seed(0)
     model = tiny_model("llama", dtype=torch.bfloat16, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64).cuda()
     lowmem_compile.quantize_(model)
     model.config.use_cache = False
     whole_model = twin(model)
-    inputs = {k: v.cuda() for k, v in batch(seq=512).items()}
+    inputs = batch(seq=512)
+    if packed:
+        inputs["position_ids"] = _packed(*inputs["input_ids"].shape, 3, seed=0)
+    inputs = {k: v.cuda() for k, v in inputs.items()}
     options = {"remat": "full", "offload": "layers", "mlp_chunks": 2, "logits": "drop", "attention": "kv16"}
     runs = []
     for m in (whole_model, model):
@@ -289,6 +295,7 @@ def test_framed_layers_on_cuda_match_the_whole_graph():
     (whole_loss, whole_grads, _), (loss, grads, report) = runs
     assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 4, report["layers"]
     assert report["attention"]["replaced"] == 4 and report["attention"]["general_masks"] == 0
+    assert report["attention"]["packed_masks"] == (4 if packed else 0)
     assert abs(loss.item() - whole_loss.item()) <= 1e-2 * abs(whole_loss.item())
     for name, grad in whole_grads.items():
         assert rel_err(grads[name], grad) < 3e-2, name
