@@ -29,7 +29,7 @@ from .options import Options
 from .passes import CompileContext, GraphPass
 from .passes import user as user_passes
 from .passes.attention import AttentionPass
-from .passes.attention_masks import mask_forms, with_mask_parts
+from .passes.attention_masks import MaskForm, mask_forms, with_mask_parts
 from .passes.chunk_mlp import ChunkMLPPass
 from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
@@ -128,12 +128,15 @@ def _compile_split_or_whole(
             except NotOutlined as reason:
                 graph_report.add("layers", LayerStats(skipped=[f"compiled as one graph: {reason}"]))
                 log.info("layers: %s; compiling the graph whole", reason)
-        before_layers = (layer_frames.framed() and not weights and torch.is_grad_enabled()
+        # a framed model's graph before its layers: no weights, nothing that needs a gradient (in a
+        # training step the layers' outputs do); without grad, the one that builds the layers' masks
+        before_layers = (layer_frames.framed() and not weights and not plan_only
                          and not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs))
+        masks = _layer_masks(gm) if before_layers else []
         if split is not None:
             compiled = _compile_layers(split, example_inputs, opts, graph_report, plan_only)
-        elif before_layers and not plan_only:
-            compiled = _run_before_layers(gm, graph_report)
+        elif before_layers and (torch.is_grad_enabled() or masks):
+            compiled = _run_before_layers(gm, graph_report, masks)
         else:
             device = device_of(example_inputs)
             outside = 0 if framed_model is None else layer_frames.held_outside(framed_model, example_inputs, device, gm.code)
@@ -385,20 +388,24 @@ class _CompiledRegion(torch.nn.Module):
         return out[0] if self.single_output else out
 
 
-def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport) -> Callable[..., Any]:
+def _layer_masks(gm: torch.fx.GraphModule) -> list[MaskForm]:
+    """The masks transformers' masking_utils built among `gm`'s outputs that the pass proves
+    (`mask_forms`): another function's output keeps its values."""
+    (outputs,) = gm.graph.find_nodes(op="output")[0].args
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [f for f in mask_forms(gm) if "masking_utils" in (outputs[f.output].meta.get("stack_trace") or "")]
+
+
+def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport, forms: list[MaskForm]) -> Callable[..., Any]:
     """A graph a framed model runs before its layers (no weights, no input that needs a gradient:
     the embedding rows, rotary tables, the mask), run as its FX code. Compiled, each such graph cost
     Inductor 1-4 s of the first step on an H100 (bench/results/layers/2026-12-08T00/) for kernels
-    that are a negligible part of a step. Its bool masks proven causal are told to the layers
+    that are a negligible part of a step. Its bool masks proven causal (`forms`) are told to the layers
     (`layer_frames.mark_mask`); where every framed layer is SDPA they are not built at all: a plain
     causal one becomes an empty stand-in the layers drop, any other its parts (positions, keys kept),
     from which each layer's frame builds it where the attention pass sees how (`with_mask_parts`).
     Position ids are checked on the values (one device sync a step): where every row steps by one,
     the documents term is left out (one document a row), so a causal mask over them is plain."""
-    # only the masks transformers builds for its layers: another function's output keeps its values
-    (outputs,) = gm.graph.find_nodes(op="output")[0].args
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    forms = [f for f in mask_forms(gm) if "masking_utils" in (outputs[f.output].meta.get("stack_trace") or "")]
     positions = sorted({f.positions for f in forms if f.positions is not None})
     checked = sorted({f.positions for f in forms if f.plain and f.positions is not None})
     plain = {f.output for f in forms if f.plain}

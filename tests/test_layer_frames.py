@@ -121,8 +121,8 @@ def test_a_mask_from_its_parts_is_the_mask_the_model_built(monkeypatch, family, 
     seen = []
     run = backend._run_before_layers
 
-    def capturing(gm, graph_report):
-        compiled = run(gm, graph_report)
+    def capturing(gm, graph_report, forms):
+        compiled = run(gm, graph_report, forms)
         return lambda *args: (seen.append((gm, args)), compiled(*args))[1]
 
     monkeypatch.setattr(backend, "_run_before_layers", capturing)
@@ -144,6 +144,25 @@ def test_a_mask_from_its_parts_is_the_mask_the_model_built(monkeypatch, family, 
             assert (f.window > 0) == (family == "mistral") and (f.padding is not None) == padding
             checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_evaluation_without_grad_keeps_the_masks_unbuilt(packed):
+    """Under `no_grad` (an evaluation) the graph that builds the masks still runs uncompiled and the
+    layers get them unbuilt or as parts: no general-mask site, the logits and loss as eager's."""
+    model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=3))
+    inputs = batch()
+    b, seq = inputs["input_ids"].shape
+    if packed:
+        inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(seq - 10)]).expand(b, -1)
+    lowmem_compile.reset()
+    compiled = torch.compile(model, backend="lowmem", options={"inner": "eager", "attention": "kv16"})
+    with torch.no_grad():
+        got, expected = compiled(**inputs), reference(**inputs)
+    report = lowmem_compile.last_report().to_dict()
+    assert report["layers"]["masks_unbuilt"] == 1 and report["attention"]["general_masks"] == 0, report
+    assert report["attention"]["packed_masks"] == (3 if packed else 0)
+    assert rel_err(got.logits, expected.logits) < TOL and rel_err(got.loss, expected.loss) < TOL
 
 
 def test_a_mask_built_outside_transformers_keeps_its_values():
