@@ -166,8 +166,9 @@ def layer_frames_(model: nn.Module, enable: bool = True) -> int:
             layer.__dict__.pop("_lowmem_step", None)
     if enable:
         _FRAMED.add(model)
-    else:
-        _FRAMED.discard(model)
+    else:  # every handle on these layers (a peft model and the model inside it): none is framed now
+        for other in [m for m in list(_FRAMED) if decoder_layers(m) is layers]:
+            _FRAMED.discard(other)
     return len(layers) if enable else 0
 
 
