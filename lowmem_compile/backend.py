@@ -426,7 +426,9 @@ def _run_before_layers(gm: torch.fx.GraphModule, graph_report: GraphReport, form
 
     def call(*args: Any) -> Any:
         steps = {j: bool((args[j].diff(dim=-1) == 1).all()) for j in positions}  # one document a row
-        graph, unbuilt = rewritten.get(all(steps[j] for j in checked), (gm, None))
+        # built for another model's layers (one not framed, run beside a framed one): as they are
+        mine = rewritten if layer_frames.in_framed_step() else {}
+        graph, unbuilt = mine.get(all(steps[j] for j in checked), (gm, None))
         out = graph(*args)
         for f in forms:
             documents = f.positions is not None and not steps[f.positions]

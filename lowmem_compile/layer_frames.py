@@ -46,7 +46,7 @@ from torch import nn
 
 from .passes.attention_masks import mask_from_parts
 
-__all__ = ["layer_frames_", "current", "GradSink", "LayerFrame", "framed", "suspended", "mark_mask"]
+__all__ = ["layer_frames_", "current", "GradSink", "LayerFrame", "framed", "suspended", "mark_mask", "in_framed_step"]
 
 _CURRENT: contextvars.ContextVar[LayerFrame | None] = contextvars.ContextVar("lowmem_layer_frame", default=None)
 _FRAMED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -164,6 +164,10 @@ def layer_frames_(model: nn.Module, enable: bool = True) -> int:
         else:
             layer.__class__ = base
             layer.__dict__.pop("_lowmem_step", None)
+    holder = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+    if holder is not None:
+        base = getattr(type(holder), "_lowmem_unframed", type(holder))
+        holder.__class__ = _stepping_class(base) if enable else base
     if enable:
         _FRAMED.add(model)
     else:  # every handle on these layers (a peft model and the model inside it): none is framed now
@@ -173,6 +177,8 @@ def layer_frames_(model: nn.Module, enable: bool = True) -> int:
 
 
 _CLASSES: dict[type, type] = {}
+_STEPPING_CLASSES: dict[type, type] = {}
+_STEPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("lowmem_framed_step", default=False)
 
 
 def _framed_class(base: type) -> type:
@@ -208,11 +214,36 @@ def _framed_class(base: type) -> type:
         finally:
             _CURRENT.reset(token)
 
+    return _CLASSES.setdefault(base, _subclass(base, forward))
+
+
+def _stepping_class(base: type) -> type:
+    """The subclass of `base` (the module that holds the framed layers) whose `forward` runs eagerly
+    with `in_framed_step()` true: the masks its graphs build then are for framed layers. (Dynamo
+    runs that `forward` eagerly anyway: it cannot resume inside the layer loop after the break at a
+    layer's call; skipping it from the start also saves that trace.)"""
+    if base in _STEPPING_CLASSES:
+        return _STEPPING_CLASSES[base]
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        token = _STEPPING.set(True)
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            _STEPPING.reset(token)
+
+    return _STEPPING_CLASSES.setdefault(base, _subclass(base, forward))
+
+
+def _subclass(base: type, forward: Any) -> type:
+    """`base` with `forward` as a call Dynamo skips (its callees are frames of their own); a copy
+    (`copy.deepcopy`, pickle) of an instance gets `base` back."""
+
     def __reduce_ex__(self: nn.Module, protocol: int) -> Any:
         constructor, args, *rest = object.__reduce_ex__(self, protocol)
         return (constructor, (base, *args[1:]), *rest)
 
-    framed = type(base.__name__, (base,), {
+    cls = type(base.__name__, (base,), {
         "__reduce_ex__": __reduce_ex__,
         "_lowmem_unframed": base,
         "__module__": base.__module__,
@@ -220,9 +251,13 @@ def _framed_class(base: type) -> type:
     })
     # set after the class exists: a base's `__init_subclass__` may wrap a `forward` given in the class
     # body (transformers' checkpointing layers do), which would put a frame Dynamo traces around ours
-    framed.forward = torch.compiler.disable(forward, recursive=False)
-    _CLASSES[base] = framed
-    return framed
+    cls.forward = torch.compiler.disable(forward, recursive=False)
+    return cls
+
+
+def in_framed_step() -> bool:
+    """Whether the module holding a framed model's layers is running: a mask built now is for them."""
+    return _STEPPING.get()
 
 
 def _with_mask_built(layer: nn.Module, base: type, parts: torch.Tensor, window: int, documents: bool, padding: bool,

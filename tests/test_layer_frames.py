@@ -449,9 +449,6 @@ def test_unframing_through_another_handle_builds_the_mask_again():
     assert _unframed_step_breaking_before_its_layers(model, twin(model)) < TOL
 
 
-@pytest.mark.xfail(strict=True, reason="the rewrite of a weightless graph's masks (masks_rewritable) looks at the framed "
-                   "models alive, not at the model whose layers read them: an unframed model's layers get the "
-                   "stand-in [B, 1, S, 0] (SDPA: size mismatch)")
 def test_an_unframed_model_beside_a_framed_one_reads_its_mask():
     """A framed model alive (a policy) and another, unframed, whose step breaks before its layers (a
     reference model sharded with FSDP2): the second's layers read the mask HF built, exact."""
