@@ -30,7 +30,9 @@ empty stand-in the layer drops (its attention then reads no mask as causal), any
 packed documents, key padding) comes as its parts, and the layer's frame is then
 `_with_mask_built`, which builds the mask from them before the layer's own `forward`: the layer's
 graph shows the attention pass a mask it proves, the kernel runs without it, and the mask's
-construction is dead code. `layer_frames_(model, False)` restores whole-model capture.
+construction is dead code. That rewrite applies while the module holding the framed layers runs
+(`in_framed_step`: its class is swapped too), so another model's masks stay as built.
+`layer_frames_(model, False)` restores whole-model capture.
 """
 
 from __future__ import annotations
