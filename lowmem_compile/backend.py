@@ -35,7 +35,7 @@ from .passes.fused_loss import FusedLossPass
 from .passes.layers import LayerSplit, NotOutlined, Region, placeholders_of, split_layers, why_apart
 from .passes.linear_nf4 import LinearNF4Pass
 from .passes.remat import RematPartitioner, device_of, held_note, recorded_stats
-from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats, WarmupStats
+from .report import STORE, CudaGraphStats, GraphReport, LayerStats, RematStats, WarmupStats, gib
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,11 @@ def _compile_frame(
         plan = partitioner.plans[-1]
         # the tail's estimate chose the plan; the tail's own plan reports its peak
         peak = dataclasses.replace(context, tail=0).step_peak(plan.memory, not plan.carried_offloaded, plan.offloaded_bytes)
-        graph_report.stats["remat"] = dataclasses.replace(graph_report.stats["remat"], predicted_peak_bytes=peak,
-                                                          predicted_peak_outputs_freed_bytes=peak)
+        remat = graph_report.stats["remat"]
+        graph_report.stats["remat"] = dataclasses.replace(
+            remat, predicted_peak_bytes=peak, predicted_peak_outputs_freed_bytes=peak,
+            notes=[*remat.notes, f"layer frame: the step peak above counts the graphs after the layers by estimate "
+                                 f"({gib(context.tail)}); without them {gib(peak)}, their own plans report theirs"])
         layer_frames.note_kept(frame, frame.calls * context.kept(plan.memory, not plan.carried_offloaded)
                                + _device_bytes(shared, on_device))
     # the passes' counts are of one layer's sites: the report counts every layer the body serves

@@ -40,6 +40,8 @@ def test_six_framed_layers_compile_one_body_and_match_eager():
     model, reference = _framed_pair(tiny_model("llama", num_hidden_layers=6))
     report = _assert_matches_eager(model, reference, batch())
     assert report["layers"]["bodies"] == 1 and report["layers"]["calls"] == 6, report["layers"]
+    assert any(note.startswith("layer frame: the step peak above counts the graphs after the layers by estimate")
+               for note in report["remat"]["notes"])
     assert report["attention"]["replaced"] == 6 and report["attention"]["general_masks"] == 0
     assert report["loss"]["fused"] == 1
 
