@@ -200,16 +200,17 @@ def _framed_class(base: type) -> type:
                 kwargs["hidden_states"] = hidden
         mask = kwargs.get("attention_mask")
         form = _marked(mask)
+        built_inside = form is not None and _takes_bool_masks(self)  # the frame builds it from its parts
         if form is None and mask is not None and _is_marked(mask):
             # None: the same attention, and the layer's graph shows it causal
             kwargs["attention_mask"] = None if _reads_none_as_causal(self) else _built(mask, None)
-        elif form is not None and not _takes_bool_masks(self):
+        elif form is not None and not built_inside:
             kwargs["attention_mask"] = _built(mask, form)
         model, calls = self._lowmem_step
         frame = LayerFrame(model, calls, hidden, weakref.ref(self)) if isinstance(hidden, torch.Tensor) else None
         token = _CURRENT.set(frame)
         try:
-            if form is not None and _takes_bool_masks(self):
+            if built_inside:
                 del kwargs["attention_mask"]
                 return _with_mask_built(self, base, mask, *form, *args, **kwargs)
             return base.forward(self, *args, **kwargs)

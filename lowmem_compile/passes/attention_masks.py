@@ -166,12 +166,20 @@ def _bool_terms(node, seen: list[torch.fx.Node]) -> list[torch.fx.Node]:
 
 def _pad_term(node, b: int, sk: int) -> bool:
     """`node` is `pad[batch_idx, kv_idx]` (maybe `.to(device)`) with pad a [B, Sk] bool tensor."""
-    if calls(node, methods=("to",)):
-        node = node.args[0]
-    if _gathered_dim(node, b, sk) != 3:
+    if _gathered_dim(_unmoved(node), b, sk) != 3:
         return False
-    pad = example_value(node.args[0])
+    pad = example_value(_padding_keys(node))
     return pad is not None and pad.dtype == torch.bool and tuple(pad.shape) == (b, sk)
+
+
+def _unmoved(node):
+    """`node` without a `.to(...)` on top (a device move: the same values)."""
+    return node.args[0] if calls(node, methods=("to",)) else node
+
+
+def _padding_keys(term) -> torch.fx.Node:
+    """The [B, Sk] tensor of keys kept that a key-padding term (`_pad_term`) reads."""
+    return _unmoved(term).args[0]
 
 
 def _prove(mask, q, k) -> Lowered | None:
@@ -276,9 +284,7 @@ def mask_forms(gm: torch.fx.GraphModule) -> list[MaskForm]:
         lowered = _prove(node, q, k)
         if lowered is None or (lowered.segments is not None and lowered.positions not in inputs):
             continue
-        padding = lowered.padding
-        if padding is not None:
-            padding = (padding.args[0] if calls(padding, methods=("to",)) else padding).args[0]
+        padding = None if lowered.padding is None else _padding_keys(lowered.padding)
         positions = inputs[lowered.positions] if lowered.segments is not None else None
         found.append(MaskForm(i, lowered.window, positions, padding))
     return found
